@@ -1,0 +1,387 @@
+/*
+Tests train_moe.c against the PyTorch reference (dev/moe_ref.py), then tests the trainer binary:
+checkpoint round trips, exact resume, and the errors on bad input.
+    make test          (regenerates dev/ref with the PyTorch script, then runs ./test_moe dev/ref)
+    ./test_moe DIR     (DIR holds manifest.txt and NAME_model.bin / NAME_debug.bin per configuration)
+Like llm.c's test_gpt2.c it reuses the program itself: nothing of the trainer is copied here.
+*/
+#define TESTING
+#include "train_moe.c"
+
+static int n_pass = 0, n_fail = 0;
+#define CHECK(cond, ...) do { if (cond) n_pass++; else { n_fail++; printf("  FAIL: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
+
+// ----------------------------------------------------------------------------
+// the reference debug state (layout in README.md)
+
+#define DEBUG_MAGIC 20251124
+typedef struct {
+    int B, T, nsteps, warmup;
+    float lr, beta1, beta2, eps, weight_decay, grad_clip, min_lr;
+    int *x, *y, *experts;
+    float *logits, *aux, *zl, *grads, *losses, *norms;
+    float ce, loss;
+} DebugState;
+
+static void debug_read(DebugState* d, const char* path, const Model* model) {
+    const MoEConfig* c = &model->config;
+    FILE* fp = fopenCheck(path, "rb");
+    int h[256];
+    freadCheck(h, sizeof(int), 256, fp, path);
+    if (h[0] != DEBUG_MAGIC || h[1] != 1) { fprintf(stderr, "Error: '%s' is not a debug state\n", path); exit(EXIT_FAILURE); }
+    d->B = h[2]; d->T = h[3]; d->nsteps = h[4];
+    d->lr = i2f(h[5]); d->beta1 = i2f(h[6]); d->beta2 = i2f(h[7]); d->eps = i2f(h[8]);
+    d->weight_decay = i2f(h[9]); d->grad_clip = i2f(h[10]); d->warmup = h[11]; d->min_lr = i2f(h[12]);
+    size_t N = (size_t)d->B * d->T;
+    d->x = (int*)mallocCheck(N * sizeof(int));
+    d->y = (int*)mallocCheck(N * sizeof(int));
+    d->logits = (float*)mallocCheck(N * c->V * sizeof(float));
+    d->aux = (float*)mallocCheck(c->L * sizeof(float));
+    d->zl = (float*)mallocCheck(c->L * sizeof(float));
+    d->experts = (int*)mallocCheck((size_t)c->L * N * c->K * sizeof(int));
+    d->grads = (float*)mallocCheck(model->num_params * sizeof(float));
+    d->losses = (float*)mallocCheck(d->nsteps * sizeof(float));
+    d->norms = (float*)mallocCheck(d->nsteps * sizeof(float));
+    freadCheck(d->x, sizeof(int), N, fp, path);
+    freadCheck(d->y, sizeof(int), N, fp, path);
+    freadCheck(d->logits, sizeof(float), N * c->V, fp, path);
+    freadCheck(&d->ce, sizeof(float), 1, fp, path);
+    freadCheck(d->aux, sizeof(float), c->L, fp, path);
+    freadCheck(d->zl, sizeof(float), c->L, fp, path);
+    freadCheck(&d->loss, sizeof(float), 1, fp, path);
+    freadCheck(d->experts, sizeof(int), (size_t)c->L * N * c->K, fp, path);
+    freadCheck(d->grads, sizeof(float), model->num_params, fp, path);
+    freadCheck(d->losses, sizeof(float), d->nsteps, fp, path);
+    freadCheck(d->norms, sizeof(float), d->nsteps, fp, path);
+    char extra;
+    if (fread(&extra, 1, 1, fp) != 0) { fprintf(stderr, "Error: '%s' is longer than its layout\n", path); exit(EXIT_FAILURE); }
+    fclose(fp);
+}
+
+static void debug_free(DebugState* d) {
+    free(d->x); free(d->y); free(d->experts); free(d->logits); free(d->aux); free(d->zl);
+    free(d->grads); free(d->losses); free(d->norms);
+}
+
+// one optimizer step on one batch, the way main() takes it (without accumulation); returns the norm
+static float train_step(Model* model, const int* x, const int* y, int B, int T, int step, int steps, int warmup,
+                        float lr, float min_lr, float b1, float b2, float eps, float wd, float clip) {
+    model_zero_grad(model);
+    model_forward(model, x, y, B, T);
+    model_backward(model, 1.0f);
+    float norm = global_grad_norm(model);
+    float scale = (clip > 0 && norm > clip) ? clip / norm : 1.0f;
+    model_update(model, lr_schedule(step, steps, warmup, lr, min_lr), b1, b2, eps, wd, step + 1, scale);
+    return norm;
+}
+
+// ----------------------------------------------------------------------------
+// 1. one configuration against its PyTorch debug state
+
+static void test_reference(const char* dir, const char* name) {
+    char path[1024];
+    Model model;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    checkpoint_load(&model, path, &st, 0);
+    const MoEConfig* c = &model.config;
+    DebugState d;
+    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
+    debug_read(&d, path, &model);
+    int N = d.B * d.T, L = c->L, K = c->K, E = c->E;
+    printf("[%s] V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d B=%d T=%d\n", name, c->V, L, c->C, c->H, c->Hkv, E, K, c->F, d.B, d.T);
+
+    model_zero_grad(&model);
+    model_forward(&model, d.x, d.y, d.B, d.T);
+    float maxdiff = 0.0f;
+    for (size_t i = 0; i < (size_t)N * c->V; i++) maxdiff = fmaxf(maxdiff, fabsf(model.logits[i] - d.logits[i]));
+    CHECK(maxdiff <= 1e-4f, "[%s] logits max|diff| %.3e > 1e-4", name, maxdiff);
+    float lossdiff = fabsf(model.ce - d.ce);
+    for (int l = 0; l < L; l++) lossdiff = fmaxf(lossdiff, fmaxf(fabsf(model.aux[l] - d.aux[l]), fabsf(model.zl[l] - d.zl[l])));
+    lossdiff = fmaxf(lossdiff, fabsf(model.loss - d.loss));
+    CHECK(lossdiff <= 1e-5f, "[%s] loss terms (ce, aux_l, zl_l, loss) max|diff| %.3e > 1e-5", name, lossdiff);
+    int expert_mismatch = 0, empty_experts = 0;
+    for (int l = 0; l < L; l++)
+        for (int s = 0; s < N * K; s++) expert_mismatch += model.topi[(size_t)l * N * K + s] != d.experts[(size_t)l * N * K + s];
+    CHECK(expert_mismatch == 0, "[%s] %d chosen experts differ", name, expert_mismatch);
+    printf("  logits max|diff| %.2e | loss terms max|diff| %.2e (ce %.6f loss %.6f) | experts differing %d\n",
+           maxdiff, lossdiff, model.ce, model.loss, expert_mismatch);
+
+    model_backward(&model, 1.0f);
+    size_t off = 0;
+    float worst = 0.0f;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n = model.param_sizes[t];
+        double dd = 0.0, rr = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            double g = model.grads_memory[off + i], r = d.grads[off + i];
+            dd += (g - r) * (g - r);
+            rr += r * r;
+        }
+        float rel = rr > 0 ? (float)sqrt(dd / rr) : (float)sqrt(dd);
+        worst = fmaxf(worst, rel);
+        CHECK(rel <= 1e-4f, "[%s] grad %s relative error %.3e > 1e-4", name, param_names[t], rel);
+        off += n;
+    }
+    // an expert that received no token gets exactly zero gradient
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < E; e++) {
+            if (model.counts[(size_t)l * E + e] != 0) continue;
+            empty_experts++;
+            size_t o1 = ((size_t)l * E + e) * c->F * c->C;
+            int nonzero = 0;
+            for (size_t i = 0; i < (size_t)c->F * c->C; i++)
+                nonzero += model.grads.w1[o1 + i] != 0.0f || model.grads.w3[o1 + i] != 0.0f || model.grads.w2[o1 + i] != 0.0f;
+            CHECK(nonzero == 0, "[%s] layer %d expert %d got no token but %d nonzero gradients", name, l, e, nonzero);
+        }
+    printf("  worst gradient relative error %.2e over %d tensors | experts with no token: %d\n", worst, NUM_PARAM_TENSORS, empty_experts);
+
+    // the AdamW trajectory on this batch
+    float worst_loss = 0.0f, worst_norm = 0.0f;
+    for (int s = 0; s < d.nsteps; s++) {
+        float norm = train_step(&model, d.x, d.y, d.B, d.T, s, d.nsteps, d.warmup, d.lr, d.min_lr, d.beta1, d.beta2,
+                                d.eps, d.weight_decay, d.grad_clip);
+        worst_loss = fmaxf(worst_loss, fabsf(model.loss - d.losses[s]));
+        worst_norm = fmaxf(worst_norm, fabsf(norm - d.norms[s]) / fmaxf(d.norms[s], 1e-12f));
+    }
+    CHECK(worst_loss <= 1e-4f, "[%s] %d-step AdamW loss trajectory max|diff| %.3e > 1e-4", name, d.nsteps, worst_loss);
+    CHECK(worst_norm <= 1e-4f, "[%s] %d-step grad norms max relative diff %.3e > 1e-4", name, d.nsteps, worst_norm);
+    printf("  %d AdamW steps: loss %.6f -> %.6f (ref %.6f), loss max|diff| %.2e, norm max rel diff %.2e\n",
+           d.nsteps, d.losses[0], model.loss, d.losses[d.nsteps - 1], worst_loss, worst_norm);
+    debug_free(&d);
+    model_free(&model);
+}
+
+// ----------------------------------------------------------------------------
+// 2. checkpoint save -> load -> the same next step, bit for bit
+
+static int files_equal(const char* a, const char* b) {
+    FILE* fa = fopen(a, "rb");
+    FILE* fb = fopen(b, "rb");
+    int eq = fa && fb;
+    while (eq) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        if (ca != cb) eq = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return eq;
+}
+
+static void test_checkpoint_roundtrip(const char* dir, const char* name, const char* tmpdir) {
+    char path[1024], ck[1024];
+    Model a, b;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    checkpoint_load(&a, path, &st, 0);
+    DebugState d;
+    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
+    debug_read(&d, path, &a);
+    for (int s = 0; s < 3; s++)
+        train_step(&a, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+    TrainState now = {3, {1, 2, 3}, 0x123456789abcdefull, 42};
+    snprintf(ck, sizeof ck, "%s/roundtrip.bin", tmpdir);
+    checkpoint_save(&a, ck, 1, &now);
+    TrainState back;
+    checkpoint_load(&b, ck, &back, 1);
+    CHECK(back.step == 3 && back.pos.epoch == 1 && back.pos.shard == 2 && back.pos.sample == 3 &&
+          back.rng == now.rng && back.seed == 42, "[%s] train state did not survive the checkpoint", name);
+    train_step(&a, d.x, d.y, d.B, d.T, 3, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+    train_step(&b, d.x, d.y, d.B, d.T, 3, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+    int same = memcmp(a.params_memory, b.params_memory, a.num_params * sizeof(float)) == 0 &&
+               memcmp(a.m_memory, b.m_memory, a.num_params * sizeof(float)) == 0 &&
+               memcmp(a.v_memory, b.v_memory, a.num_params * sizeof(float)) == 0 && a.loss == b.loss;
+    CHECK(same, "[%s] save -> load -> next step differs from the uninterrupted step", name);
+    printf("[%s] checkpoint save -> load -> next step identical: %s\n", name, same ? "yes" : "NO");
+    remove(ck);
+    debug_free(&d);
+    model_free(&a);
+    model_free(&b);
+}
+
+// ----------------------------------------------------------------------------
+// 3. the trainer binary: exact resume, the uint32 shard layout, and bad input
+
+static void write_shard(const char* path, const int* toks, int n, int u32) {
+    int h[256] = {0};
+    h[0] = u32 ? SHARD_MAGIC_U32 : SHARD_MAGIC_U16; h[1] = u32 ? 7 : 1; h[2] = n;
+    FILE* fp = fopenCheck(path, "wb");
+    fwrite(h, sizeof(int), 256, fp);
+    for (int i = 0; i < n; i++) {
+        if (u32) { uint32_t t = (uint32_t)toks[i]; fwrite(&t, 4, 1, fp); }
+        else { uint16_t t = (uint16_t)toks[i]; fwrite(&t, 2, 1, fp); }
+    }
+    fclose(fp);
+}
+
+static void copy_file(const char* src, const char* dst) {
+    FILE* in = fopenCheck(src, "rb");
+    FILE* out = fopenCheck(dst, "wb");
+    char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, in)) > 0) fwrite(buf, 1, n, out);
+    fclose(in);
+    fclose(out);
+}
+
+// run a shell command; returns its exit status and leaves its output in *out (malloc'd)
+static int run_cmd(const char* cmd, char** out) {
+    char full[16384];
+    snprintf(full, sizeof full, "%s 2>&1", cmd);
+    FILE* p = popen(full, "r");
+    size_t cap = 1 << 16, len = 0;
+    char* buf = (char*)mallocCheck(cap);
+    size_t n;
+    while (p && (n = fread(buf + len, 1, cap - len - 1, p)) > 0) {
+        len += n;
+        if (len + 1 == cap) { cap *= 2; buf = (char*)realloc(buf, cap); }
+    }
+    buf[len] = 0;
+    int status = p ? pclose(p) : -1;
+    *out = buf;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static void expect_error(const char* what, const char* args, const char* needle, const char* keep) {
+    char cmd[8192];
+    char* out;
+    snprintf(cmd, sizeof cmd, "./train_moe %s", args);
+    int rc = run_cmd(cmd, &out);
+    int named = strstr(out, needle) != NULL;
+    CHECK(rc != 0 && rc != 255 && named, "bad input '%s': exit %d, message %s '%s'; output:\n%s", what, rc,
+          named ? "has" : "lacks", needle, out);
+    char backup[1100];
+    snprintf(backup, sizeof backup, "%s.orig", keep);
+    CHECK(files_equal(keep, backup), "bad input '%s' changed the earlier checkpoint %s", what, keep);
+    const char* msg = strstr(out, "Error:");
+    msg = msg ? msg : out;
+    const char* nl = strchr(msg, '\n');
+    printf("  %-28s exit %d: %.*s\n", what, rc, nl ? (int)(nl - msg) : (int)strlen(msg), msg);
+    free(out);
+}
+
+static void test_trainer_binary(const char* tmp) {
+    char cmd[8192], a8[1024], b8[1024], b4[1024], train[1024], val[1024], train32[1024], path[1024];
+    char* out;
+    // a small learnable corpus
+    int n = 12000;
+    int* toks = (int*)mallocCheck(n * sizeof(int));
+    uint64_t rng = 7;
+    for (int i = 0; i < n; i++) toks[i] = (i % 41 == 0) ? (int)(rng_u64(&rng) % 200) : (toks[i ? i - 1 : 0] * 7 + 3) % 200;
+    snprintf(train, sizeof train, "%s/tr_000.bin", tmp);
+    snprintf(train32, sizeof train32, "%s/tr32_000.bin", tmp);
+    snprintf(val, sizeof val, "%s/va_000.bin", tmp);
+    write_shard(train, toks, n, 0);
+    write_shard(train32, toks, n, 1);
+    write_shard(val, toks, 3000, 0);
+    const char* common = "-nv 200 -nl 2 -nc 32 -nh 4 -nkv 2 -ne 4 -nk 2 -nf 48 -b 4 -t 32 -x 8 -u 2 -l 3e-3 -v 4 -m 2 -s 4 -g 8 -k none";
+    // straight 8 steps vs 4 + resume + 4
+    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -o %s/straight", train, val, common, tmp);
+    int rc1 = run_cmd(cmd, &out); free(out);
+    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -n 4 -o %s/resumed", train, val, common, tmp);
+    int rc2 = run_cmd(cmd, &out); free(out);
+    snprintf(b8, sizeof b8, "%s/resumed/model_00000008.bin", tmp);
+    snprintf(b4, sizeof b4, "%s/resumed/model_00000004.bin", tmp);
+    remove(b8); // as if the run had died after step 4
+    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -n 4 -o %s/resumed -y 1", train, val, common, tmp);
+    int rc3 = run_cmd(cmd, &out);
+    int resumed_from_4 = strstr(out, "model_00000004.bin") != NULL;
+    free(out);
+    snprintf(a8, sizeof a8, "%s/straight/model_00000008.bin", tmp);
+    int same = rc1 == 0 && rc2 == 0 && rc3 == 0 && resumed_from_4 && files_equal(a8, b8);
+    CHECK(same, "8 steps straight != 4 + resume + 4 (exit codes %d %d %d, resumed from step 4: %d)", rc1, rc2, rc3, resumed_from_4);
+    printf("[trainer] 8 steps straight == 4 + resume + 4, bit for bit (weights, AdamW, data position, RNG): %s\n", same ? "yes" : "NO");
+    // the uint32 shard layout trains to the same bits
+    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -o %s/u32", train32, val, common, tmp);
+    int rc4 = run_cmd(cmd, &out); free(out);
+    snprintf(path, sizeof path, "%s/u32/model_00000008.bin", tmp);
+    same = rc4 == 0 && files_equal(a8, path);
+    CHECK(same, "uint32 shards (magic %d) do not train like the same uint16 shards", SHARD_MAGIC_U32);
+    printf("[trainer] uint32 shards train to the same bits as uint16 shards: %s\n", same ? "yes" : "NO");
+
+    // bad input: each exits non-zero naming the problem, and the checkpoint in -o stays intact
+    char keep[1024], backup[1100], bad[1024], args[6144];
+    snprintf(keep, sizeof keep, "%s/resumed/model_00000004.bin", tmp);
+    snprintf(backup, sizeof backup, "%s.orig", keep);
+    copy_file(keep, backup);
+    printf("[trainer] bad input:\n");
+    char base[2048];
+    snprintf(base, sizeof base, "-j '%s' %s -o %s/resumed", val, common, tmp);
+    // shards
+    snprintf(bad, sizeof bad, "%s/badmagic.bin", tmp);
+    copy_file(train, bad);
+    { FILE* fp = fopenCheck(bad, "r+b"); int m = 1234; fwrite(&m, 4, 1, fp); fclose(fp); }
+    snprintf(args, sizeof args, "-i %s %s", bad, base);
+    expect_error("shard with a bad magic", args, "badmagic.bin' is not a token shard", keep);
+    snprintf(bad, sizeof bad, "%s/truncated.bin", tmp);
+    write_shard(bad, toks, n, 0);
+    if (truncate(bad, 1024 + 2 * (n / 2)) != 0) printf("  (truncate failed)\n");
+    snprintf(args, sizeof args, "-i %s %s", bad, base);
+    expect_error("truncated shard", args, "truncated.bin' is", keep);
+    snprintf(bad, sizeof bad, "%s/bigtoken.bin", tmp);
+    toks[777] = 250;
+    write_shard(bad, toks, n, 0);
+    toks[777] = 1;
+    snprintf(args, sizeof args, "-i %s %s", bad, base);
+    expect_error("token id >= V", args, "token 777 is id 250, outside the vocabulary (V=200)", keep);
+    snprintf(args, sizeof args, "-i '%s/nothing_here_*.bin' %s", tmp, base);
+    expect_error("missing shard", args, "no data shard matches -i", keep);
+    // checkpoints
+    snprintf(bad, sizeof bad, "%s/trunc_ckpt.bin", tmp);
+    copy_file(keep, bad);
+    if (truncate(bad, 5000) != 0) printf("  (truncate failed)\n");
+    snprintf(args, sizeof args, "-i %s -e %s %s", train, bad, base);
+    expect_error("truncated checkpoint", args, "trunc_ckpt.bin' is 5000 bytes but its header needs", keep);
+    snprintf(bad, sizeof bad, "%s/mismatch_ckpt.bin", tmp);
+    copy_file(keep, bad);
+    { FILE* fp = fopenCheck(bad, "r+b"); int e = 8; fseek(fp, 8 * 4, SEEK_SET); fwrite(&e, 4, 1, fp); fclose(fp); }
+    snprintf(args, sizeof args, "-i %s -e %s %s", train, bad, base);
+    expect_error("checkpoint header mismatch", args, "mismatch_ckpt.bin' header is inconsistent", keep);
+    snprintf(args, sizeof args, "-i %s -e %s %s -ne 8", train, keep, base);
+    expect_error("checkpoint vs -ne flag", args, "has -ne 4 but -ne 8 was given", keep);
+    snprintf(args, sizeof args, "-i %s -e %s/missing_ckpt.bin %s", train, tmp, base);
+    expect_error("missing checkpoint", args, "cannot open", keep);
+    // impossible shapes
+    snprintf(args, sizeof args, "-i %s %s -nk 5", train, base);
+    expect_error("K > E", args, "K=5 experts per token exceeds E=4", keep);
+    snprintf(args, sizeof args, "-i %s %s -nc 30", train, base);
+    expect_error("C not divisible by H", args, "C=30 is not divisible by H=4", keep);
+    snprintf(args, sizeof args, "-i %s %s -nkv 3", train, base);
+    expect_error("H not divisible by Hkv", args, "H=4 is not divisible by Hkv=3", keep);
+    snprintf(args, sizeof args, "-i %s %s -nc 12", train, base);
+    expect_error("odd head size", args, "head size D=C/H=3 must be even", keep);
+    // a corrupt newest checkpoint stops a resume (and is not silently skipped)
+    snprintf(bad, sizeof bad, "%s/resumed/model_00000099.bin", tmp);
+    copy_file(keep, bad);
+    if (truncate(bad, 3000) != 0) printf("  (truncate failed)\n");
+    snprintf(args, sizeof args, "-i %s %s -y 1", train, base);
+    expect_error("corrupt newest checkpoint", args, "model_00000099.bin' is 3000 bytes", keep);
+    remove(bad);
+    free(toks);
+}
+
+int main(int argc, char** argv) {
+    const char* dir = argc > 1 ? argv[1] : "dev/ref";
+    char path[1024], name[256];
+    snprintf(path, sizeof path, "%s/manifest.txt", dir);
+    FILE* mf = fopenCheck(path, "r");
+    int nconf = 0;
+    char first[256] = "";
+    while (fscanf(mf, "%255s", name) == 1) {
+        test_reference(dir, name);
+        if (!nconf) strcpy(first, name);
+        nconf++;
+    }
+    fclose(mf);
+    CHECK(nconf >= 6, "only %d reference configurations in %s", nconf, path);
+    char tmp[] = "/tmp/test_moe_XXXXXX";
+    if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
+    test_checkpoint_roundtrip(dir, first, tmp);
+    test_trainer_binary(tmp);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    if (system(cmd) != 0) printf("(could not remove %s)\n", tmp);
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}

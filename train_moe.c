@@ -1,0 +1,1686 @@
+/*
+Mixture-of-experts language-model training in one C file: a Mixtral-style sparse Transformer
+(RMSNorm, RoPE attention with grouped-query heads, a top-k router over E SwiGLU experts), its
+hand-written backward pass, AdamW, the data loader, checkpoints and the eval loop.
+The math is the contract in moe_spec.md; dev/moe_ref.py is the independent PyTorch twin that
+test_moe.c checks this file against, tensor by tensor.
+
+The MoE layer reads as a pipeline:  router -> topk -> permute -> experts -> unpermute
+Only the K chosen experts of a token are computed (dropless): every buffer of the expert path has
+N*K rows (N = B*T tokens), never N*E.
+
+Build: make train_moe          Run: ./train_moe -h
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <errno.h>
+#include <glob.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#include <dirent.h>
+#ifdef OMP
+#include <omp.h>
+#endif
+
+// ----------------------------------------------------------------------------
+// utilities: checked I/O and allocation, RNG, clock
+
+static void die(const char* fmt, const char* a, const char* file, int line) {
+    fprintf(stderr, "Error: ");
+    fprintf(stderr, fmt, a);
+    fprintf(stderr, "\n  (at %s:%d)\n", file, line);
+    exit(EXIT_FAILURE);
+}
+
+static FILE* fopen_check(const char* path, const char* mode, const char* file, int line) {
+    FILE* fp = fopen(path, mode);
+    if (fp == NULL) {
+        fprintf(stderr, "Error: cannot open '%s' (mode %s): %s\n  (at %s:%d)\n", path, mode, strerror(errno), file, line);
+        exit(EXIT_FAILURE);
+    }
+    return fp;
+}
+#define fopenCheck(path, mode) fopen_check(path, mode, __FILE__, __LINE__)
+
+// read exactly n items or fail naming the file
+static void fread_check(void* ptr, size_t size, size_t n, FILE* fp, const char* path, const char* file, int line) {
+    size_t got = fread(ptr, size, n, fp);
+    if (got != n) {
+        fprintf(stderr, "Error: '%s' is truncated: wanted %zu items of %zu bytes, got %zu\n  (at %s:%d)\n",
+                path, n, size, got, file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define freadCheck(ptr, size, n, fp, path) fread_check(ptr, size, n, fp, path, __FILE__, __LINE__)
+
+static void* malloc_check(size_t size, const char* file, int line) {
+    void* p = malloc(size ? size : 1);
+    if (p == NULL) {
+        fprintf(stderr, "Error: out of memory allocating %zu bytes\n  (at %s:%d)\n", size, file, line);
+        exit(EXIT_FAILURE);
+    }
+    return p;
+}
+#define mallocCheck(size) malloc_check(size, __FILE__, __LINE__)
+
+static void* calloc_check(size_t n, size_t size, const char* file, int line) {
+    void* p = calloc(n ? n : 1, size ? size : 1);
+    if (p == NULL) {
+        fprintf(stderr, "Error: out of memory allocating %zu x %zu bytes\n  (at %s:%d)\n", n, size, file, line);
+        exit(EXIT_FAILURE);
+    }
+    return p;
+}
+#define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
+
+static long file_size(FILE* fp) {
+    long here = ftell(fp);
+    fseek(fp, 0, SEEK_END);
+    long n = ftell(fp);
+    fseek(fp, here, SEEK_SET);
+    return n;
+}
+
+// splitmix64: small, fast, and its whole state is one uint64 (easy to checkpoint)
+static uint64_t rng_u64(uint64_t* state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static float rng_f32(uint64_t* state) { return (rng_u64(state) >> 40) / 16777216.0f; } // [0,1)
+static float rng_normal(uint64_t* state) {
+    float u1 = ((rng_u64(state) >> 40) + 1.0f) / 16777217.0f; // (0,1]
+    float u2 = rng_f32(state);
+    return sqrtf(-2.0f * logf(u1)) * cosf(2.0f * (float)M_PI * u2);
+}
+static uint64_t hash3(uint64_t a, uint64_t b, uint64_t c) {
+    uint64_t s = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull) * 0xD6E8FEB86659FD93ull ^ c;
+    rng_u64(&s);
+    return rng_u64(&s);
+}
+// Fisher-Yates permutation of 0..n-1 from a seed
+static void random_permutation(int* perm, int n, uint64_t seed) {
+    for (int i = 0; i < n; i++) perm[i] = i;
+    for (int i = n - 1; i > 0; i--) {
+        int j = (int)(rng_u64(&seed) % (uint64_t)(i + 1));
+        int t = perm[i]; perm[i] = perm[j]; perm[j] = t;
+    }
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+// a scratch buffer that grows on demand (used by the GEMM's packing)
+typedef struct { float* data; size_t cap; } Scratch;
+static float* scratch_get(Scratch* s, size_t n) {
+    if (n > s->cap) {
+        free(s->data);
+        s->data = (float*)mallocCheck(n * sizeof(float));
+        s->cap = n;
+    }
+    return s->data;
+}
+
+// ----------------------------------------------------------------------------
+// GEMM: every matmul of the model goes through here
+//   c[M,N] (= or +=) A.B   with A(i,k) = a[i*sai + k*sak], B(k,j) = b[k*sbk + j*sbj]
+// so the same routine serves x.W^T (forward), dy.W (input grad) and dy^T.x (weight grad).
+// Both operands are packed into panels (A: MR rows at a time, B: NR columns at a time, each
+// k-major), then each MR x NR tile of c is one register-resident micro-kernel over all of k.
+
+#define GEMM_MR 8
+#define GEMM_NR 32
+static Scratch gemm_apack, gemm_bpack;
+
+static inline void gemm_micro(int K, const float* ap, const float* bp, float* c, size_t ldc,
+                              int mr, int nr, int accumulate) {
+    float acc[GEMM_MR][GEMM_NR];
+    for (int r = 0; r < GEMM_MR; r++)
+        for (int j = 0; j < GEMM_NR; j++) acc[r][j] = 0.0f;
+    for (int k = 0; k < K; k++) {
+        const float* bk = bp + (size_t)k * GEMM_NR;
+        const float* ak = ap + (size_t)k * GEMM_MR;
+        for (int r = 0; r < GEMM_MR; r++) {
+            float av = ak[r];
+            for (int j = 0; j < GEMM_NR; j++) acc[r][j] += av * bk[j];
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        float* crow = c + r * ldc;
+        if (accumulate) { for (int j = 0; j < nr; j++) crow[j] += acc[r][j]; }
+        else            { for (int j = 0; j < nr; j++) crow[j] = acc[r][j]; }
+    }
+}
+
+void gemm(float* c, const float* a, const float* b, int M, int N, int K,
+          size_t sai, size_t sak, size_t sbk, size_t sbj, int accumulate) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) { // empty sum
+        if (!accumulate) for (int i = 0; i < M; i++) memset(c + (size_t)i * N, 0, N * sizeof(float));
+        return;
+    }
+    int mt = (M + GEMM_MR - 1) / GEMM_MR, nt = (N + GEMM_NR - 1) / GEMM_NR;
+    float* ap = scratch_get(&gemm_apack, (size_t)mt * GEMM_MR * K);
+    float* bp = scratch_get(&gemm_bpack, (size_t)nt * GEMM_NR * K);
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int it = 0; it < mt; it++) {
+            float* dst = ap + (size_t)it * GEMM_MR * K;
+            for (int k = 0; k < K; k++)
+                for (int r = 0; r < GEMM_MR; r++) {
+                    int i = it * GEMM_MR + r;
+                    dst[(size_t)k * GEMM_MR + r] = i < M ? a[i * sai + k * sak] : 0.0f;
+                }
+        }
+        #pragma omp for schedule(static)
+        for (int jt = 0; jt < nt; jt++) {
+            float* dst = bp + (size_t)jt * GEMM_NR * K;
+            for (int k = 0; k < K; k++)
+                for (int j = 0; j < GEMM_NR; j++) {
+                    int jj = jt * GEMM_NR + j;
+                    dst[(size_t)k * GEMM_NR + j] = jj < N ? b[k * sbk + jj * sbj] : 0.0f;
+                }
+        }
+        #pragma omp for collapse(2) schedule(static)
+        for (int jt = 0; jt < nt; jt++)
+            for (int it = 0; it < mt; it++) {
+                int i0 = it * GEMM_MR, j0 = jt * GEMM_NR;
+                int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
+                int nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
+                gemm_micro(K, ap + (size_t)it * GEMM_MR * K, bp + (size_t)jt * GEMM_NR * K,
+                           c + (size_t)i0 * N + j0, N, mr, nr, accumulate);
+            }
+    }
+}
+
+// out[N,OC] = inp[N,IC] . weight[OC,IC]^T
+void matmul_forward(float* out, const float* inp, const float* weight, int N, int IC, int OC) {
+    gemm(out, inp, weight, N, OC, IC, IC, 1, 1, IC, 0);
+}
+// dinp[N,IC] += dout[N,OC] . weight[OC,IC];  dweight[OC,IC] += dout^T . inp
+void matmul_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                     int N, int IC, int OC) {
+    if (dinp) gemm(dinp, dout, weight, N, IC, OC, OC, 1, IC, 1, 1);
+    gemm(dweight, dout, inp, OC, IC, N, 1, OC, IC, 1, 1);
+}
+
+// ----------------------------------------------------------------------------
+// layers: embedding, RMSNorm, RoPE, attention
+
+// out[N,C] = wte[tokens[n], :]
+void encoder_forward(float* out, const int* tokens, const float* wte, int N, int C) {
+    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * C, wte + (size_t)tokens[n] * C, C * sizeof(float));
+}
+void encoder_backward(float* dwte, const float* dout, const int* tokens, int N, int C) {
+    for (int n = 0; n < N; n++) { // serial over tokens: repeated tokens add in a fixed order
+        float* dw = dwte + (size_t)tokens[n] * C;
+        const float* d = dout + (size_t)n * C;
+        for (int c = 0; c < C; c++) dw[c] += d[c];
+    }
+}
+
+// out[N,C] = inp / sqrt(mean(inp^2) + eps) * w ; rstd[N] saved for the backward
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, int N, int C, float eps) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;
+        float ss = 0.0f;
+        for (int c = 0; c < C; c++) ss += x[c] * x[c];
+        float r = 1.0f / sqrtf(ss / C + eps);
+        float* o = out + (size_t)n * C;
+        for (int c = 0; c < C; c++) o[c] = x[c] * r * w[c];
+        rstd[n] = r;
+    }
+}
+// dinp[N,C] += d/dinp ; dw[C] += sum_n dout * inp * rstd
+void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* inp, const float* w,
+                      const float* rstd, int N, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;
+        const float* dy = dout + (size_t)n * C;
+        float r = rstd[n];
+        float dot = 0.0f; // sum_c dy*w*x
+        for (int c = 0; c < C; c++) dot += dy[c] * w[c] * x[c];
+        float k = dot * r * r * r / C;
+        float* dx = dinp + (size_t)n * C;
+        for (int c = 0; c < C; c++) dx[c] += dy[c] * w[c] * r - x[c] * k;
+    }
+    for (int n = 0; n < N; n++) { // serial over tokens for a fixed summation order
+        const float* x = inp + (size_t)n * C;
+        const float* dy = dout + (size_t)n * C;
+        float r = rstd[n];
+        for (int c = 0; c < C; c++) dw[c] += dy[c] * x[c] * r;
+    }
+}
+
+// rotate-half RoPE in place on x[B,T,NH,D]; dir = +1 forward, -1 backward (the inverse rotation)
+void rope_apply(float* x, const float* freqs_cos, const float* freqs_sin, int B, int T, int NH, int D, int dir) {
+    int half = D / 2;
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float* fc = freqs_cos + (size_t)t * half;
+            const float* fs = freqs_sin + (size_t)t * half;
+            for (int h = 0; h < NH; h++) {
+                float* v = x + (((size_t)b * T + t) * NH + h) * D;
+                for (int i = 0; i < half; i++) {
+                    float c = fc[i], s = dir * fs[i];
+                    float x0 = v[i], x1 = v[i + half];
+                    v[i] = x0 * c - x1 * s;
+                    v[i + half] = x1 * c + x0 * s;
+                }
+            }
+        }
+}
+// cos/sin tables [T, D/2]: angle = t * theta^(-2i/D)
+void rope_tables(float* fcos, float* fsin, int T, int D, float theta) {
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < D / 2; i++) {
+            double w = pow((double)theta, -2.0 * i / D);
+            fcos[t * (D / 2) + i] = (float)cos(t * w);
+            fsin[t * (D / 2) + i] = (float)sin(t * w);
+        }
+}
+
+// causal attention. q[B,T,H,D], k,v[B,T,Hkv,D] -> out[B,T,H,D]; att[B,H,T,T] keeps the probabilities
+// query head h reads kv head h / (H/Hkv)
+void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
+                       int B, int T, int H, int Hkv, int D) {
+    float scale = 1.0f / sqrtf((float)D);
+    int group = H / Hkv;
+    #pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                int hk = h / group;
+                const float* qt = q + (((size_t)b * T + t) * H + h) * D;
+                float* p = att + (((size_t)b * H + h) * T + t) * T;
+                float maxv = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {  // seek to k[b,t2,hk,:]
+                    const float* kt = k + (((size_t)b * T + t2) * Hkv + hk) * D;
+                    float s = 0.0f;
+                    for (int i = 0; i < D; i++) s += qt[i] * kt[i];
+                    s *= scale;
+                    p[t2] = s;
+                    if (s > maxv) maxv = s;
+                }
+                float sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) { p[t2] = expf(p[t2] - maxv); sum += p[t2]; }
+                float inv = 1.0f / sum;
+                for (int t2 = 0; t2 <= t; t2++) p[t2] *= inv;
+                for (int t2 = t + 1; t2 < T; t2++) p[t2] = 0.0f;
+                float* o = out + (((size_t)b * T + t) * H + h) * D;
+                for (int i = 0; i < D; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* vt = v + (((size_t)b * T + t2) * Hkv + hk) * D;
+                    float pv = p[t2];
+                    for (int i = 0; i < D; i++) o[i] += pv * vt[i];
+                }
+            }
+}
+// gradients into dq (=), dk, dv (+=, so zero them first). Parallel over (b, kv head): the query
+// heads sharing a kv head add into its dk/dv in a fixed order. dp is scratch of T floats per thread.
+void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* att,
+                        const float* q, const float* k, const float* v, int B, int T, int H, int Hkv, int D) {
+    float scale = 1.0f / sqrtf((float)D);
+    int group = H / Hkv;
+    #pragma omp parallel
+    {
+        float* dp = (float*)mallocCheck((size_t)T * sizeof(float));
+        #pragma omp for collapse(2)
+        for (int b = 0; b < B; b++)
+            for (int hk = 0; hk < Hkv; hk++)
+                for (int h = hk * group; h < (hk + 1) * group; h++)
+                    for (int t = 0; t < T; t++) {
+                        const float* p = att + (((size_t)b * H + h) * T + t) * T;
+                        const float* dot = dout + (((size_t)b * T + t) * H + h) * D;
+                        const float* qt = q + (((size_t)b * T + t) * H + h) * D;
+                        float* dqt = dq + (((size_t)b * T + t) * H + h) * D;
+                        float pdp = 0.0f;
+                        for (int t2 = 0; t2 <= t; t2++) {
+                            const float* vt = v + (((size_t)b * T + t2) * Hkv + hk) * D;
+                            float s = 0.0f;
+                            for (int i = 0; i < D; i++) s += dot[i] * vt[i];
+                            dp[t2] = s;
+                            pdp += p[t2] * s;
+                        }
+                        for (int i = 0; i < D; i++) dqt[i] = 0.0f;
+                        for (int t2 = 0; t2 <= t; t2++) {
+                            size_t kvoff = (((size_t)b * T + t2) * Hkv + hk) * D;
+                            float ds = p[t2] * (dp[t2] - pdp) * scale; // through softmax and the scale
+                            const float* kt = k + kvoff;
+                            float* dkt = dk + kvoff;
+                            float* dvt = dv + kvoff;
+                            for (int i = 0; i < D; i++) {
+                                dqt[i] += ds * kt[i];
+                                dkt[i] += ds * qt[i];
+                                dvt[i] += p[t2] * dot[i];
+                            }
+                        }
+                    }
+        free(dp);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the MoE layer: router -> topk -> permute -> experts -> unpermute, and the auxiliary losses
+
+// router logits z[N,E] = m[N,C] . wr[E,C]^T (fp32) and their logsumexp lse[N]
+void router_forward(float* z, float* lse, const float* m, const float* wr, int N, int C, int E) {
+    matmul_forward(z, m, wr, N, C, E);
+    for (int n = 0; n < N; n++) {
+        const float* zn = z + (size_t)n * E;
+        float mx = zn[0];
+        for (int e = 1; e < E; e++) if (zn[e] > mx) mx = zn[e];
+        float s = 0.0f;
+        for (int e = 0; e < E; e++) s += expf(zn[e] - mx);
+        lse[n] = mx + logf(s);
+    }
+}
+
+// the K largest logits of each token (larger first; equal logits: lower expert index first),
+// and the gates: softmax over those K logits only
+void topk_forward(int* topi, float* gate, const float* z, int N, int E, int K) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* zn = z + (size_t)n * E;
+        int* ti = topi + (size_t)n * K;
+        for (int j = 0; j < K; j++) { // selection: j-th pass takes the best expert not yet taken
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int jj = 0; jj < j; jj++) if (ti[jj] == e) { taken = 1; break; }
+                if (taken) continue;
+                if (best < 0 || zn[e] > zn[best]) best = e; // strict '>' keeps the lower index on ties
+            }
+            ti[j] = best;
+        }
+        float* g = gate + (size_t)n * K;
+        float mx = zn[ti[0]], s = 0.0f;
+        for (int j = 0; j < K; j++) { g[j] = expf(zn[ti[j]] - mx); s += g[j]; }
+        for (int j = 0; j < K; j++) g[j] /= s;
+    }
+}
+
+// group the N*K token slots by expert (counting sort: within an expert, by token order).
+// counts[E], offs[E+1] (row range of expert e), row_of[n*K+j] = row of slot j of token n,
+// tok_of[row] = token of that row
+void permute_plan(int* counts, int* offs, int* row_of, int* tok_of, const int* topi, int N, int E, int K) {
+    for (int e = 0; e < E; e++) counts[e] = 0;
+    for (int s = 0; s < N * K; s++) counts[topi[s]]++;
+    offs[0] = 0;
+    for (int e = 0; e < E; e++) offs[e + 1] = offs[e] + counts[e];
+    int* fill = (int*)mallocCheck((size_t)E * sizeof(int));
+    memcpy(fill, offs, E * sizeof(int));
+    for (int s = 0; s < N * K; s++) {
+        int row = fill[topi[s]]++;
+        row_of[s] = row;
+        tok_of[row] = s / K;
+    }
+    free(fill);
+}
+// xe[NK,C] = m[tok_of[row], :]: tokens into expert-contiguous rows
+void permute_forward(float* xe, const float* m, const int* tok_of, int NK, int C) {
+    #pragma omp parallel for
+    for (int r = 0; r < NK; r++) memcpy(xe + (size_t)r * C, m + (size_t)tok_of[r] * C, C * sizeof(float));
+}
+// dm[n,:] += sum_j dxe[row_of[n,j], :]  (a token's K slots add in slot order)
+void permute_backward(float* dm, const float* dxe, const int* row_of, int N, int K, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++)
+        for (int j = 0; j < K; j++) {
+            const float* d = dxe + (size_t)row_of[n * K + j] * C;
+            float* o = dm + (size_t)n * C;
+            for (int c = 0; c < C; c++) o[c] += d[c];
+        }
+}
+
+// each expert's SwiGLU over its own rows: ye = w2 . (silu(w1 . xe) * (w3 . xe))
+// xe[NK,C], h1,h3,act[NK,F], ye[NK,C]; w1,w3[E,F,C], w2[E,C,F]; an expert with no rows is skipped
+void experts_forward(float* ye, float* h1, float* h3, float* act, const float* xe,
+                     const float* w1, const float* w3, const float* w2, const int* offs, int E, int C, int F) {
+    for (int e = 0; e < E; e++) {
+        int r0 = offs[e], n = offs[e + 1] - offs[e];
+        if (n == 0) continue;
+        const float* x = xe + (size_t)r0 * C;
+        float* a1 = h1 + (size_t)r0 * F;
+        float* a3 = h3 + (size_t)r0 * F;
+        float* ac = act + (size_t)r0 * F;
+        matmul_forward(a1, x, w1 + (size_t)e * F * C, n, C, F);
+        matmul_forward(a3, x, w3 + (size_t)e * F * C, n, C, F);
+        #pragma omp parallel for
+        for (size_t i = 0; i < (size_t)n * F; i++) {
+            float g = a1[i];
+            ac[i] = g / (1.0f + expf(-g)) * a3[i];
+        }
+        matmul_forward(ye + (size_t)r0 * C, ac, w2 + (size_t)e * C * F, n, F, C);
+    }
+}
+// given dye[NK,C]: dxe[NK,C] (=), dw1,dw3,dw2 (+=); dact, dh1, dh3 are scratch [NK,F]
+void experts_backward(float* dxe, float* dw1, float* dw3, float* dw2, float* dact, float* dh1, float* dh3,
+                      const float* dye, const float* xe, const float* h1, const float* h3, const float* act,
+                      const float* w1, const float* w3, const float* w2, const int* offs, int E, int C, int F) {
+    for (int e = 0; e < E; e++) {
+        int r0 = offs[e], n = offs[e + 1] - offs[e];
+        if (n == 0) continue;
+        const float* dy = dye + (size_t)r0 * C;
+        float* da = dact + (size_t)r0 * F;
+        float* d1 = dh1 + (size_t)r0 * F;
+        float* d3 = dh3 + (size_t)r0 * F;
+        float* dx = dxe + (size_t)r0 * C;
+        const float* a1 = h1 + (size_t)r0 * F;
+        const float* a3 = h3 + (size_t)r0 * F;
+        memset(da, 0, (size_t)n * F * sizeof(float));
+        matmul_backward(da, dw2 + (size_t)e * C * F, dy, act + (size_t)r0 * F, w2 + (size_t)e * C * F, n, F, C);
+        #pragma omp parallel for
+        for (size_t i = 0; i < (size_t)n * F; i++) {
+            float g = a1[i];
+            float sg = 1.0f / (1.0f + expf(-g));
+            float silu = g * sg;
+            d3[i] = da[i] * silu;
+            d1[i] = da[i] * a3[i] * sg * (1.0f + g * (1.0f - sg));
+        }
+        memset(dx, 0, (size_t)n * C * sizeof(float));
+        matmul_backward(dx, dw1 + (size_t)e * F * C, d1, xe + (size_t)r0 * C, w1 + (size_t)e * F * C, n, C, F);
+        matmul_backward(dx, dw3 + (size_t)e * F * C, d3, xe + (size_t)r0 * C, w3 + (size_t)e * F * C, n, C, F);
+    }
+}
+
+// combine: out[n,:] = res[n,:] + sum_j gate[n,j] * ye[row_of[n,j], :]
+void unpermute_forward(float* out, const float* res, const float* ye, const float* gate, const int* row_of,
+                       int N, int K, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float* o = out + (size_t)n * C;
+        memcpy(o, res + (size_t)n * C, C * sizeof(float));
+        for (int j = 0; j < K; j++) {
+            float g = gate[n * K + j];
+            const float* y = ye + (size_t)row_of[n * K + j] * C;
+            for (int c = 0; c < C; c++) o[c] += g * y[c];
+        }
+    }
+}
+// dye[row,:] = gate * dout[n,:]; dgate[n,j] = <dout[n,:], ye[row,:]>
+void unpermute_backward(float* dye, float* dgate, const float* dout, const float* ye, const float* gate,
+                        const int* row_of, int N, int K, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* d = dout + (size_t)n * C;
+        for (int j = 0; j < K; j++) {
+            int row = row_of[n * K + j];
+            const float* y = ye + (size_t)row * C;
+            float* dy = dye + (size_t)row * C;
+            float g = gate[n * K + j], dot = 0.0f;
+            for (int c = 0; c < C; c++) { dy[c] = g * d[c]; dot += d[c] * y[c]; }
+            dgate[n * K + j] = dot;
+        }
+    }
+}
+
+// aux_l = E * sum_e f_e * P_e  (f_e = counts_e/(N*K), no gradient; P_e = mean_n softmax(z_n)_e)
+// zl_l = mean_n lse_n^2
+void router_losses(float* aux, float* zl, const float* z, const float* lse, const int* counts, int N, int E, int K) {
+    double* P = (double*)callocCheck(E, sizeof(double));
+    double zs = 0.0;
+    for (int n = 0; n < N; n++) {
+        const float* zn = z + (size_t)n * E;
+        for (int e = 0; e < E; e++) P[e] += expf(zn[e] - lse[n]);
+        zs += (double)lse[n] * lse[n];
+    }
+    double a = 0.0;
+    for (int e = 0; e < E; e++) a += ((double)counts[e] / ((double)N * K)) * (P[e] / N);
+    *aux = (float)(E * a);
+    *zl = (float)(zs / N);
+    free(P);
+}
+// dz[N,E] (=) from the gates (dgate), the aux loss (scaled by daux) and the z-loss (scaled by dzl)
+void router_backward(float* dz, const float* dgate, const float* z, const float* lse, const int* topi,
+                     const float* gate, const int* counts, float daux, float dzl, int N, int E, int K) {
+    float* f = (float*)mallocCheck((size_t)E * sizeof(float));
+    for (int e = 0; e < E; e++) f[e] = (float)counts[e] / ((float)N * K);
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* zn = z + (size_t)n * E;
+        float* d = dz + (size_t)n * E;
+        float fp = 0.0f; // sum_e f_e p_e
+        for (int e = 0; e < E; e++) fp += f[e] * expf(zn[e] - lse[n]);
+        for (int e = 0; e < E; e++) {
+            float p = expf(zn[e] - lse[n]);
+            d[e] = daux * E / N * p * (f[e] - fp) + dzl * 2.0f / N * lse[n] * p;
+        }
+        // gates are a softmax over the chosen logits: dz_j = g_j (dg_j - sum_i g_i dg_i)
+        const float* g = gate + (size_t)n * K;
+        const float* dg = dgate + (size_t)n * K;
+        float gdg = 0.0f;
+        for (int j = 0; j < K; j++) gdg += g[j] * dg[j];
+        for (int j = 0; j < K; j++) d[topi[n * K + j]] += g[j] * (dg[j] - gdg);
+    }
+    free(f);
+}
+
+// ----------------------------------------------------------------------------
+// classifier: softmax cross-entropy with an ignore index (target -1)
+
+// losses[N] = -log softmax(logits[n])[target] (0 where ignored); returns the mean over counted targets
+float crossentropy_forward(float* losses, const float* logits, const int* targets, int N, int V) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* l = logits + (size_t)n * V;
+        float mx = l[0];
+        for (int i = 1; i < V; i++) if (l[i] > mx) mx = l[i];
+        float s = 0.0f;
+        for (int i = 0; i < V; i++) s += expf(l[i] - mx);
+        losses[n] = targets[n] < 0 ? 0.0f : mx + logf(s) - l[targets[n]];
+    }
+    double sum = 0.0;
+    int counted = 0;
+    for (int n = 0; n < N; n++) if (targets[n] >= 0) { sum += losses[n]; counted++; }
+    return counted ? (float)(sum / counted) : 0.0f;
+}
+// dlogits[N,V] = dloss * (softmax - onehot) / counted; zero rows for ignored targets
+void crossentropy_backward(float* dlogits, const float* logits, const int* targets, float dloss, int N, int V) {
+    int counted = 0;
+    for (int n = 0; n < N; n++) counted += targets[n] >= 0;
+    float scale = counted ? dloss / counted : 0.0f;
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* l = logits + (size_t)n * V;
+        float* d = dlogits + (size_t)n * V;
+        if (targets[n] < 0) { memset(d, 0, V * sizeof(float)); continue; }
+        float mx = l[0];
+        for (int i = 1; i < V; i++) if (l[i] > mx) mx = l[i];
+        float s = 0.0f;
+        for (int i = 0; i < V; i++) { d[i] = expf(l[i] - mx); s += d[i]; }
+        float inv = scale / s;
+        for (int i = 0; i < V; i++) d[i] *= inv;
+        d[targets[n]] -= scale;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the model: configuration, parameters (one block), activations (one block), forward, backward
+
+typedef struct {
+    int V, T, L, C, H, Hkv, E, K, F; // T: the sequence length it was built for
+    float theta, eps, aux_coef, z_coef;
+} MoEConfig;
+
+#define NUM_PARAM_TENSORS 13
+typedef struct {
+    float *wte, *attn_norm, *wq, *wk, *wv, *wo, *moe_norm, *wr, *w1, *w3, *w2, *final_norm, *lm_head;
+} ParamTensors;
+const char* param_names[NUM_PARAM_TENSORS] = {
+    "wte", "attn_norm", "wq", "wk", "wv", "wo", "moe_norm", "wr", "w1", "w3", "w2", "final_norm", "lm_head"};
+static const int param_is_matrix[NUM_PARAM_TENSORS] = {1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1};
+
+void fill_param_sizes(size_t* s, const MoEConfig* c) {
+    size_t L = c->L, C = c->C, D = c->C / c->H, HD = c->H * D, KD = c->Hkv * D, E = c->E, F = c->F, V = c->V;
+    s[0] = V * C;          // wte
+    s[1] = L * C;          // attn_norm
+    s[2] = L * HD * C;     // wq
+    s[3] = L * KD * C;     // wk
+    s[4] = L * KD * C;     // wv
+    s[5] = L * C * HD;     // wo
+    s[6] = L * C;          // moe_norm
+    s[7] = L * E * C;      // wr
+    s[8] = L * E * F * C;  // w1
+    s[9] = L * E * F * C;  // w3
+    s[10] = L * E * C * F; // w2
+    s[11] = C;             // final_norm
+    s[12] = V * C;         // lm_head
+}
+static void point_params(ParamTensors* p, float* mem, const size_t* sizes) {
+    float** ptrs[NUM_PARAM_TENSORS] = {&p->wte, &p->attn_norm, &p->wq, &p->wk, &p->wv, &p->wo, &p->moe_norm,
+                                       &p->wr, &p->w1, &p->w3, &p->w2, &p->final_norm, &p->lm_head};
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) { *ptrs[i] = mem; mem += sizes[i]; }
+}
+
+// activations kept for the backward pass, for at most B*T = N tokens. Per layer l (outermost):
+#define NUM_ACT_TENSORS 20
+typedef struct {
+    float* resid;    // (L+1) x N x C   input of each layer, then the last layer's output
+    float* resid_mid;// L x N x C       after attention
+    float* a;        // L x N x C       attn rmsnorm output
+    float* a_rstd;   // L x N
+    float* q;        // L x N x H*D     after RoPE
+    float* k;        // L x N x Hkv*D   after RoPE
+    float* v;        // L x N x Hkv*D
+    float* att;      // L x B x H x T x T
+    float* atty;     // L x N x H*D     attention output before wo
+    float* m;        // L x N x C       moe rmsnorm output
+    float* m_rstd;   // L x N
+    float* z;        // L x N x E       router logits (fp32)
+    float* lse;      // L x N           logsumexp of z
+    float* gate;     // L x N x K
+    float* xe;       // L x NK x C      tokens permuted into expert-contiguous rows
+    float* h1;       // L x NK x F      w1 . xe
+    float* h3;       // L x NK x F      w3 . xe
+    float* act;      // L x NK x F      silu(h1) * h3
+    float* ye;       // L x NK x C      expert outputs
+    float* xf;       // N x C           final rmsnorm output   (+ f_rstd, logits, losses below)
+} ActTensors;
+
+typedef struct {
+    MoEConfig config;
+    ParamTensors params, grads, m_state, v_state;
+    size_t param_sizes[NUM_PARAM_TENSORS];
+    size_t num_params;
+    float *params_memory, *grads_memory, *m_memory, *v_memory;
+    // activations
+    int maxB, maxT;   // allocated for B*T <= maxB*maxT and T <= maxT
+    int B, T;         // of the last forward
+    ActTensors acts;
+    float* acts_memory;
+    float *f_rstd, *logits, *losses;
+    int *topi, *counts, *offs, *row_of, *tok_of; // L x N x K, L x E, L x (E+1), L x NK, L x NK
+    float *freqs_cos, *freqs_sin;
+    // backward scratch (one layer at a time)
+    float *dres, *dbuf, *dq, *dk, *dv, *datty, *dz, *dgate, *dxe, *dye, *dact, *dh1, *dh3, *dlogits;
+    // results of the last forward
+    const int* inputs;
+    const int* targets;
+    float ce, loss;
+    float *aux, *zl; // L each
+} Model;
+
+static void model_config_check(const MoEConfig* c, const char* where) {
+    char msg[256];
+    msg[0] = 0;
+    if (c->V <= 0 || c->T <= 0 || c->L <= 0 || c->C <= 0 || c->H <= 0 || c->Hkv <= 0 || c->E <= 0 || c->K <= 0 || c->F <= 0)
+        snprintf(msg, sizeof msg, "every size must be positive (V=%d T=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d)",
+                 c->V, c->T, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F);
+    else if (c->K > c->E) snprintf(msg, sizeof msg, "K=%d experts per token exceeds E=%d experts (flags -nk, -ne)", c->K, c->E);
+    else if (c->C % c->H) snprintf(msg, sizeof msg, "C=%d is not divisible by H=%d heads (flags -nc, -nh)", c->C, c->H);
+    else if (c->H % c->Hkv) snprintf(msg, sizeof msg, "H=%d is not divisible by Hkv=%d kv heads (flags -nh, -nkv)", c->H, c->Hkv);
+    else if ((c->C / c->H) % 2) snprintf(msg, sizeof msg, "head size D=C/H=%d must be even for RoPE (flags -nc, -nh)", c->C / c->H);
+    else if (!(c->eps > 0) || !(c->theta > 0)) snprintf(msg, sizeof msg, "eps and theta must be positive");
+    if (msg[0]) { fprintf(stderr, "Error: %s: %s\n", where, msg); exit(EXIT_FAILURE); }
+}
+
+// allocate parameters, gradients and the optimizer state (zeros)
+void model_build(Model* model, const MoEConfig* config) {
+    memset(model, 0, sizeof(*model));
+    model->config = *config;
+    fill_param_sizes(model->param_sizes, config);
+    size_t n = 0;
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) n += model->param_sizes[i];
+    model->num_params = n;
+    model->params_memory = (float*)callocCheck(n, sizeof(float));
+    model->grads_memory = (float*)callocCheck(n, sizeof(float));
+    model->m_memory = (float*)callocCheck(n, sizeof(float));
+    model->v_memory = (float*)callocCheck(n, sizeof(float));
+    point_params(&model->params, model->params_memory, model->param_sizes);
+    point_params(&model->grads, model->grads_memory, model->param_sizes);
+    point_params(&model->m_state, model->m_memory, model->param_sizes);
+    point_params(&model->v_state, model->v_memory, model->param_sizes);
+    model->aux = (float*)callocCheck(config->L, sizeof(float));
+    model->zl = (float*)callocCheck(config->L, sizeof(float));
+}
+
+// Megatron's init: every matrix ~ N(0, std), wo and w2 ~ N(0, std/sqrt(2L)), norm weights 1
+void model_init_random(Model* model, uint64_t seed, float std) {
+    const MoEConfig* c = &model->config;
+    uint64_t rng = hash3(seed, 0x1A17, 0);
+    float* p = model->params_memory;
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) {
+        size_t n = model->param_sizes[i];
+        if (!param_is_matrix[i]) { for (size_t j = 0; j < n; j++) p[j] = 1.0f; }
+        else {
+            float s = (i == 5 || i == 10) ? std / sqrtf(2.0f * c->L) : std;
+            for (size_t j = 0; j < n; j++) p[j] = s * rng_normal(&rng);
+        }
+        p += n;
+    }
+}
+
+static void model_alloc_acts(Model* model, int B, int T) {
+    const MoEConfig* c = &model->config;
+    size_t N = (size_t)B * T, L = c->L, C = c->C, D = c->C / c->H, HD = c->H * D, KD = c->Hkv * D;
+    size_t E = c->E, K = c->K, F = c->F, NK = N * K, V = c->V;
+    size_t sizes[NUM_ACT_TENSORS] = {
+        (L + 1) * N * C, L * N * C, L * N * C, L * N, L * N * HD, L * N * KD, L * N * KD,
+        L * B * c->H * (size_t)T * T, L * N * HD, L * N * C, L * N, L * N * E, L * N, L * N * K,
+        L * NK * C, L * NK * F, L * NK * F, L * NK * F, L * NK * C, N * C};
+    size_t total = 0;
+    for (int i = 0; i < NUM_ACT_TENSORS; i++) total += sizes[i];
+    model->acts_memory = (float*)mallocCheck(total * sizeof(float));
+    float** ptrs[NUM_ACT_TENSORS] = {
+        &model->acts.resid, &model->acts.resid_mid, &model->acts.a, &model->acts.a_rstd, &model->acts.q,
+        &model->acts.k, &model->acts.v, &model->acts.att, &model->acts.atty, &model->acts.m, &model->acts.m_rstd,
+        &model->acts.z, &model->acts.lse, &model->acts.gate, &model->acts.xe, &model->acts.h1, &model->acts.h3,
+        &model->acts.act, &model->acts.ye, &model->acts.xf};
+    float* p = model->acts_memory;
+    for (int i = 0; i < NUM_ACT_TENSORS; i++) { *ptrs[i] = p; p += sizes[i]; }
+    model->f_rstd = (float*)mallocCheck(N * sizeof(float));
+    model->logits = (float*)mallocCheck(N * V * sizeof(float));
+    model->losses = (float*)mallocCheck(N * sizeof(float));
+    model->topi = (int*)mallocCheck(L * NK * sizeof(int));
+    model->counts = (int*)mallocCheck(L * E * sizeof(int));
+    model->offs = (int*)mallocCheck(L * (E + 1) * sizeof(int));
+    model->row_of = (int*)mallocCheck(L * NK * sizeof(int));
+    model->tok_of = (int*)mallocCheck(L * NK * sizeof(int));
+    model->freqs_cos = (float*)mallocCheck((size_t)T * (D / 2) * sizeof(float));
+    model->freqs_sin = (float*)mallocCheck((size_t)T * (D / 2) * sizeof(float));
+    rope_tables(model->freqs_cos, model->freqs_sin, T, (int)D, c->theta);
+    size_t mx = C > HD ? C : HD;
+    model->dres = (float*)mallocCheck(N * C * sizeof(float));
+    model->dbuf = (float*)mallocCheck(N * mx * sizeof(float));
+    model->dq = (float*)mallocCheck(N * HD * sizeof(float));
+    model->dk = (float*)mallocCheck(N * KD * sizeof(float));
+    model->dv = (float*)mallocCheck(N * KD * sizeof(float));
+    model->datty = (float*)mallocCheck(N * HD * sizeof(float));
+    model->dz = (float*)mallocCheck(N * E * sizeof(float));
+    model->dgate = (float*)mallocCheck(N * K * sizeof(float));
+    model->dxe = (float*)mallocCheck(NK * C * sizeof(float));
+    model->dye = (float*)mallocCheck(NK * C * sizeof(float));
+    model->dact = (float*)mallocCheck(NK * F * sizeof(float));
+    model->dh1 = (float*)mallocCheck(NK * F * sizeof(float));
+    model->dh3 = (float*)mallocCheck(NK * F * sizeof(float));
+    model->dlogits = (float*)mallocCheck(N * V * sizeof(float));
+    model->maxB = B;
+    model->maxT = T;
+}
+
+static void model_free_acts(Model* model) {
+    void* ptrs[] = {model->acts_memory, model->f_rstd, model->logits, model->losses, model->topi, model->counts,
+                    model->offs, model->row_of, model->tok_of, model->freqs_cos, model->freqs_sin, model->dres,
+                    model->dbuf, model->dq, model->dk, model->dv, model->datty, model->dz, model->dgate,
+                    model->dxe, model->dye, model->dact, model->dh1, model->dh3, model->dlogits};
+    for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) free(ptrs[i]);
+    model->acts_memory = NULL;
+}
+
+void model_free(Model* model) {
+    if (model->acts_memory) model_free_acts(model);
+    free(model->params_memory); free(model->grads_memory); free(model->m_memory); free(model->v_memory);
+    free(model->aux); free(model->zl);
+}
+
+// forward pass on inputs[B,T]; with targets (may be NULL) it computes ce, aux, zl and loss.
+// Buffers are laid out for (B,T) of this call, so any B*T <= maxB*maxT with T <= maxT works.
+void model_forward(Model* model, const int* inputs, const int* targets, int B, int T) {
+    const MoEConfig* c = &model->config;
+    int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
+    if (model->acts_memory == NULL) model_alloc_acts(model, B, T);
+    if ((size_t)B * T > (size_t)model->maxB * model->maxT || T > model->maxT) {
+        fprintf(stderr, "Error: forward with B=%d T=%d exceeds the allocated B=%d T=%d\n", B, T, model->maxB, model->maxT);
+        exit(EXIT_FAILURE);
+    }
+    for (int i = 0; i < B * T; i++)
+        if (inputs[i] < 0 || inputs[i] >= V) {
+            fprintf(stderr, "Error: input token %d at position %d is outside [0, V=%d)\n", inputs[i], i, V);
+            exit(EXIT_FAILURE);
+        }
+    int N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    model->B = B; model->T = T; model->inputs = inputs; model->targets = targets;
+    ParamTensors p = model->params;
+    ActTensors a = model->acts;
+    encoder_forward(a.resid, inputs, p.wte, N, C);
+    for (int l = 0; l < L; l++) {
+        // seek to layer l's parameters and activations
+        const float* wq = p.wq + (size_t)l * HD * C;
+        const float* wk = p.wk + (size_t)l * KD * C;
+        const float* wv = p.wv + (size_t)l * KD * C;
+        const float* wo = p.wo + (size_t)l * C * HD;
+        const float* wr = p.wr + (size_t)l * E * C;
+        const float* w1 = p.w1 + (size_t)l * E * F * C;
+        const float* w3 = p.w3 + (size_t)l * E * F * C;
+        const float* w2 = p.w2 + (size_t)l * E * C * F;
+        float* res = a.resid + (size_t)l * N * C;
+        float* res_mid = a.resid_mid + (size_t)l * N * C;
+        float* an = a.a + (size_t)l * N * C;
+        float* q = a.q + (size_t)l * N * HD;
+        float* k = a.k + (size_t)l * N * KD;
+        float* v = a.v + (size_t)l * N * KD;
+        float* att = a.att + (size_t)l * B * H * T * T;
+        float* atty = a.atty + (size_t)l * N * HD;
+        float* m = a.m + (size_t)l * N * C;
+        float* z = a.z + (size_t)l * N * E;
+        float* lse = a.lse + (size_t)l * N;
+        float* gate = a.gate + (size_t)l * NK;
+        int* topi = model->topi + (size_t)l * NK;
+        int* counts = model->counts + (size_t)l * E;
+        int* offs = model->offs + (size_t)l * (E + 1);
+        int* row_of = model->row_of + (size_t)l * NK;
+        int* tok_of = model->tok_of + (size_t)l * NK;
+        float* xe = a.xe + (size_t)l * NK * C;
+        float* h1 = a.h1 + (size_t)l * NK * F;
+        float* h3 = a.h3 + (size_t)l * NK * F;
+        float* act = a.act + (size_t)l * NK * F;
+        float* ye = a.ye + (size_t)l * NK * C;
+        // attention block
+        rmsnorm_forward(an, a.a_rstd + (size_t)l * N, res, p.attn_norm + (size_t)l * C, N, C, c->eps);
+        matmul_forward(q, an, wq, N, C, HD);
+        matmul_forward(k, an, wk, N, C, KD);
+        matmul_forward(v, an, wv, N, C, KD);
+        rope_apply(q, model->freqs_cos, model->freqs_sin, B, T, H, D, +1);
+        rope_apply(k, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, +1);
+        attention_forward(atty, att, q, k, v, B, T, H, Hkv, D);
+        matmul_forward(res_mid, atty, wo, N, HD, C);
+        for (size_t i = 0; i < (size_t)N * C; i++) res_mid[i] += res[i];
+        // MoE block: router -> topk -> permute -> experts -> unpermute
+        rmsnorm_forward(m, a.m_rstd + (size_t)l * N, res_mid, p.moe_norm + (size_t)l * C, N, C, c->eps);
+        router_forward(z, lse, m, wr, N, C, E);
+        topk_forward(topi, gate, z, N, E, K);
+        permute_plan(counts, offs, row_of, tok_of, topi, N, E, K);
+        permute_forward(xe, m, tok_of, NK, C);
+        experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs, E, C, F);
+        unpermute_forward(res + (size_t)N * C, res_mid, ye, gate, row_of, N, K, C);
+        router_losses(&model->aux[l], &model->zl[l], z, lse, counts, N, E, K);
+    }
+    rmsnorm_forward(a.xf, model->f_rstd, a.resid + (size_t)L * N * C, p.final_norm, N, C, c->eps);
+    matmul_forward(model->logits, a.xf, p.lm_head, N, C, V);
+    if (targets) {
+        for (int i = 0; i < N; i++)
+            if (targets[i] < -1 || targets[i] >= V) {
+                fprintf(stderr, "Error: target %d at position %d is outside [0, V=%d) (and not -1)\n", targets[i], i, V);
+                exit(EXIT_FAILURE);
+            }
+        model->ce = crossentropy_forward(model->losses, model->logits, targets, N, V);
+        double loss = model->ce;
+        for (int l = 0; l < L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
+        model->loss = (float)loss;
+    }
+}
+
+void model_zero_grad(Model* model) { memset(model->grads_memory, 0, model->num_params * sizeof(float)); }
+
+// backward of the last forward; gradients of dloss * loss are ADDED into model->grads
+// (dloss = 1/grad_accum_steps averages the micro-batches)
+void model_backward(Model* model, float dloss) {
+    const MoEConfig* c = &model->config;
+    int B = model->B, T = model->T, L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
+    int E = c->E, K = c->K, F = c->F, V = c->V, N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    ParamTensors p = model->params, g = model->grads;
+    ActTensors a = model->acts;
+    // classifier and final norm
+    crossentropy_backward(model->dlogits, model->logits, model->targets, dloss, N, V);
+    memset(model->dbuf, 0, (size_t)N * C * sizeof(float));
+    matmul_backward(model->dbuf, g.lm_head, model->dlogits, a.xf, p.lm_head, N, C, V);
+    memset(model->dres, 0, (size_t)N * C * sizeof(float));
+    rmsnorm_backward(model->dres, g.final_norm, model->dbuf, a.resid + (size_t)L * N * C, p.final_norm,
+                     model->f_rstd, N, C);
+    float* dres = model->dres; // gradient of the residual stream, flowing down
+    for (int l = L - 1; l >= 0; l--) {
+        const float* wq = p.wq + (size_t)l * HD * C;
+        const float* wk = p.wk + (size_t)l * KD * C;
+        const float* wv = p.wv + (size_t)l * KD * C;
+        const float* wo = p.wo + (size_t)l * C * HD;
+        const float* wr = p.wr + (size_t)l * E * C;
+        size_t eo1 = (size_t)l * E * F * C, eo2 = (size_t)l * E * C * F;
+        const float* res = a.resid + (size_t)l * N * C;
+        const float* res_mid = a.resid_mid + (size_t)l * N * C;
+        const float* m = a.m + (size_t)l * N * C;
+        const float* z = a.z + (size_t)l * N * E;
+        const float* lse = a.lse + (size_t)l * N;
+        const float* gate = a.gate + (size_t)l * NK;
+        const int* topi = model->topi + (size_t)l * NK;
+        const int* counts = model->counts + (size_t)l * E;
+        const int* offs = model->offs + (size_t)l * (E + 1);
+        const int* row_of = model->row_of + (size_t)l * NK;
+        const float* xe = a.xe + (size_t)l * NK * C;
+        // MoE block, in reverse: unpermute -> experts -> permute -> topk/router
+        unpermute_backward(model->dye, model->dgate, dres, a.ye + (size_t)l * NK * C, gate, row_of, N, K, C);
+        experts_backward(model->dxe, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
+                         model->dye, xe, a.h1 + (size_t)l * NK * F, a.h3 + (size_t)l * NK * F,
+                         a.act + (size_t)l * NK * F, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs, E, C, F);
+        float* dm = model->dbuf;
+        memset(dm, 0, (size_t)N * C * sizeof(float));
+        permute_backward(dm, model->dxe, row_of, N, K, C);
+        router_backward(model->dz, model->dgate, z, lse, topi, gate, counts, dloss * c->aux_coef,
+                        dloss * c->z_coef, N, E, K);
+        matmul_backward(dm, g.wr + (size_t)l * E * C, model->dz, m, wr, N, C, E);
+        // dres already holds the gradient through the MoE residual connection
+        rmsnorm_backward(dres, g.moe_norm + (size_t)l * C, dm, res_mid, p.moe_norm + (size_t)l * C,
+                         a.m_rstd + (size_t)l * N, N, C);
+        // attention block
+        memset(model->datty, 0, (size_t)N * HD * sizeof(float));
+        matmul_backward(model->datty, g.wo + (size_t)l * C * HD, dres, a.atty + (size_t)l * N * HD, wo, N, HD, C);
+        memset(model->dk, 0, (size_t)N * KD * sizeof(float));
+        memset(model->dv, 0, (size_t)N * KD * sizeof(float));
+        attention_backward(model->dq, model->dk, model->dv, model->datty, a.att + (size_t)l * B * H * T * T,
+                           a.q + (size_t)l * N * HD, a.k + (size_t)l * N * KD, a.v + (size_t)l * N * KD,
+                           B, T, H, Hkv, D);
+        rope_apply(model->dq, model->freqs_cos, model->freqs_sin, B, T, H, D, -1);
+        rope_apply(model->dk, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, -1);
+        float* da = model->dbuf;
+        memset(da, 0, (size_t)N * C * sizeof(float));
+        const float* an = a.a + (size_t)l * N * C;
+        matmul_backward(da, g.wq + (size_t)l * HD * C, model->dq, an, wq, N, C, HD);
+        matmul_backward(da, g.wk + (size_t)l * KD * C, model->dk, an, wk, N, C, KD);
+        matmul_backward(da, g.wv + (size_t)l * KD * C, model->dv, an, wv, N, C, KD);
+        rmsnorm_backward(dres, g.attn_norm + (size_t)l * C, da, res, p.attn_norm + (size_t)l * C,
+                         a.a_rstd + (size_t)l * N, N, C);
+    }
+    encoder_backward(g.wte, dres, model->inputs, N, C);
+}
+
+// ----------------------------------------------------------------------------
+// optimizer: global-norm clipping, AdamW, and the learning-rate schedule
+
+// sum of squares in fixed-size chunks, added in chunk order: the same bits for any thread count
+double sumsq_deterministic(const float* x, size_t n) {
+    const size_t chunk = 1 << 16;
+    size_t nchunks = (n + chunk - 1) / chunk;
+    double* part = (double*)callocCheck(nchunks, sizeof(double));
+    #pragma omp parallel for schedule(static)
+    for (size_t ci = 0; ci < nchunks; ci++) {
+        size_t lo = ci * chunk, hi = lo + chunk < n ? lo + chunk : n;
+        double s = 0.0;
+        for (size_t i = lo; i < hi; i++) s += (double)x[i] * x[i];
+        part[ci] = s;
+    }
+    double total = 0.0;
+    for (size_t ci = 0; ci < nchunks; ci++) total += part[ci];
+    free(part);
+    return total;
+}
+
+float global_grad_norm(const Model* model) { return (float)sqrt(sumsq_deterministic(model->grads_memory, model->num_params)); }
+
+float lr_schedule(int step, int steps, int warmup, float lr, float min_lr) {
+    if (step < warmup) return lr * (step + 1) / warmup;
+    if (steps <= warmup) return lr;
+    float r = (float)(step - warmup) / (float)(steps - warmup);
+    if (r > 1.0f) r = 1.0f;
+    return min_lr + 0.5f * (1.0f + cosf((float)M_PI * r)) * (lr - min_lr);
+}
+
+// one AdamW step t (1-based) with gradients first scaled by grad_scale (the clipping factor)
+void model_update(Model* model, float lr, float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale) {
+    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAM_TENSORS; ti++) {
+        size_t n = model->param_sizes[ti];
+        float wd = param_is_matrix[ti] ? weight_decay : 0.0f;
+        float* p = model->params_memory + off;
+        float* g = model->grads_memory + off;
+        float* m = model->m_memory + off;
+        float* v = model->v_memory + off;
+        #pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) {
+            float gi = g[i] * grad_scale;
+            m[i] = beta1 * m[i] + (1.0f - beta1) * gi;
+            v[i] = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+            float mhat = m[i] / bc1, vhat = v[i] / bc2;
+            p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+        }
+        off += n;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// checkpoints: header + parameters [+ AdamW m and v], written to NAME.tmp then renamed over NAME
+
+#define CKPT_MAGIC 20251123
+#define CKPT_VERSION 1
+
+typedef struct { int epoch, shard, sample; } DataPos;
+typedef struct { int step; DataPos pos; uint64_t rng; uint64_t seed; } TrainState;
+
+static int f2i(float f) { int i; memcpy(&i, &f, 4); return i; }
+static float i2f(int i) { float f; memcpy(&f, &i, 4); return f; }
+
+void checkpoint_save(const Model* model, const char* path, int with_optimizer, const TrainState* st) {
+    const MoEConfig* c = &model->config;
+    int header[256] = {0};
+    header[0] = CKPT_MAGIC; header[1] = CKPT_VERSION;
+    header[2] = c->V; header[3] = c->T; header[4] = c->L; header[5] = c->C; header[6] = c->H;
+    header[7] = c->Hkv; header[8] = c->E; header[9] = c->K; header[10] = c->F;
+    header[11] = f2i(c->theta); header[12] = f2i(c->eps); header[13] = f2i(c->aux_coef); header[14] = f2i(c->z_coef);
+    header[15] = with_optimizer ? 1 : 0;
+    if (st) {
+        header[16] = st->step;
+        header[17] = st->pos.epoch; header[18] = st->pos.shard; header[19] = st->pos.sample;
+        header[20] = (int)(uint32_t)st->rng; header[21] = (int)(uint32_t)(st->rng >> 32);
+        header[22] = (int)(uint32_t)st->seed; header[23] = (int)(uint32_t)(st->seed >> 32);
+    }
+    header[24] = (int)(uint32_t)model->num_params; header[25] = (int)(uint32_t)((uint64_t)model->num_params >> 32);
+    size_t plen = strlen(path);
+    char* tmp = (char*)mallocCheck(plen + 5);
+    memcpy(tmp, path, plen);
+    memcpy(tmp + plen, ".tmp", 5);
+    FILE* fp = fopenCheck(tmp, "wb");
+    int ok = fwrite(header, sizeof(int), 256, fp) == 256;
+    ok = ok && fwrite(model->params_memory, sizeof(float), model->num_params, fp) == model->num_params;
+    if (with_optimizer) {
+        ok = ok && fwrite(model->m_memory, sizeof(float), model->num_params, fp) == model->num_params;
+        ok = ok && fwrite(model->v_memory, sizeof(float), model->num_params, fp) == model->num_params;
+    }
+    ok = ok && fflush(fp) == 0 && fsync(fileno(fp)) == 0;
+    ok = (fclose(fp) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        int err = errno;
+        remove(tmp);
+        fprintf(stderr, "Error: writing checkpoint '%s' failed (%s); the previous file is untouched\n", path, strerror(err));
+        exit(EXIT_FAILURE);
+    }
+    free(tmp);
+}
+
+// read a checkpoint's header and check it; fills the config and the train state
+static FILE* checkpoint_open(const char* path, MoEConfig* c, TrainState* st, int* has_opt) {
+    FILE* fp = fopenCheck(path, "rb");
+    int header[256];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    if (header[0] != CKPT_MAGIC) {
+        fprintf(stderr, "Error: '%s' is not a moe checkpoint (magic %d, expected %d)\n", path, header[0], CKPT_MAGIC);
+        exit(EXIT_FAILURE);
+    }
+    if (header[1] != CKPT_VERSION) {
+        fprintf(stderr, "Error: '%s' has checkpoint version %d, this program reads version %d\n", path, header[1], CKPT_VERSION);
+        exit(EXIT_FAILURE);
+    }
+    c->V = header[2]; c->T = header[3]; c->L = header[4]; c->C = header[5]; c->H = header[6];
+    c->Hkv = header[7]; c->E = header[8]; c->K = header[9]; c->F = header[10];
+    c->theta = i2f(header[11]); c->eps = i2f(header[12]); c->aux_coef = i2f(header[13]); c->z_coef = i2f(header[14]);
+    char where[1100];
+    snprintf(where, sizeof where, "checkpoint '%s'", path);
+    model_config_check(c, where);
+    *has_opt = header[15];
+    st->step = header[16];
+    st->pos.epoch = header[17]; st->pos.shard = header[18]; st->pos.sample = header[19];
+    st->rng = (uint64_t)(uint32_t)header[20] | ((uint64_t)(uint32_t)header[21] << 32);
+    st->seed = (uint64_t)(uint32_t)header[22] | ((uint64_t)(uint32_t)header[23] << 32);
+    uint64_t nparams = (uint64_t)(uint32_t)header[24] | ((uint64_t)(uint32_t)header[25] << 32);
+    size_t sizes[NUM_PARAM_TENSORS], n = 0;
+    fill_param_sizes(sizes, c);
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) n += sizes[i];
+    long expect = 1024 + (long)n * 4 * (*has_opt ? 3 : 1);
+    long actual = file_size(fp);
+    if (nparams != n || (*has_opt != 0 && *has_opt != 1) || st->step < 0) {
+        fprintf(stderr, "Error: '%s' header is inconsistent: it records %llu parameters, its shape needs %zu\n",
+                path, (unsigned long long)nparams, n);
+        exit(EXIT_FAILURE);
+    }
+    if (actual != expect) {
+        fprintf(stderr, "Error: '%s' is %ld bytes but its header needs %ld (truncated or corrupt)\n", path, actual, expect);
+        exit(EXIT_FAILURE);
+    }
+    return fp;
+}
+
+// load a checkpoint into a fresh model; with_optimizer also loads m and v when present
+void checkpoint_load(Model* model, const char* path, TrainState* st, int with_optimizer) {
+    MoEConfig c;
+    int has_opt;
+    FILE* fp = checkpoint_open(path, &c, st, &has_opt);
+    model_build(model, &c);
+    freadCheck(model->params_memory, sizeof(float), model->num_params, fp, path);
+    if (with_optimizer && has_opt) {
+        freadCheck(model->m_memory, sizeof(float), model->num_params, fp, path);
+        freadCheck(model->v_memory, sizeof(float), model->num_params, fp, path);
+    } else if (with_optimizer) {
+        fprintf(stderr, "Error: '%s' holds no optimizer state, so training cannot resume from it (use -e to start from its weights)\n", path);
+        exit(EXIT_FAILURE);
+    }
+    fclose(fp);
+}
+
+// ----------------------------------------------------------------------------
+// data loader: llm.c's .bin shards (uint16 or uint32 tokens), a glob of them, sequential or shuffled.
+// A batch is B samples of T+1 tokens; shard s holds (ntok-1)/T samples, sample i starts at i*T.
+// Shuffling is stateless: the shard order of epoch e and the sample order of a shard are
+// permutations seeded by (seed, epoch, shard), so (epoch, shard, sample) is the whole position.
+
+#define SHARD_MAGIC_U16 20240520
+#define SHARD_MAGIC_U32 20240801
+
+typedef struct {
+    glob_t glob;
+    int nshards, B, T, V, shuffle;
+    uint64_t seed;
+    DataPos pos;
+    int* shard_order;   // this epoch's order
+    int cur_shard;      // index into the glob of the loaded shard (-1: none)
+    int* tokens;        // the loaded shard, widened to int
+    long ntok;
+    int nsamples;
+    int* sample_order;
+    int* inputs;        // B*T
+    int* targets;       // B*T
+} DataLoader;
+
+// read and validate a whole shard: header, exact size, every token < V
+static int* shard_read(const char* path, int V, long* ntok_out) {
+    FILE* fp = fopenCheck(path, "rb");
+    int header[256];
+    freadCheck(header, sizeof(int), 256, fp, path);
+    int width;
+    if (header[0] == SHARD_MAGIC_U16 && header[1] == 1) width = 2;
+    else if (header[0] == SHARD_MAGIC_U32 && header[1] == 7) width = 4;
+    else {
+        fprintf(stderr, "Error: '%s' is not a token shard (magic %d version %d; expected %d v1 or %d v7)\n",
+                path, header[0], header[1], SHARD_MAGIC_U16, SHARD_MAGIC_U32);
+        exit(EXIT_FAILURE);
+    }
+    long ntok = (long)(uint32_t)header[2];
+    long expect = 1024 + ntok * width, actual = file_size(fp);
+    if (actual != expect) {
+        fprintf(stderr, "Error: '%s' is %ld bytes but its header promises %ld tokens (%ld bytes): truncated or corrupt\n",
+                path, actual, ntok, expect);
+        exit(EXIT_FAILURE);
+    }
+    int* tokens = (int*)mallocCheck((size_t)(ntok ? ntok : 1) * sizeof(int));
+    void* raw = mallocCheck((size_t)(ntok ? ntok : 1) * width);
+    freadCheck(raw, width, ntok, fp, path);
+    fclose(fp);
+    for (long i = 0; i < ntok; i++) {
+        long t = width == 2 ? ((uint16_t*)raw)[i] : (long)((uint32_t*)raw)[i];
+        if (t >= V) {
+            fprintf(stderr, "Error: '%s' token %ld is id %ld, outside the vocabulary (V=%d)\n", path, i, t, V);
+            exit(EXIT_FAILURE);
+        }
+        tokens[i] = (int)t;
+    }
+    free(raw);
+    *ntok_out = ntok;
+    return tokens;
+}
+
+static void loader_load_shard(DataLoader* dl) {
+    int idx = dl->shard_order[dl->pos.shard];
+    if (idx == dl->cur_shard) return;
+    free(dl->tokens);
+    free(dl->sample_order);
+    dl->tokens = shard_read(dl->glob.gl_pathv[idx], dl->V, &dl->ntok);
+    dl->nsamples = dl->ntok > 1 ? (int)((dl->ntok - 1) / dl->T) : 0;
+    dl->sample_order = (int*)mallocCheck((size_t)(dl->nsamples ? dl->nsamples : 1) * sizeof(int));
+    if (dl->shuffle) random_permutation(dl->sample_order, dl->nsamples, hash3(dl->seed, dl->pos.epoch, idx + 1));
+    else for (int i = 0; i < dl->nsamples; i++) dl->sample_order[i] = i;
+    dl->cur_shard = idx;
+}
+
+static void loader_set_epoch(DataLoader* dl) {
+    if (dl->shuffle) random_permutation(dl->shard_order, dl->nshards, hash3(dl->seed, dl->pos.epoch, 0));
+    else for (int i = 0; i < dl->nshards; i++) dl->shard_order[i] = i;
+    dl->cur_shard = -1;
+}
+
+void loader_init(DataLoader* dl, const char* pattern, const char* flag, int B, int T, int V, int shuffle, uint64_t seed) {
+    memset(dl, 0, sizeof(*dl));
+    if (glob(pattern, 0, NULL, &dl->glob) != 0 || dl->glob.gl_pathc == 0) {
+        fprintf(stderr, "Error: no data shard matches %s '%s'\n", flag, pattern);
+        exit(EXIT_FAILURE);
+    }
+    dl->nshards = (int)dl->glob.gl_pathc;
+    dl->B = B; dl->T = T; dl->V = V; dl->shuffle = shuffle; dl->seed = seed;
+    dl->shard_order = (int*)mallocCheck(dl->nshards * sizeof(int));
+    dl->inputs = (int*)mallocCheck((size_t)B * T * sizeof(int));
+    dl->targets = (int*)mallocCheck((size_t)B * T * sizeof(int));
+    long total = 0;
+    for (int i = 0; i < dl->nshards; i++) { // validate every shard up front
+        long n;
+        free(shard_read(dl->glob.gl_pathv[i], V, &n));
+        if (n > 1) total += (n - 1) / T;
+    }
+    if (total < B) {
+        fprintf(stderr, "Error: %s '%s' holds %ld samples of T+1=%d tokens, fewer than one batch (B=%d)\n",
+                flag, pattern, total, T + 1, B);
+        exit(EXIT_FAILURE);
+    }
+    dl->cur_shard = -1;
+    loader_set_epoch(dl);
+}
+
+void loader_seek(DataLoader* dl, DataPos pos) {
+    if (pos.epoch < 0 || pos.shard < 0 || pos.shard >= dl->nshards || pos.sample < 0) {
+        fprintf(stderr, "Error: data position (epoch %d, shard %d, sample %d) does not fit these %d shards\n",
+                pos.epoch, pos.shard, pos.sample, dl->nshards);
+        exit(EXIT_FAILURE);
+    }
+    dl->pos = pos;
+    loader_set_epoch(dl);
+}
+
+// the next B samples into inputs/targets; moves to the next shard (and epoch) when one runs out
+void loader_next_batch(DataLoader* dl) {
+    for (;;) {
+        loader_load_shard(dl);
+        if (dl->pos.sample + dl->B <= dl->nsamples) break;
+        dl->pos.sample = 0;
+        if (++dl->pos.shard == dl->nshards) { dl->pos.shard = 0; dl->pos.epoch++; loader_set_epoch(dl); }
+    }
+    for (int b = 0; b < dl->B; b++) {
+        const int* src = dl->tokens + (size_t)dl->sample_order[dl->pos.sample + b] * dl->T;
+        memcpy(dl->inputs + (size_t)b * dl->T, src, dl->T * sizeof(int));
+        memcpy(dl->targets + (size_t)b * dl->T, src + 1, dl->T * sizeof(int));
+    }
+    dl->pos.sample += dl->B;
+}
+
+void loader_reset(DataLoader* dl) { DataPos zero = {0, 0, 0}; loader_seek(dl, zero); }
+
+void loader_free(DataLoader* dl) {
+    globfree(&dl->glob);
+    free(dl->shard_order); free(dl->tokens); free(dl->sample_order); free(dl->inputs); free(dl->targets);
+}
+
+// ----------------------------------------------------------------------------
+// tokenizer (decode only, llm.c's layout) and sampler
+
+typedef struct { int V, eot; char** tokens; int ok; } Tokenizer;
+
+void tokenizer_init(Tokenizer* tk, const char* path) {
+    memset(tk, 0, sizeof(*tk));
+    FILE* fp = fopen(path, "rb");
+    if (!fp) { fprintf(stderr, "note: no tokenizer at '%s': samples print token ids\n", path); return; }
+    uint32_t header[256];
+    freadCheck(header, sizeof(uint32_t), 256, fp, path);
+    if (header[0] != 20240328 || header[1] != 2) {
+        fprintf(stderr, "Error: '%s' is not a tokenizer file (magic %u version %u)\n", path, header[0], header[1]);
+        exit(EXIT_FAILURE);
+    }
+    tk->V = (int)header[2];
+    tk->eot = (int)header[3];
+    tk->tokens = (char**)mallocCheck((size_t)tk->V * sizeof(char*));
+    for (int i = 0; i < tk->V; i++) {
+        unsigned char len;
+        freadCheck(&len, 1, 1, fp, path);
+        tk->tokens[i] = (char*)mallocCheck(len + 1);
+        freadCheck(tk->tokens[i], 1, len, fp, path);
+        tk->tokens[i][len] = 0;
+    }
+    fclose(fp);
+    tk->ok = 1;
+}
+
+// print a token, skipping bytes that would garble a terminal
+void tokenizer_print(const Tokenizer* tk, int id) {
+    if (!tk->ok || id < 0 || id >= tk->V) { printf("<%d>", id); return; }
+    for (const unsigned char* s = (const unsigned char*)tk->tokens[id]; *s; s++)
+        if (*s >= 32 || *s == '\n' || *s == '\t') putchar(*s);
+}
+
+void tokenizer_free(Tokenizer* tk) {
+    if (!tk->ok) return;
+    for (int i = 0; i < tk->V; i++) free(tk->tokens[i]);
+    free(tk->tokens);
+}
+
+// sample an index from probabilities (summing to 1) with a coin in [0,1)
+int sample_mult(const float* probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) { cdf += probs[i]; if (coin < cdf) return i; }
+    return n - 1;
+}
+
+// generate gen_len tokens after the eot token, printing them; uses and advances *rng
+void generate(Model* model, const Tokenizer* tk, int eot, int gen_len, uint64_t* rng) {
+    int V = model->config.V, maxT = model->maxT;
+    int* toks = (int*)mallocCheck((size_t)(gen_len + 1) * sizeof(int));
+    float* probs = (float*)mallocCheck((size_t)V * sizeof(float));
+    toks[0] = eot;
+    for (int t = 1; t <= gen_len; t++) {
+        int ctx = t < maxT ? t : maxT; // a window of the last maxT tokens
+        model_forward(model, toks + t - ctx, NULL, 1, ctx);
+        const float* l = model->logits + (size_t)(ctx - 1) * V;
+        float mx = l[0], s = 0.0f;
+        for (int i = 1; i < V; i++) if (l[i] > mx) mx = l[i];
+        for (int i = 0; i < V; i++) { probs[i] = expf(l[i] - mx); s += probs[i]; }
+        for (int i = 0; i < V; i++) probs[i] /= s;
+        toks[t] = sample_mult(probs, V, rng_f32(rng));
+        tokenizer_print(tk, toks[t]);
+        fflush(stdout);
+    }
+    printf("\n");
+    free(toks);
+    free(probs);
+}
+
+// ----------------------------------------------------------------------------
+// eval: val loss and router diagnostics
+
+// mean ce over up to max_batches val batches (all of them if max_batches <= 0)
+float eval_val_loss(Model* model, DataLoader* val, int max_batches) {
+    loader_reset(val);
+    double sum = 0.0;
+    int n = 0;
+    for (;;) {
+        if (max_batches > 0 && n >= max_batches) break;
+        loader_next_batch(val);
+        if (val->pos.epoch > 0) break; // wrapped around: the whole val set was seen
+        model_forward(model, val->inputs, val->targets, val->B, val->T);
+        sum += model->ce;
+        n++;
+    }
+    return n ? (float)(sum / n) : NAN;
+}
+
+// per layer: the share of token slots each expert received (as a multiple of the uniform 1/E),
+// the mean router entropy (nats), aux and z of the last forward
+void print_router_stats(const Model* model, FILE* logfile, int step) {
+    const MoEConfig* c = &model->config;
+    int N = model->B * model->T, E = c->E;
+    for (int l = 0; l < c->L; l++) {
+        const int* counts = model->counts + (size_t)l * E;
+        const float* z = model->acts.z + (size_t)l * N * E;
+        const float* lse = model->acts.lse + (size_t)l * N;
+        int mn = counts[0], mx = counts[0], empty = 0;
+        for (int e = 0; e < E; e++) { if (counts[e] < mn) mn = counts[e]; if (counts[e] > mx) mx = counts[e]; empty += counts[e] == 0; }
+        double ent = 0.0;
+        for (int n = 0; n < N; n++)
+            for (int e = 0; e < E; e++) { double p = exp(z[(size_t)n * E + e] - lse[n]); if (p > 0) ent -= p * log(p); }
+        ent /= N;
+        double uni = (double)N * c->K / E;
+        printf("  router layer %d: load min %.2f max %.2f (x uniform), empty %d/%d, entropy %.3f (max %.3f), aux %.4f z %.4f |",
+               l, mn / uni, mx / uni, empty, E, ent, log((double)E), model->aux[l], model->zl[l]);
+        int show = E <= 16 ? E : 16;
+        for (int e = 0; e < show; e++) printf(" %.2f", counts[e] / uni);
+        printf(E > 16 ? " ...\n" : "\n");
+        if (logfile) {
+            fprintf(logfile, "step %d router layer %d load", step, l);
+            for (int e = 0; e < E; e++) fprintf(logfile, " %d", counts[e]);
+            fprintf(logfile, " entropy %.5f aux %.6f z %.6f\n", ent, model->aux[l], model->zl[l]);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// main: flags, training loop
+
+#ifndef TESTING
+
+typedef struct {
+    const char *train_glob, *val_glob, *tokenizer, *out_dir, *init_ckpt, *fwd_in, *fwd_out;
+    int resume, B, T, steps, grad_accum, warmup, val_every, val_batches, sample_every, gen_len, ckpt_every, shuffle;
+    float lr, min_lr_frac, weight_decay, grad_clip, beta1, beta2, init_std;
+    uint64_t seed;
+    MoEConfig model;     // shape for a random init
+    int shape_given[9];  // which of V,T,L,C,H,Hkv,E,K,F were given as flags
+} Args;
+
+static void usage(void) {
+    printf(
+"usage: ./train_moe [flags]   (each flag takes one value)\n"
+"data and files:\n"
+"  -i  train shards (glob)            default data/default/train_*.bin\n"
+"  -j  val shards (glob)              default data/default/val_*.bin\n"
+"  -k  tokenizer (decode only)        default data/default/tokenizer.bin\n"
+"  -o  output dir for checkpoints and log.txt (none: nothing is written)\n"
+"  -e  start from this checkpoint's weights (else a random init from -sd)\n"
+"  -y  1: resume from the newest checkpoint in -o (weights, AdamW, step, data position, RNG)\n"
+"training:\n"
+"  -b  batch size B (default 8)        -t  sequence length T (default 128)\n"
+"  -x  steps (default 500)             -ga gradient accumulation micro-batches (default 1)\n"
+"  -l  learning rate (default 2e-3)    -u  warm-up steps (default 50)\n"
+"  -q  min lr as a fraction of lr (default 0.1)\n"
+"  -c  weight decay (default 0.1)      -gc grad clip by global norm (default 1.0, 0 = off)\n"
+"  -b1 AdamW beta1 (default 0.9)       -b2 AdamW beta2 (default 0.95)\n"
+"  -sd seed (default 1337)             -sh shuffle the train data 0/1 (default 1)\n"
+"  -is init std (default 0.02)\n"
+"eval:\n"
+"  -v  val loss every N steps (default 100)  -m  val batches (default 20, 0 = all)\n"
+"  -s  sample every N steps (default 200)    -g  tokens per sample (default 64)\n"
+"  -n  checkpoint every N steps (default 0: only at the end, when -o is set)\n"
+"model shape (random init; a checkpoint brings its own):\n"
+"  -nv V vocab (default: the tokenizer's, else 4096)  -nl L layers (4)  -nc C width (128)\n"
+"  -nh H heads (4)  -nkv Hkv kv heads (default H)  -ne E experts (8)  -nk K top-k (2)\n"
+"  -nf F expert hidden (default 2C)  -ac aux coef (1e-2)  -zc z-loss coef (1e-3)  -th rope theta (1e4)\n"
+"forward only:\n"
+"  -fi FILE -fo FILE   read B*T int32 tokens from -fi, write B*T*V float32 logits to -fo, exit\n");
+}
+
+static int parse_int(const char* flag, const char* s) {
+    char* end;
+    long v = strtol(s, &end, 10);
+    if (*s == 0 || *end != 0 || v < -2147483647L || v > 2147483647L) {
+        fprintf(stderr, "Error: flag %s expects an integer, got '%s'\n", flag, s);
+        exit(EXIT_FAILURE);
+    }
+    return (int)v;
+}
+static float parse_float(const char* flag, const char* s) {
+    char* end;
+    float v = strtof(s, &end);
+    if (*s == 0 || *end != 0 || !isfinite(v)) {
+        fprintf(stderr, "Error: flag %s expects a number, got '%s'\n", flag, s);
+        exit(EXIT_FAILURE);
+    }
+    return v;
+}
+
+static void parse_args(Args* a, int argc, char** argv) {
+    memset(a, 0, sizeof(*a));
+    a->train_glob = "data/default/train_*.bin"; a->val_glob = "data/default/val_*.bin";
+    a->tokenizer = "data/default/tokenizer.bin";
+    a->B = 8; a->T = 128; a->steps = 500; a->grad_accum = 1; a->warmup = 50;
+    a->val_every = 100; a->val_batches = 20; a->sample_every = 200; a->gen_len = 64; a->shuffle = 1;
+    a->lr = 2e-3f; a->min_lr_frac = 0.1f; a->weight_decay = 0.1f; a->grad_clip = 1.0f;
+    a->beta1 = 0.9f; a->beta2 = 0.95f; a->init_std = 0.02f; a->seed = 1337;
+    MoEConfig d = {0, 0, 4, 128, 4, 0, 8, 2, 0, 10000.0f, 1e-5f, 1e-2f, 1e-3f};
+    a->model = d;
+    for (int i = 1; i < argc; i++) {
+        const char* f = argv[i];
+        if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) { usage(); exit(EXIT_SUCCESS); }
+        if (f[0] != '-' || i + 1 >= argc) {
+            fprintf(stderr, "Error: bad argument '%s' (flags come as '-flag value'; -h lists them)\n", f);
+            exit(EXIT_FAILURE);
+        }
+        const char* v = argv[++i];
+        if (!strcmp(f, "-i")) a->train_glob = v;
+        else if (!strcmp(f, "-j")) a->val_glob = v;
+        else if (!strcmp(f, "-k")) a->tokenizer = v;
+        else if (!strcmp(f, "-o")) a->out_dir = v;
+        else if (!strcmp(f, "-e")) a->init_ckpt = v;
+        else if (!strcmp(f, "-y")) a->resume = parse_int(f, v);
+        else if (!strcmp(f, "-b")) a->B = parse_int(f, v);
+        else if (!strcmp(f, "-t")) a->T = parse_int(f, v);
+        else if (!strcmp(f, "-x")) a->steps = parse_int(f, v);
+        else if (!strcmp(f, "-ga")) a->grad_accum = parse_int(f, v);
+        else if (!strcmp(f, "-l")) a->lr = parse_float(f, v);
+        else if (!strcmp(f, "-u")) a->warmup = parse_int(f, v);
+        else if (!strcmp(f, "-q")) a->min_lr_frac = parse_float(f, v);
+        else if (!strcmp(f, "-c")) a->weight_decay = parse_float(f, v);
+        else if (!strcmp(f, "-gc")) a->grad_clip = parse_float(f, v);
+        else if (!strcmp(f, "-b1")) a->beta1 = parse_float(f, v);
+        else if (!strcmp(f, "-b2")) a->beta2 = parse_float(f, v);
+        else if (!strcmp(f, "-sd")) a->seed = (uint64_t)parse_int(f, v);
+        else if (!strcmp(f, "-sh")) a->shuffle = parse_int(f, v);
+        else if (!strcmp(f, "-is")) a->init_std = parse_float(f, v);
+        else if (!strcmp(f, "-v")) a->val_every = parse_int(f, v);
+        else if (!strcmp(f, "-m")) a->val_batches = parse_int(f, v);
+        else if (!strcmp(f, "-s")) a->sample_every = parse_int(f, v);
+        else if (!strcmp(f, "-g")) a->gen_len = parse_int(f, v);
+        else if (!strcmp(f, "-n")) a->ckpt_every = parse_int(f, v);
+        else if (!strcmp(f, "-nv")) { a->model.V = parse_int(f, v); a->shape_given[0] = 1; }
+        else if (!strcmp(f, "-nl")) { a->model.L = parse_int(f, v); a->shape_given[2] = 1; }
+        else if (!strcmp(f, "-nc")) { a->model.C = parse_int(f, v); a->shape_given[3] = 1; }
+        else if (!strcmp(f, "-nh")) { a->model.H = parse_int(f, v); a->shape_given[4] = 1; }
+        else if (!strcmp(f, "-nkv")) { a->model.Hkv = parse_int(f, v); a->shape_given[5] = 1; }
+        else if (!strcmp(f, "-ne")) { a->model.E = parse_int(f, v); a->shape_given[6] = 1; }
+        else if (!strcmp(f, "-nk")) { a->model.K = parse_int(f, v); a->shape_given[7] = 1; }
+        else if (!strcmp(f, "-nf")) { a->model.F = parse_int(f, v); a->shape_given[8] = 1; }
+        else if (!strcmp(f, "-ac")) a->model.aux_coef = parse_float(f, v);
+        else if (!strcmp(f, "-zc")) a->model.z_coef = parse_float(f, v);
+        else if (!strcmp(f, "-th")) a->model.theta = parse_float(f, v);
+        else if (!strcmp(f, "-fi")) a->fwd_in = v;
+        else if (!strcmp(f, "-fo")) a->fwd_out = v;
+        else { fprintf(stderr, "Error: unknown flag '%s' (-h lists them)\n", f); exit(EXIT_FAILURE); }
+    }
+    if (a->model.Hkv == 0) a->model.Hkv = a->model.H;
+    if (a->model.F == 0) a->model.F = 2 * a->model.C;
+    const char* bad = NULL;
+    if (a->B <= 0) bad = "-b (batch size) must be positive";
+    else if (a->T <= 0) bad = "-t (sequence length) must be positive";
+    else if (a->steps < 0) bad = "-x (steps) must be >= 0";
+    else if (a->grad_accum <= 0) bad = "-ga (accumulation steps) must be positive";
+    else if (!(a->lr >= 0)) bad = "-l (learning rate) must be >= 0";
+    else if (a->warmup < 0) bad = "-u (warm-up) must be >= 0";
+    else if (a->min_lr_frac < 0 || a->min_lr_frac > 1) bad = "-q (min lr fraction) must be in [0, 1]";
+    else if (a->grad_clip < 0) bad = "-gc (grad clip) must be >= 0";
+    else if (a->beta1 < 0 || a->beta1 >= 1 || a->beta2 < 0 || a->beta2 >= 1) bad = "-b1/-b2 must be in [0, 1)";
+    else if (a->resume && !a->out_dir) bad = "-y 1 needs -o (the directory holding the checkpoints)";
+    else if ((a->fwd_in == NULL) != (a->fwd_out == NULL)) bad = "-fi and -fo go together";
+    if (bad) { fprintf(stderr, "Error: %s\n", bad); exit(EXIT_FAILURE); }
+}
+
+// the newest model_NNNNNNNN.bin in dir (NULL if none)
+static char* latest_checkpoint(const char* dir) {
+    DIR* d = opendir(dir);
+    if (!d) return NULL;
+    int best = -1;
+    struct dirent* ent;
+    while ((ent = readdir(d)) != NULL) {
+        int step;
+        char tail[8];
+        if (sscanf(ent->d_name, "model_%8d.bi%1s", &step, tail) == 2 && strcmp(tail, "n") == 0 &&
+            strlen(ent->d_name) == 18 && step > best)
+            best = step;
+    }
+    closedir(d);
+    if (best < 0) return NULL;
+    char* path = (char*)mallocCheck(strlen(dir) + 32);
+    sprintf(path, "%s/model_%08d.bin", dir, best);
+    return path;
+}
+
+// -fi/-fo: logits of the loaded model on raw int32 tokens
+static int run_forward_only(Model* model, const Args* a) {
+    size_t n = (size_t)a->B * a->T;
+    int* toks = (int*)mallocCheck(n * sizeof(int));
+    FILE* fp = fopenCheck(a->fwd_in, "rb");
+    if (file_size(fp) != (long)(n * sizeof(int))) {
+        fprintf(stderr, "Error: '%s' is %ld bytes, expected B*T=%zu int32 tokens\n", a->fwd_in, file_size(fp), n);
+        exit(EXIT_FAILURE);
+    }
+    freadCheck(toks, sizeof(int), n, fp, a->fwd_in);
+    fclose(fp);
+    model_forward(model, toks, NULL, a->B, a->T);
+    char* tmp = (char*)mallocCheck(strlen(a->fwd_out) + 5);
+    sprintf(tmp, "%s.tmp", a->fwd_out);
+    fp = fopenCheck(tmp, "wb");
+    size_t nl = n * model->config.V;
+    int ok = fwrite(model->logits, sizeof(float), nl, fp) == nl;
+    ok = (fclose(fp) == 0) && ok;
+    if (!ok || rename(tmp, a->fwd_out) != 0) { remove(tmp); fprintf(stderr, "Error: writing '%s' failed\n", a->fwd_out); exit(EXIT_FAILURE); }
+    free(tmp); free(toks);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    Args a;
+    parse_args(&a, argc, argv);
+    Tokenizer tk;
+    tokenizer_init(&tk, a.tokenizer);
+    // the model: from a checkpoint (-e or -y) or a random init
+    Model model;
+    TrainState st = {0, {0, 0, 0}, 0, a.seed};
+    char* resume_path = a.resume ? latest_checkpoint(a.out_dir) : NULL;
+    const char* ckpt = resume_path ? resume_path : a.init_ckpt;
+    if (a.resume && !resume_path) printf("resume: no checkpoint in '%s' yet, starting fresh\n", a.out_dir);
+    if (ckpt) {
+        checkpoint_load(&model, ckpt, &st, resume_path != NULL);
+        const MoEConfig* c = &model.config;
+        int have[9] = {c->V, c->T, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F};
+        int want[9] = {a.model.V, a.model.T, a.model.L, a.model.C, a.model.H, a.model.Hkv, a.model.E, a.model.K, a.model.F};
+        const char* flags[9] = {"-nv", "-t", "-nl", "-nc", "-nh", "-nkv", "-ne", "-nk", "-nf"};
+        for (int i = 0; i < 9; i++)
+            if (a.shape_given[i] && have[i] != want[i]) {
+                fprintf(stderr, "Error: checkpoint '%s' has %s %d but %s %d was given\n", ckpt, flags[i], have[i], flags[i], want[i]);
+                exit(EXIT_FAILURE);
+            }
+        if (!resume_path) { st.step = 0; st.pos = (DataPos){0, 0, 0}; st.rng = 0; st.seed = a.seed; }
+        printf("loaded %s%s (step %d)\n", ckpt, resume_path ? " with optimizer state" : "", st.step);
+    } else {
+        MoEConfig c = a.model;
+        if (c.V == 0) c.V = tk.ok ? tk.V : 4096;
+        c.T = a.T;
+        model_config_check(&c, "model flags");
+        model_build(&model, &c);
+        model_init_random(&model, a.seed, a.init_std);
+    }
+    if (st.rng == 0) st.rng = hash3(st.seed, 0x5A3, 0);
+    MoEConfig* c = &model.config;
+    if (tk.ok && tk.V != c->V)
+        fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
+    if (a.fwd_in) return run_forward_only(&model, &a);
+
+    size_t active = model.num_params - (size_t)c->L * (c->E - c->K) * 3 * c->F * c->C;
+    printf("model: V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d | params %.3fM total, %.3fM active (sparsity %.3f)\n",
+           c->V, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F, model.num_params / 1e6, active / 1e6, 1.0 - (double)c->K / c->E);
+    int nthreads = 1;
+#ifdef OMP
+    nthreads = omp_get_max_threads();
+#endif
+    printf("train: B=%d T=%d grad_accum=%d steps=%d lr=%g warmup=%d min_lr=%g wd=%g clip=%g threads=%d\n",
+           a.B, a.T, a.grad_accum, a.steps, a.lr, a.warmup, a.lr * a.min_lr_frac, a.weight_decay, a.grad_clip, nthreads);
+
+    DataLoader train, val;
+    loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
+    loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
+    loader_seek(&train, st.pos);
+    model_alloc_acts(&model, a.B, a.T);
+    FILE* logf = NULL;
+    if (a.out_dir) {
+        mkdir(a.out_dir, 0755);
+        char* lp = (char*)mallocCheck(strlen(a.out_dir) + 16);
+        sprintf(lp, "%s/log.txt", a.out_dir);
+        logf = fopenCheck(lp, "a"); // appends: an earlier run's log is never lost
+        free(lp);
+    }
+    int eot = tk.ok ? tk.eot : 0;
+    double tokens_per_step = (double)a.B * a.T * a.grad_accum;
+    for (int step = st.step; step < a.steps; step++) {
+        double t0 = now_ms();
+        model_zero_grad(&model);
+        double loss = 0, ce = 0, aux = 0, zl = 0;
+        for (int micro = 0; micro < a.grad_accum; micro++) {
+            loader_next_batch(&train);
+            model_forward(&model, train.inputs, train.targets, a.B, a.T);
+            model_backward(&model, 1.0f / a.grad_accum);
+            loss += model.loss; ce += model.ce;
+            for (int l = 0; l < c->L; l++) { aux += model.aux[l] / c->L; zl += model.zl[l] / c->L; }
+        }
+        loss /= a.grad_accum; ce /= a.grad_accum; aux /= a.grad_accum; zl /= a.grad_accum;
+        float norm = global_grad_norm(&model);
+        float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
+        float lr = lr_schedule(step, a.steps, a.warmup, a.lr, a.lr * a.min_lr_frac);
+        model_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, step + 1, scale);
+        double ms = now_ms() - t0;
+        printf("step %5d/%d | loss %.6f (ce %.4f aux %.4f z %.4f) | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s\n",
+               step + 1, a.steps, loss, ce, aux, zl, lr, norm, ms, tokens_per_step / (ms / 1e3));
+        fflush(stdout);
+        if (logf) fprintf(logf, "step %d loss %.6f ce %.6f aux %.6f z %.6f lr %.6e norm %.6f ms %.3f\n",
+                          step + 1, loss, ce, aux, zl, lr, norm, ms);
+        int last = step + 1 == a.steps;
+        if ((a.val_every > 0 && (step + 1) % a.val_every == 0) || last) {
+            print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
+            float vl = eval_val_loss(&model, &val, a.val_batches);
+            printf("val loss %.4f\n", vl);
+            if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
+        }
+        if ((a.sample_every > 0 && (step + 1) % a.sample_every == 0) || last) {
+            printf("--- sample ---\n");
+            generate(&model, &tk, eot, a.gen_len, &st.rng);
+            printf("--------------\n");
+        }
+        if (a.out_dir && ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last)) {
+            char* path = (char*)mallocCheck(strlen(a.out_dir) + 32);
+            sprintf(path, "%s/model_%08d.bin", a.out_dir, step + 1);
+            TrainState now = {step + 1, train.pos, st.rng, st.seed};
+            checkpoint_save(&model, path, 1, &now);
+            printf("saved %s\n", path);
+            free(path);
+        }
+        if (logf) fflush(logf);
+    }
+    if (logf) fclose(logf);
+    loader_free(&train);
+    loader_free(&val);
+    tokenizer_free(&tk);
+    model_free(&model);
+    free(resume_path);
+    return 0;
+}
+#endif
