@@ -17,7 +17,7 @@ else
   $(info OpenMP not found: building single-threaded)
 endif
 
-.PHONY: all train test test-c ref clean
+.PHONY: all train test test-hf ref cuda-check clean
 
 all: train_moe test_moe
 
@@ -37,6 +37,21 @@ ref:
 
 test: test_moe train_moe ref
 	./test_moe dev/ref
+	$(MAKE) --no-print-directory test-hf
+
+# HF interchange: export -> MixtralForCausalLM logits == train_moe's (where transformers is installed)
+test-hf: train_moe
+	@if python3 -c "import transformers, torch" 2>/dev/null; then python3 scripts/test_hf.py --require-c; \
+	else echo "SKIP test-hf: transformers is not installed (pip install transformers safetensors torch)"; fi
+
+# CUDA: compile everything with warnings as errors wherever nvcc exists; run the GPU tests where a GPU exists
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+cuda-check:
+	@if [ -z "$(NVCC)" ]; then echo "SKIP cuda-check: no nvcc"; \
+	else $(MAKE) --no-print-directory -f dev/cuda_build.mk NVCC=$(NVCC) cuda-compile-check && \
+	     $(MAKE) --no-print-directory -C dev/cuda NVCC=$(NVCC) compile-check && \
+	     if nvidia-smi >/dev/null 2>&1; then $(MAKE) --no-print-directory -f dev/cuda_build.mk NVCC=$(NVCC) cuda-test; \
+	     else echo "no GPU here: CUDA code compiled, not run"; fi; fi
 
 clean:
 	rm -f train_moe test_moe

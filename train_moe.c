@@ -1420,8 +1420,8 @@ static void usage(void) {
 "  -sd seed (default 1337)             -sh shuffle the train data 0/1 (default 1)\n"
 "  -is init std (default 0.02)\n"
 "eval:\n"
-"  -v  val loss every N steps (default 100)  -m  val batches (default 20, 0 = all)\n"
-"  -s  sample every N steps (default 200)    -g  tokens per sample (default 64)\n"
+"  -v  val loss every N steps and at the end (default 100, 0 = never)  -m  val batches (default 20, 0 = all)\n"
+"  -s  sample every N steps and at the end (default 200, 0 = never)  -g  tokens per sample (default 64)\n"
 "  -n  checkpoint every N steps (default 0: only at the end, when -o is set)\n"
 "model shape (random init; a checkpoint brings its own):\n"
 "  -nv V vocab (default: the tokenizer's, else 4096)  -nl L layers (4)  -nc C width (128)\n"
@@ -1654,13 +1654,13 @@ int main(int argc, char** argv) {
         if (logf) fprintf(logf, "step %d loss %.6f ce %.6f aux %.6f z %.6f lr %.6e norm %.6f ms %.3f\n",
                           step + 1, loss, ce, aux, zl, lr, norm, ms);
         int last = step + 1 == a.steps;
-        if ((a.val_every > 0 && (step + 1) % a.val_every == 0) || last) {
+        if (a.val_every > 0 && ((step + 1) % a.val_every == 0 || last)) {
             print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
             float vl = eval_val_loss(&model, &val, a.val_batches);
             printf("val loss %.4f\n", vl);
             if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
         }
-        if ((a.sample_every > 0 && (step + 1) % a.sample_every == 0) || last) {
+        if (a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last)) {
             printf("--- sample ---\n");
             generate(&model, &tk, eot, a.gen_len, &st.rng);
             printf("--------------\n");

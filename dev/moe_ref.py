@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-PyTorch reference of the model contract (/work/shared/moe_spec.md; README "File formats").
+PyTorch reference of the model contract (the MoE spec; README "File formats").
 
 For each small test configuration NAME it writes into OUTDIR (default dev/ref/):
 
@@ -30,7 +30,7 @@ Notes
 CLI
     python dev/moe_ref.py [--outdir DIR] [--configs a,b,...] [--init_std 0.1] [--nsteps 10]
     python dev/moe_ref.py --selftest [--outdir DIR]       re-read the files written there and verify
-    python dev/moe_ref.py --gradcheck [--configs ...]     autograd vs float64 central differences
+    python dev/moe_ref.py --gradcheck [--configs ...] [--verbose]   autograd vs float64 central diffs
     python dev/moe_ref.py --check FILE.bin                 validate one checkpoint / debug file
     python dev/moe_ref.py --compare DIR_A DIR_B            max differences between two output dirs
 
