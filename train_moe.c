@@ -118,6 +118,19 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
+// dot product with 16 running partial sums: the compiler turns it into vector code (a plain
+// `s += a[i]*b[i]` is a serial chain it may not reorder). Fixed order, so deterministic.
+static inline float vdot(const float* a, const float* b, int n) {
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 // a scratch buffer that grows on demand (used by the GEMM's packing)
 typedef struct { float* data; size_t cap; } Scratch;
 static float* scratch_get(Scratch* s, size_t n) {
@@ -233,9 +246,7 @@ void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* w, 
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float* x = inp + (size_t)n * C;
-        float ss = 0.0f;
-        for (int c = 0; c < C; c++) ss += x[c] * x[c];
-        float r = 1.0f / sqrtf(ss / C + eps);
+        float r = 1.0f / sqrtf(vdot(x, x, C) / C + eps);
         float* o = out + (size_t)n * C;
         for (int c = 0; c < C; c++) o[c] = x[c] * r * w[c];
         rstd[n] = r;
@@ -308,9 +319,7 @@ void attention_forward(float* out, float* att, const float* q, const float* k, c
                 float maxv = -INFINITY;
                 for (int t2 = 0; t2 <= t; t2++) {  // seek to k[b,t2,hk,:]
                     const float* kt = k + (((size_t)b * T + t2) * Hkv + hk) * D;
-                    float s = 0.0f;
-                    for (int i = 0; i < D; i++) s += qt[i] * kt[i];
-                    s *= scale;
+                    float s = vdot(qt, kt, D) * scale;
                     p[t2] = s;
                     if (s > maxv) maxv = s;
                 }
@@ -349,8 +358,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
                         float pdp = 0.0f;
                         for (int t2 = 0; t2 <= t; t2++) {
                             const float* vt = v + (((size_t)b * T + t2) * Hkv + hk) * D;
-                            float s = 0.0f;
-                            for (int i = 0; i < D; i++) s += dot[i] * vt[i];
+                            float s = vdot(dot, vt, D);
                             dp[t2] = s;
                             pdp += p[t2] * s;
                         }
