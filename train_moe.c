@@ -1419,17 +1419,17 @@ static void usage(void) {
 "  -e  start from this checkpoint's weights (else a random init from -sd)\n"
 "  -y  1: resume from the newest checkpoint in -o (weights, AdamW, step, data position, RNG)\n"
 "training:\n"
-"  -b  batch size B (default 8)        -t  sequence length T (default 128)\n"
-"  -x  steps (default 500)             -ga gradient accumulation micro-batches (default 1)\n"
-"  -l  learning rate (default 2e-3)    -u  warm-up steps (default 50)\n"
+"  -b  batch size B (default 16)       -t  sequence length T (default 128)\n"
+"  -x  steps (default 1200)            -ga gradient accumulation micro-batches (default 1)\n"
+"  -l  learning rate (default 3e-3)    -u  warm-up steps (default 50)\n"
 "  -q  min lr as a fraction of lr (default 0.1)\n"
 "  -c  weight decay (default 0.1)      -gc grad clip by global norm (default 1.0, 0 = off)\n"
 "  -b1 AdamW beta1 (default 0.9)       -b2 AdamW beta2 (default 0.95)\n"
 "  -sd seed (default 1337)             -sh shuffle the train data 0/1 (default 1)\n"
 "  -is init std (default 0.02)\n"
 "eval:\n"
-"  -v  val loss every N steps and at the end (default 100, 0 = never)  -m  val batches (default 20, 0 = all)\n"
-"  -s  sample every N steps and at the end (default 200, 0 = never)  -g  tokens per sample (default 64)\n"
+"  -v  val loss every N steps and at the end (default 200, 0 = never)  -m  val batches (default 20, 0 = all)\n"
+"  -s  sample every N steps and at the end (default 400, 0 = never)  -g  tokens per sample (default 64)\n"
 "  -n  checkpoint every N steps (default 0: only at the end, when -o is set)\n"
 "model shape (random init; a checkpoint brings its own):\n"
 "  -nv V vocab (default: the tokenizer's, else 4096)  -nl L layers (4)  -nc C width (128)\n"
@@ -1462,9 +1462,9 @@ static void parse_args(Args* a, int argc, char** argv) {
     memset(a, 0, sizeof(*a));
     a->train_glob = "data/default/train_*.bin"; a->val_glob = "data/default/val_*.bin";
     a->tokenizer = "data/default/tokenizer.bin";
-    a->B = 8; a->T = 128; a->steps = 500; a->grad_accum = 1; a->warmup = 50;
-    a->val_every = 100; a->val_batches = 20; a->sample_every = 200; a->gen_len = 64; a->shuffle = 1;
-    a->lr = 2e-3f; a->min_lr_frac = 0.1f; a->weight_decay = 0.1f; a->grad_clip = 1.0f;
+    a->B = 16; a->T = 128; a->steps = 1200; a->grad_accum = 1; a->warmup = 50;
+    a->val_every = 200; a->val_batches = 20; a->sample_every = 400; a->gen_len = 64; a->shuffle = 1;
+    a->lr = 3e-3f; a->min_lr_frac = 0.1f; a->weight_decay = 0.1f; a->grad_clip = 1.0f;
     a->beta1 = 0.9f; a->beta2 = 0.95f; a->init_std = 0.02f; a->seed = 1337;
     MoEConfig d = {0, 0, 4, 128, 4, 0, 8, 2, 0, 10000.0f, 1e-5f, 1e-2f, 1e-3f};
     a->model = d;
