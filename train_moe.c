@@ -1159,8 +1159,8 @@ typedef struct {
     int* targets;       // B*T
 } DataLoader;
 
-// read and validate a whole shard: header, exact size, every token < V
-static int* shard_read(const char* path, int V, long* ntok_out) {
+// open a shard and check its header and exact size; returns the file positioned at the tokens
+static FILE* shard_open(const char* path, long* ntok_out, int* width_out) {
     FILE* fp = fopenCheck(path, "rb");
     int header[256];
     freadCheck(header, sizeof(int), 256, fp, path);
@@ -1179,6 +1179,16 @@ static int* shard_read(const char* path, int V, long* ntok_out) {
                 path, actual, ntok, expect);
         exit(EXIT_FAILURE);
     }
+    *ntok_out = ntok;
+    *width_out = width;
+    return fp;
+}
+
+// read a whole shard, checking every token id < V
+static int* shard_read(const char* path, int V, long* ntok_out) {
+    long ntok;
+    int width;
+    FILE* fp = shard_open(path, &ntok, &width);
     int* tokens = (int*)mallocCheck((size_t)(ntok ? ntok : 1) * sizeof(int));
     void* raw = mallocCheck((size_t)(ntok ? ntok : 1) * width);
     freadCheck(raw, width, ntok, fp, path);
@@ -1227,9 +1237,10 @@ void loader_init(DataLoader* dl, const char* pattern, const char* flag, int B, i
     dl->inputs = (int*)mallocCheck((size_t)B * T * sizeof(int));
     dl->targets = (int*)mallocCheck((size_t)B * T * sizeof(int));
     long total = 0;
-    for (int i = 0; i < dl->nshards; i++) { // validate every shard up front
+    for (int i = 0; i < dl->nshards; i++) { // every header and size up front; token ids when a shard is read
         long n;
-        free(shard_read(dl->glob.gl_pathv[i], V, &n));
+        int width;
+        fclose(shard_open(dl->glob.gl_pathv[i], &n, &width));
         if (n > 1) total += (n - 1) / T;
     }
     if (total < B) {
