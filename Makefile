@@ -36,8 +36,9 @@ ref:
 	$(PYTHON_REF) dev/moe_ref.py --outdir dev/ref
 
 test: test_moe train_moe ref
-	./test_moe dev/ref
+	$(MAKE) --no-print-directory cuda-check
 	$(MAKE) --no-print-directory test-hf
+	./test_moe dev/ref
 
 # HF interchange: export -> MixtralForCausalLM logits == train_moe's (where transformers is installed)
 test-hf: train_moe
@@ -48,10 +49,12 @@ test-hf: train_moe
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 cuda-check:
 	@if [ -z "$(NVCC)" ]; then echo "SKIP cuda-check: no nvcc"; \
-	else $(MAKE) --no-print-directory -f dev/cuda_build.mk NVCC=$(NVCC) cuda-compile-check && \
-	     $(MAKE) --no-print-directory -C dev/cuda NVCC=$(NVCC) compile-check && \
+	else $(MAKE) --no-print-directory -j2 -f dev/cuda_build.mk NVCC=$(NVCC) cuda-compile-check && \
+	     $(MAKE) --no-print-directory -j2 -C dev/cuda NVCC=$(NVCC) compile-check && \
 	     if nvidia-smi >/dev/null 2>&1; then $(MAKE) --no-print-directory -f dev/cuda_build.mk NVCC=$(NVCC) cuda-test; \
 	     else echo "no GPU here: CUDA code compiled, not run"; fi; fi
 
 clean:
 	rm -f train_moe test_moe
+	$(MAKE) --no-print-directory -f dev/cuda_build.mk cuda-clean
+	$(MAKE) --no-print-directory -C dev/cuda clean

@@ -11,58 +11,6 @@ Like llm.c's test_gpt2.c it reuses the program itself: nothing of the trainer is
 static int n_pass = 0, n_fail = 0;
 #define CHECK(cond, ...) do { if (cond) n_pass++; else { n_fail++; printf("  FAIL: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
 
-// ----------------------------------------------------------------------------
-// the reference debug state (layout in README.md)
-
-#define DEBUG_MAGIC 20251124
-typedef struct {
-    int B, T, nsteps, warmup;
-    float lr, beta1, beta2, eps, weight_decay, grad_clip, min_lr;
-    int *x, *y, *experts;
-    float *logits, *aux, *zl, *grads, *losses, *norms;
-    float ce, loss;
-} DebugState;
-
-static void debug_read(DebugState* d, const char* path, const Model* model) {
-    const MoEConfig* c = &model->config;
-    FILE* fp = fopenCheck(path, "rb");
-    int h[256];
-    freadCheck(h, sizeof(int), 256, fp, path);
-    if (h[0] != DEBUG_MAGIC || h[1] != 1) { fprintf(stderr, "Error: '%s' is not a debug state\n", path); exit(EXIT_FAILURE); }
-    d->B = h[2]; d->T = h[3]; d->nsteps = h[4];
-    d->lr = i2f(h[5]); d->beta1 = i2f(h[6]); d->beta2 = i2f(h[7]); d->eps = i2f(h[8]);
-    d->weight_decay = i2f(h[9]); d->grad_clip = i2f(h[10]); d->warmup = h[11]; d->min_lr = i2f(h[12]);
-    size_t N = (size_t)d->B * d->T;
-    d->x = (int*)mallocCheck(N * sizeof(int));
-    d->y = (int*)mallocCheck(N * sizeof(int));
-    d->logits = (float*)mallocCheck(N * c->V * sizeof(float));
-    d->aux = (float*)mallocCheck(c->L * sizeof(float));
-    d->zl = (float*)mallocCheck(c->L * sizeof(float));
-    d->experts = (int*)mallocCheck((size_t)c->L * N * c->K * sizeof(int));
-    d->grads = (float*)mallocCheck(model->num_params * sizeof(float));
-    d->losses = (float*)mallocCheck(d->nsteps * sizeof(float));
-    d->norms = (float*)mallocCheck(d->nsteps * sizeof(float));
-    freadCheck(d->x, sizeof(int), N, fp, path);
-    freadCheck(d->y, sizeof(int), N, fp, path);
-    freadCheck(d->logits, sizeof(float), N * c->V, fp, path);
-    freadCheck(&d->ce, sizeof(float), 1, fp, path);
-    freadCheck(d->aux, sizeof(float), c->L, fp, path);
-    freadCheck(d->zl, sizeof(float), c->L, fp, path);
-    freadCheck(&d->loss, sizeof(float), 1, fp, path);
-    freadCheck(d->experts, sizeof(int), (size_t)c->L * N * c->K, fp, path);
-    freadCheck(d->grads, sizeof(float), model->num_params, fp, path);
-    freadCheck(d->losses, sizeof(float), d->nsteps, fp, path);
-    freadCheck(d->norms, sizeof(float), d->nsteps, fp, path);
-    char extra;
-    if (fread(&extra, 1, 1, fp) != 0) { fprintf(stderr, "Error: '%s' is longer than its layout\n", path); exit(EXIT_FAILURE); }
-    fclose(fp);
-}
-
-static void debug_free(DebugState* d) {
-    free(d->x); free(d->y); free(d->experts); free(d->logits); free(d->aux); free(d->zl);
-    free(d->grads); free(d->losses); free(d->norms);
-}
-
 // one optimizer step on one batch, the way main() takes it (without accumulation); returns the norm
 static float train_step(Model* model, const int* x, const int* y, int B, int T, int step, int steps, int warmup,
                         float lr, float min_lr, float b1, float b2, float eps, float wd, float clip) {
@@ -87,7 +35,7 @@ static void test_reference(const char* dir, const char* name) {
     const MoEConfig* c = &model.config;
     DebugState d;
     snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
-    debug_read(&d, path, &model);
+    debug_read(&d, path, &model.config, model.num_params);
     int N = d.B * d.T, L = c->L, K = c->K, E = c->E;
     printf("[%s] V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d B=%d T=%d\n", name, c->V, L, c->C, c->H, c->Hkv, E, K, c->F, d.B, d.T);
 
@@ -180,7 +128,7 @@ static void test_grad_accumulation(const char* dir, const char* name) {
     checkpoint_load(&model, path, &st, 0);
     DebugState d;
     snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
-    debug_read(&d, path, &model);
+    debug_read(&d, path, &model.config, model.num_params);
     model_zero_grad(&model);
     for (int micro = 0; micro < 2; micro++) {
         model_forward(&model, d.x, d.y, d.B, d.T);
@@ -224,7 +172,7 @@ static void test_checkpoint_roundtrip(const char* dir, const char* name, const c
     checkpoint_load(&a, path, &st, 0);
     DebugState d;
     snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
-    debug_read(&d, path, &a);
+    debug_read(&d, path, &a.config, a.num_params);
     for (int s = 0; s < 3; s++)
         train_step(&a, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
     TrainState now = {3, {1, 2, 3}, 0x123456789abcdefull, 42};

@@ -1376,34 +1376,91 @@ float eval_val_loss(Model* model, DataLoader* val, int max_batches) {
     return n ? (float)(sum / n) : NAN;
 }
 
-// per layer: the share of token slots each expert received (as a multiple of the uniform 1/E),
-// the mean router entropy (nats), aux and z of the last forward
+// one layer's router: the share of token slots each expert received (as a multiple of the uniform
+// share), empty experts, the mean router entropy (nats) from z[N,E] and lse[N], aux and z
+void print_router_layer(FILE* logfile, int step, int l, const int* counts, const float* z, const float* lse,
+                        int N, int E, int K, float aux, float zl) {
+    int mn = counts[0], mx = counts[0], empty = 0;
+    for (int e = 0; e < E; e++) { if (counts[e] < mn) mn = counts[e]; if (counts[e] > mx) mx = counts[e]; empty += counts[e] == 0; }
+    double ent = 0.0;
+    for (int n = 0; n < N; n++)
+        for (int e = 0; e < E; e++) { double p = exp(z[(size_t)n * E + e] - lse[n]); if (p > 0) ent -= p * log(p); }
+    ent /= N;
+    double uni = (double)N * K / E;
+    printf("  router layer %d: load min %.2f max %.2f (x uniform), empty %d/%d, entropy %.3f (max %.3f), aux %.4f z %.4f |",
+           l, mn / uni, mx / uni, empty, E, ent, log((double)E), aux, zl);
+    int show = E <= 16 ? E : 16;
+    for (int e = 0; e < show; e++) printf(" %.2f", counts[e] / uni);
+    printf(E > 16 ? " ...\n" : "\n");
+    if (logfile) {
+        fprintf(logfile, "step %d router layer %d load", step, l);
+        for (int e = 0; e < E; e++) fprintf(logfile, " %d", counts[e]);
+        fprintf(logfile, " entropy %.5f aux %.6f z %.6f\n", ent, aux, zl);
+    }
+}
+
+// every layer's router after the last forward
 void print_router_stats(const Model* model, FILE* logfile, int step) {
     const MoEConfig* c = &model->config;
     int N = model->B * model->T, E = c->E;
-    for (int l = 0; l < c->L; l++) {
-        const int* counts = model->counts + (size_t)l * E;
-        const float* z = model->acts.z + (size_t)l * N * E;
-        const float* lse = model->acts.lse + (size_t)l * N;
-        int mn = counts[0], mx = counts[0], empty = 0;
-        for (int e = 0; e < E; e++) { if (counts[e] < mn) mn = counts[e]; if (counts[e] > mx) mx = counts[e]; empty += counts[e] == 0; }
-        double ent = 0.0;
-        for (int n = 0; n < N; n++)
-            for (int e = 0; e < E; e++) { double p = exp(z[(size_t)n * E + e] - lse[n]); if (p > 0) ent -= p * log(p); }
-        ent /= N;
-        double uni = (double)N * c->K / E;
-        printf("  router layer %d: load min %.2f max %.2f (x uniform), empty %d/%d, entropy %.3f (max %.3f), aux %.4f z %.4f |",
-               l, mn / uni, mx / uni, empty, E, ent, log((double)E), model->aux[l], model->zl[l]);
-        int show = E <= 16 ? E : 16;
-        for (int e = 0; e < show; e++) printf(" %.2f", counts[e] / uni);
-        printf(E > 16 ? " ...\n" : "\n");
-        if (logfile) {
-            fprintf(logfile, "step %d router layer %d load", step, l);
-            for (int e = 0; e < E; e++) fprintf(logfile, " %d", counts[e]);
-            fprintf(logfile, " entropy %.5f aux %.6f z %.6f\n", ent, model->aux[l], model->zl[l]);
-        }
-    }
+    for (int l = 0; l < c->L; l++)
+        print_router_layer(logfile, step, l, model->counts + (size_t)l * E, model->acts.z + (size_t)l * N * E,
+                           model->acts.lse + (size_t)l * N, N, E, c->K, model->aux[l], model->zl[l]);
 }
+
+#ifdef TESTING
+// ----------------------------------------------------------------------------
+// test support: the reference debug state of dev/moe_ref.py (layout in README.md), read by
+// test_moe.c and test_moe_cu.cu
+
+#define DEBUG_MAGIC 20251124
+typedef struct {
+    int B, T, nsteps, warmup;
+    float lr, beta1, beta2, eps, weight_decay, grad_clip, min_lr;
+    int *x, *y, *experts;
+    float *logits, *aux, *zl, *grads, *losses, *norms;
+    float ce, loss;
+} DebugState;
+
+void debug_read(DebugState* d, const char* path, const MoEConfig* c, size_t num_params) {
+    FILE* fp = fopenCheck(path, "rb");
+    int h[256];
+    freadCheck(h, sizeof(int), 256, fp, path);
+    if (h[0] != DEBUG_MAGIC || h[1] != 1) { fprintf(stderr, "Error: '%s' is not a debug state\n", path); exit(EXIT_FAILURE); }
+    d->B = h[2]; d->T = h[3]; d->nsteps = h[4];
+    d->lr = i2f(h[5]); d->beta1 = i2f(h[6]); d->beta2 = i2f(h[7]); d->eps = i2f(h[8]);
+    d->weight_decay = i2f(h[9]); d->grad_clip = i2f(h[10]); d->warmup = h[11]; d->min_lr = i2f(h[12]);
+    size_t N = (size_t)d->B * d->T;
+    d->x = (int*)mallocCheck(N * sizeof(int));
+    d->y = (int*)mallocCheck(N * sizeof(int));
+    d->logits = (float*)mallocCheck(N * c->V * sizeof(float));
+    d->aux = (float*)mallocCheck(c->L * sizeof(float));
+    d->zl = (float*)mallocCheck(c->L * sizeof(float));
+    d->experts = (int*)mallocCheck((size_t)c->L * N * c->K * sizeof(int));
+    d->grads = (float*)mallocCheck(num_params * sizeof(float));
+    d->losses = (float*)mallocCheck(d->nsteps * sizeof(float));
+    d->norms = (float*)mallocCheck(d->nsteps * sizeof(float));
+    freadCheck(d->x, sizeof(int), N, fp, path);
+    freadCheck(d->y, sizeof(int), N, fp, path);
+    freadCheck(d->logits, sizeof(float), N * c->V, fp, path);
+    freadCheck(&d->ce, sizeof(float), 1, fp, path);
+    freadCheck(d->aux, sizeof(float), c->L, fp, path);
+    freadCheck(d->zl, sizeof(float), c->L, fp, path);
+    freadCheck(&d->loss, sizeof(float), 1, fp, path);
+    freadCheck(d->experts, sizeof(int), (size_t)c->L * N * c->K, fp, path);
+    freadCheck(d->grads, sizeof(float), num_params, fp, path);
+    freadCheck(d->losses, sizeof(float), d->nsteps, fp, path);
+    freadCheck(d->norms, sizeof(float), d->nsteps, fp, path);
+    char extra;
+    if (fread(&extra, 1, 1, fp) != 0) { fprintf(stderr, "Error: '%s' is longer than its layout\n", path); exit(EXIT_FAILURE); }
+    fclose(fp);
+}
+
+void debug_free(DebugState* d) {
+    free(d->x); free(d->y); free(d->experts); free(d->logits); free(d->aux); free(d->zl);
+    free(d->grads); free(d->losses); free(d->norms);
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // main: flags, training loop

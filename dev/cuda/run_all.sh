@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Build every kernel file of the lab, run each one (a file validates every version against the CPU
+# reference, then benchmarks it), and print one table from their RESULT lines.
+#   ./run_all.sh                 every *.cu here
+#   ./run_all.sh permute swiglu  only these
+# Needs a GPU. Exit status: 0 when every file ran and every version of every case validated.
+# Logs and the table go to $LOG_DIR (default: a fresh directory under /tmp, printed at the end).
+set -u
+cd "$(dirname "$0")"
+
+if [ $# -gt 0 ]; then kernels=("$@"); else kernels=($(ls *.cu | sed 's/\.cu$//' | sort)); fi
+LOG_DIR=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/kernel_lab.XXXXXX")}
+mkdir -p "$LOG_DIR"
+
+echo "building: ${kernels[*]}"
+if ! make -j"$(nproc 2>/dev/null || echo 4)" "${kernels[@]}" > "$LOG_DIR/build.log" 2>&1; then
+    cat "$LOG_DIR/build.log"
+    echo "build FAILED"
+    exit 1
+fi
+
+fail=0
+: > "$LOG_DIR/results.txt"
+for k in "${kernels[@]}"; do
+    start=$(date +%s)
+    ./"$k" > "$LOG_DIR/$k.log" 2>&1
+    rc=$?
+    n=$(grep -c '^RESULT' "$LOG_DIR/$k.log")
+    echo "ran $k: exit $rc, $n results, $(( $(date +%s) - start )) s"
+    if [ $rc -ne 0 ]; then fail=1; echo "  $k FAILED (exit $rc); last lines of $LOG_DIR/$k.log:"; tail -n 15 "$LOG_DIR/$k.log" | sed 's/^/    /'; fi
+    if [ "$n" -eq 0 ]; then fail=1; fi
+    grep '^RESULT' "$LOG_DIR/$k.log" >> "$LOG_DIR/results.txt"
+done
+
+# the table; '*' marks the fastest validated version of each (kernel, case)
+awk '
+{
+    delete f
+    for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+    n++
+    K[n] = f["kernel"]; V[n] = f["version"]; C[n] = f["case"]; OK[n] = f["ok"]
+    MS[n] = f["ms"]; GB[n] = f["gbps"]; TF[n] = f["tflops"]; PCT[n] = f["pct_peak"]; PK[n] = f["peak"]
+    key = K[n] SUBSEP C[n]
+    if (OK[n] == 1 && MS[n] != "-" && (!(key in best) || MS[n] + 0 < best[key] + 0)) best[key] = MS[n]
+    if (OK[n] != 1) bad++
+}
+END {
+    printf "%-14s %3s  %-34s %-4s %10s %9s %9s %7s  %s\n", "kernel", "v", "case", "ok", "ms", "GB/s", "TFLOP/s", "%peak", "peak"
+    for (i = 1; i <= n; i++) {
+        mark = (OK[i] == 1 && MS[i] == best[K[i] SUBSEP C[i]]) ? "*" : ""
+        printf "%-14s %3s  %-34s %-4s %10s %9s %9s %7s  %s%s\n", K[i], V[i], C[i], OK[i] == 1 ? "ok" : "FAIL", MS[i], GB[i], TF[i], PCT[i], PK[i], mark
+    }
+    printf "\n%d results, %d failed validation. peaks (H100 SXM): hbm 3350 GB/s, bf16 989, tf32 495, fp32 67 TFLOP/s\n", n, bad + 0
+    if (bad > 0) exit 1
+}' "$LOG_DIR/results.txt" | tee "$LOG_DIR/table.txt"
+[ "${PIPESTATUS[0]}" -ne 0 ] && fail=1
+
+echo "logs: $LOG_DIR"
+if [ $fail -ne 0 ]; then echo "run_all: FAILURES (see above)"; exit 1; fi
+echo "run_all: every version validated"

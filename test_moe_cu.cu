@@ -1,0 +1,472 @@
+/*
+Tests train_moe.cu on the GPU against the PyTorch reference states (dev/moe_ref.py, the same files
+test_moe.c reads), against train_moe.c itself (checkpoint interchange), and against itself (exact
+resume, run-to-run determinism), then tests the trainer binary.
+    make cuda-test                      (both precisions)
+    ./test_moe_cu [DIR [TRAINER]]       DIR holds manifest.txt and NAME_model.bin / NAME_debug.bin;
+                                        TRAINER is the binary of the same precision (default below)
+Like test_moe.c it reuses the program itself: nothing of the trainer is copied here.
+
+Tolerances. FP32 builds are held to the CPU test's: logits max|diff| <= 1e-4, loss terms <= 1e-5,
+chosen experts identical, every gradient ||g - g_ref|| / ||g_ref|| <= 1e-4, the 10-step AdamW
+trajectory within 1e-4. BF16 builds (bf16 weights and activations; fp32 router, statistics, losses,
+master weights) are held to the looser ones below, and a chosen expert may differ from the
+reference only on a near-tie: each mismatch's router margin |z[chosen] - z[reference's]| (GPU logits)
+is measured, and the largest must be <= BF16_MARGIN. Gradients and aux are compared where the
+routing agrees (a flipped expert legitimately moves them), and the number of flips is reported.
+*/
+#define TESTING
+#include "train_moe.cu"
+#include <sys/wait.h>
+
+static int n_pass = 0, n_fail = 0;
+#define CHECK(cond, ...) do { if (cond) n_pass++; else { n_fail++; printf("  FAIL: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
+
+#ifdef PRECISION_BF16
+#define BF16_LOGITS 3e-2f  // ||logits - ref|| / ||ref||
+#define BF16_CE 1e-2f      // |ce - ref|, |loss - ref|
+#define BF16_ROUTER 1e-2f  // |aux_l - ref| / ref, |zl_l - ref| / ref (layers whose routing agrees)
+#define BF16_MARGIN 5e-3f  // largest router margin of a flipped expert
+#define BF16_GRAD 5e-2f    // per-tensor relative gradient error (when the routing agrees)
+#define BF16_TRAJ 3e-2f    // 10-step loss trajectory max|diff|
+#define BF16_NORM 1e-1f    // 10-step grad norms max relative diff
+#define DEFAULT_TRAINER "./train_moe_cu"
+#else
+#define DEFAULT_TRAINER "./train_moe_cu_fp32"
+#endif
+
+using cpu::DebugState; using cpu::debug_read; using cpu::debug_free;
+
+// one optimizer step on one batch, the way main() takes it (without accumulation); returns the norm
+static float train_step(Model* model, const int* x, const int* y, int B, int T, int step, int steps, int warmup,
+                        float lr, float min_lr, float b1, float b2, float eps, float wd, float clip) {
+    model_zero_grad(model);
+    model_forward(model, x, y, B, T);
+    model_backward(model, 1.0f);
+    float norm = global_grad_norm(model);
+    float scale = (clip > 0 && norm > clip) ? clip / norm : 1.0f;
+    model_update(model, lr_schedule(step, steps, warmup, lr, min_lr), b1, b2, eps, wd, step + 1, scale);
+    cudaCheck(cudaDeviceSynchronize());
+    return norm;
+}
+// the same step on the CPU model of train_moe.c
+static float cpu_train_step(cpu::Model* model, const int* x, const int* y, int B, int T, int step, int steps, int warmup,
+                            float lr, float min_lr, float b1, float b2, float eps, float wd, float clip) {
+    cpu::model_zero_grad(model);
+    cpu::model_forward(model, x, y, B, T);
+    cpu::model_backward(model, 1.0f);
+    float norm = cpu::global_grad_norm(model);
+    float scale = (clip > 0 && norm > clip) ? clip / norm : 1.0f;
+    cpu::model_update(model, lr_schedule(step, steps, warmup, lr, min_lr), b1, b2, eps, wd, step + 1, scale);
+    return norm;
+}
+
+static float* download_grads(const Model* model) {
+    float* g = (float*)mallocCheck(model->num_params * sizeof(float));
+    cudaCheck(cudaMemcpy(g, model->grads_memory, model->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    return g;
+}
+
+// ----------------------------------------------------------------------------
+// 1. one configuration against its PyTorch debug state
+
+static void test_reference(const char* dir, const char* name) {
+    char path[1024];
+    Model model;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    checkpoint_load(&model, path, &st, 0);
+    const MoEConfig* c = &model.config;
+    DebugState d;
+    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
+    debug_read(&d, path, c, model.num_params);
+    int N = d.B * d.T, L = c->L, K = c->K, E = c->E, V = c->V;
+    printf("[%s] V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d B=%d T=%d (%s)\n", name, V, L, c->C, c->H, c->Hkv, E, K, c->F,
+           d.B, d.T, PRECISION_NAME);
+
+    model_zero_grad(&model);
+    model_forward(&model, d.x, d.y, d.B, d.T);
+    // logits
+    float* logits = (float*)mallocCheck((size_t)N * V * sizeof(float));
+    model_logits_to_host(&model, logits, 0, N);
+    float maxdiff = 0.0f;
+    double dd = 0.0, rr = 0.0;
+    for (size_t i = 0; i < (size_t)N * V; i++) {
+        float df = logits[i] - d.logits[i];
+        maxdiff = fmaxf(maxdiff, fabsf(df));
+        dd += (double)df * df;
+        rr += (double)d.logits[i] * d.logits[i];
+    }
+    float logit_rel = (float)sqrt(dd / (rr > 0 ? rr : 1.0));
+    // chosen experts, and the router margin of every one that differs
+    int* topi = (int*)mallocCheck((size_t)L * N * K * sizeof(int));
+    float* z = (float*)mallocCheck((size_t)L * N * E * sizeof(float));
+    cudaCheck(cudaMemcpy(topi, model.topi, (size_t)L * N * K * sizeof(int), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(z, model.acts.z, (size_t)L * N * E * sizeof(float), cudaMemcpyDeviceToHost));
+    int expert_mismatch = 0;
+    int* layer_flips = (int*)callocCheck(L, sizeof(int));
+    float worst_margin = 0.0f;
+    for (int l = 0; l < L; l++)
+        for (int s = 0; s < N * K; s++) {
+            size_t i = (size_t)l * N * K + s;
+            if (topi[i] == d.experts[i]) continue;
+            expert_mismatch++;
+            layer_flips[l]++;
+            const float* zn = z + ((size_t)l * N + s / K) * E;
+            worst_margin = fmaxf(worst_margin, fabsf(zn[topi[i]] - zn[d.experts[i]]));
+        }
+    // loss terms
+    float lossdiff = fmaxf(fabsf(model.ce - d.ce), fabsf(model.loss - d.loss));
+    float routerdiff = 0.0f; // FP32: absolute; BF16: relative, over layers whose routing agrees
+    for (int l = 0; l < L; l++) {
+#ifdef PRECISION_BF16
+        if (layer_flips[l]) continue;
+        routerdiff = fmaxf(routerdiff, fabsf(model.aux[l] - d.aux[l]) / fmaxf(fabsf(d.aux[l]), 1e-6f));
+        routerdiff = fmaxf(routerdiff, fabsf(model.zl[l] - d.zl[l]) / fmaxf(fabsf(d.zl[l]), 1e-6f));
+#else
+        routerdiff = fmaxf(routerdiff, fmaxf(fabsf(model.aux[l] - d.aux[l]), fabsf(model.zl[l] - d.zl[l])));
+#endif
+    }
+#ifdef PRECISION_BF16
+    CHECK(logit_rel <= BF16_LOGITS, "[%s] logits relative error %.3e > %.0e", name, logit_rel, BF16_LOGITS);
+    CHECK(lossdiff <= BF16_CE, "[%s] ce/loss max|diff| %.3e > %.0e", name, lossdiff, BF16_CE);
+    CHECK(routerdiff <= BF16_ROUTER, "[%s] aux_l/zl_l max relative diff %.3e > %.0e", name, routerdiff, BF16_ROUTER);
+    CHECK(worst_margin <= BF16_MARGIN, "[%s] %d chosen experts differ, one with router margin %.3e > %.0e (not a near-tie)",
+          name, expert_mismatch, worst_margin, BF16_MARGIN);
+#else
+    CHECK(maxdiff <= 1e-4f, "[%s] logits max|diff| %.3e > 1e-4", name, maxdiff);
+    lossdiff = fmaxf(lossdiff, routerdiff);
+    CHECK(lossdiff <= 1e-5f, "[%s] loss terms (ce, aux_l, zl_l, loss) max|diff| %.3e > 1e-5", name, lossdiff);
+    CHECK(expert_mismatch == 0, "[%s] %d chosen experts differ (largest router margin %.3e)", name, expert_mismatch, worst_margin);
+#endif
+    printf("  logits max|diff| %.2e rel %.2e | ce/loss max|diff| %.2e, aux/z %.2e (ce %.6f loss %.6f) | experts differing %d (largest margin %.2e)\n",
+           maxdiff, logit_rel, lossdiff, routerdiff, model.ce, model.loss, expert_mismatch, worst_margin);
+
+    // every gradient
+    model_backward(&model, 1.0f);
+    float* grads = download_grads(&model);
+    size_t off = 0;
+    float worst = 0.0f;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n = model.param_sizes[t];
+        double gd = 0.0, gr = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            double gv = grads[off + i], r = d.grads[off + i];
+            gd += (gv - r) * (gv - r);
+            gr += r * r;
+        }
+        float rel = gr > 0 ? (float)sqrt(gd / gr) : (float)sqrt(gd);
+        worst = fmaxf(worst, rel);
+#ifdef PRECISION_BF16
+        if (expert_mismatch == 0)
+            CHECK(rel <= BF16_GRAD, "[%s] grad %s relative error %.3e > %.0e", name, param_names[t], rel, BF16_GRAD);
+#else
+        CHECK(rel <= 1e-4f, "[%s] grad %s relative error %.3e > 1e-4", name, param_names[t], rel);
+#endif
+        off += n;
+    }
+    // an expert that received no token gets exactly zero gradient
+    int empty_experts = 0;
+    ParamTensorsT<float> gh;
+    point_params(&gh, grads, model.param_sizes);
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < E; e++) {
+            const int* offs = model.offs_h + (size_t)l * (E + 1);
+            if (offs[e + 1] != offs[e]) continue;
+            empty_experts++;
+            size_t o1 = ((size_t)l * E + e) * c->F * c->C;
+            int nonzero = 0;
+            for (size_t i = 0; i < (size_t)c->F * c->C; i++)
+                nonzero += gh.w1[o1 + i] != 0.0f || gh.w3[o1 + i] != 0.0f || gh.w2[o1 + i] != 0.0f;
+            CHECK(nonzero == 0, "[%s] layer %d expert %d got no token but %d nonzero gradients", name, l, e, nonzero);
+        }
+    printf("  worst gradient relative error %.2e over %d tensors%s | experts with no token: %d\n", worst, NUM_PARAM_TENSORS,
+           expert_mismatch ? " (routing differs: not checked)" : "", empty_experts);
+
+    // the AdamW trajectory on this batch
+    float worst_loss = 0.0f, worst_norm = 0.0f;
+    for (int s = 0; s < d.nsteps; s++) {
+        float norm = train_step(&model, d.x, d.y, d.B, d.T, s, d.nsteps, d.warmup, d.lr, d.min_lr, d.beta1, d.beta2,
+                                d.eps, d.weight_decay, d.grad_clip);
+        worst_loss = fmaxf(worst_loss, fabsf(model.loss - d.losses[s]));
+        worst_norm = fmaxf(worst_norm, fabsf(norm - d.norms[s]) / fmaxf(d.norms[s], 1e-12f));
+    }
+#ifdef PRECISION_BF16
+    float tl = BF16_TRAJ, tn = BF16_NORM;
+#else
+    float tl = 1e-4f, tn = 1e-4f;
+#endif
+    CHECK(worst_loss <= tl, "[%s] %d-step AdamW loss trajectory max|diff| %.3e > %.0e", name, d.nsteps, worst_loss, tl);
+    CHECK(worst_norm <= tn, "[%s] %d-step grad norms max relative diff %.3e > %.0e", name, d.nsteps, worst_norm, tn);
+    printf("  %d AdamW steps: loss %.6f -> %.6f (ref %.6f), loss max|diff| %.2e, norm max rel diff %.2e\n",
+           d.nsteps, d.losses[0], model.loss, d.losses[d.nsteps - 1], worst_loss, worst_norm);
+    free(logits); free(topi); free(z); free(layer_flips); free(grads);
+    debug_free(&d);
+    model_free(&model);
+}
+
+// ----------------------------------------------------------------------------
+// 2. checkpoints: GPU <-> CPU interchange, and save -> load -> the same next steps, bit for bit
+
+static int files_equal(const char* a, const char* b) {
+    FILE* fa = fopen(a, "rb");
+    FILE* fb = fopen(b, "rb");
+    int eq = fa && fb;
+    while (eq) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        if (ca != cb) eq = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return eq;
+}
+
+static int same_bits(const float* a, const float* b, size_t n) { return memcmp(a, b, n * sizeof(float)) == 0; }
+
+#ifdef PRECISION_BF16
+#define XFER_TOL BF16_CE
+#else
+#define XFER_TOL 1e-4f
+#endif
+
+static void test_checkpoint_interchange(const char* dir, const char* name, const char* tmpdir) {
+    char path[1024], gck[1024], cck[1024], gck2[1024];
+    Model g;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    checkpoint_load(&g, path, &st, 0);
+    DebugState d;
+    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
+    debug_read(&d, path, &g.config, g.num_params);
+    size_t n = g.num_params;
+    TrainState now = {3, {1, 2, 3}, 0x123456789abcdefull, 42};
+    // GPU -> CPU: 3 GPU steps, saved; the CPU reads the very bits and computes the same loss
+    for (int s = 0; s < 3; s++) train_step(&g, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+    snprintf(gck, sizeof gck, "%s/from_gpu.bin", tmpdir);
+    checkpoint_save(&g, gck, 1, &now);
+    float* gp = (float*)mallocCheck(n * sizeof(float));
+    float* gm = (float*)mallocCheck(n * sizeof(float));
+    float* gv = (float*)mallocCheck(n * sizeof(float));
+    model_download(&g, gp, gm, gv);
+    cpu::Model cm;
+    TrainState back;
+    cpu::checkpoint_load(&cm, gck, &back, 1);
+    int bits = same_bits(cm.params_memory, gp, n) && same_bits(cm.m_memory, gm, n) && same_bits(cm.v_memory, gv, n) &&
+               back.step == 3 && back.pos.epoch == 1 && back.pos.shard == 2 && back.pos.sample == 3 &&
+               back.rng == now.rng && back.seed == 42;
+    CHECK(bits, "[%s] the CPU did not read back the GPU's weights, AdamW state and train state exactly", name);
+    model_forward(&g, d.x, d.y, d.B, d.T);
+    cpu::model_forward(&cm, d.x, d.y, d.B, d.T);
+    float diff1 = fabsf(g.loss - cm.loss);
+    CHECK(diff1 <= XFER_TOL, "[%s] GPU checkpoint: CPU loss %.6f vs GPU %.6f", name, cm.loss, g.loss);
+    printf("[%s] GPU checkpoint -> CPU: exact bits %s, loss CPU %.6f GPU %.6f\n", name, bits ? "yes" : "NO", cm.loss, g.loss);
+    cpu::model_free(&cm);
+    model_free(&g);
+    // CPU -> GPU: 3 CPU steps, saved; the GPU reads the very bits, computes the same loss, and writes
+    // the same file back
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    cpu::checkpoint_load(&cm, path, &st, 0);
+    for (int s = 0; s < 3; s++) cpu_train_step(&cm, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+    snprintf(cck, sizeof cck, "%s/from_cpu.bin", tmpdir);
+    cpu::checkpoint_save(&cm, cck, 1, &now);
+    checkpoint_load(&g, cck, &back, 1);
+    model_download(&g, gp, gm, gv);
+    bits = same_bits(cm.params_memory, gp, n) && same_bits(cm.m_memory, gm, n) && same_bits(cm.v_memory, gv, n) &&
+           back.step == 3 && back.rng == now.rng;
+    CHECK(bits, "[%s] the GPU did not read back the CPU's weights, AdamW state and train state exactly", name);
+    snprintf(gck2, sizeof gck2, "%s/from_cpu_resaved.bin", tmpdir);
+    checkpoint_save(&g, gck2, 1, &back);
+    int same_file = files_equal(cck, gck2);
+    CHECK(same_file, "[%s] the GPU re-saving a CPU checkpoint changed its bytes", name);
+    cpu::model_forward(&cm, d.x, d.y, d.B, d.T);
+    model_forward(&g, d.x, d.y, d.B, d.T);
+    float diff2 = fabsf(g.loss - cm.loss);
+    CHECK(diff2 <= XFER_TOL, "[%s] CPU checkpoint: GPU loss %.6f vs CPU %.6f", name, g.loss, cm.loss);
+    printf("[%s] CPU checkpoint -> GPU: exact bits %s, re-saved file identical %s, loss GPU %.6f CPU %.6f\n", name,
+           bits ? "yes" : "NO", same_file ? "yes" : "NO", g.loss, cm.loss);
+    remove(gck); remove(cck); remove(gck2);
+    free(gp); free(gm); free(gv);
+    cpu::model_free(&cm);
+    model_free(&g);
+    debug_free(&d);
+}
+
+// the same steps twice (determinism), and save -> load -> the same next steps (resume), bit for bit
+static void test_determinism_and_resume(const char* dir, const char* name, const char* tmpdir) {
+    char path[1024], ck[1024];
+    Model a, b;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    checkpoint_load(&a, path, &st, 0);
+    checkpoint_load(&b, path, &st, 0);
+    DebugState d;
+    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
+    debug_read(&d, path, &a.config, a.num_params);
+    size_t n = a.num_params;
+    float* pa = (float*)mallocCheck(n * sizeof(float));
+    float* pb = (float*)mallocCheck(n * sizeof(float));
+    int same = 1;
+    for (int s = 0; s < 3; s++) {
+        float na = train_step(&a, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+        float nb = train_step(&b, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+        float* ga = download_grads(&a);
+        float* gb = download_grads(&b);
+        same = same && na == nb && a.loss == b.loss && same_bits(ga, gb, n);
+        free(ga); free(gb);
+    }
+    model_download(&a, pa, NULL, NULL);
+    model_download(&b, pb, NULL, NULL);
+    same = same && same_bits(pa, pb, n);
+    CHECK(same, "[%s] two runs of the same 3 steps differ (losses, norms, gradients or weights)", name);
+    printf("[%s] two runs of 3 steps: identical losses, norms, gradients and weights: %s\n", name, same ? "yes" : "NO");
+    model_free(&b);
+    // resume: a saves after 3 steps and goes on; b loads the file and goes on
+    TrainState now = {3, {0, 0, 0}, 7, 1337};
+    snprintf(ck, sizeof ck, "%s/resume.bin", tmpdir);
+    checkpoint_save(&a, ck, 1, &now);
+    TrainState back;
+    checkpoint_load(&b, ck, &back, 1);
+    for (int s = 3; s < 5; s++) {
+        train_step(&a, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+        train_step(&b, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+    }
+    float* ma = (float*)mallocCheck(n * sizeof(float));
+    float* mb = (float*)mallocCheck(n * sizeof(float));
+    float* va = (float*)mallocCheck(n * sizeof(float));
+    float* vb = (float*)mallocCheck(n * sizeof(float));
+    model_download(&a, pa, ma, va);
+    model_download(&b, pb, mb, vb);
+    same = same_bits(pa, pb, n) && same_bits(ma, mb, n) && same_bits(va, vb, n) && a.loss == b.loss;
+    CHECK(same, "[%s] save -> load -> 2 steps differs from the uninterrupted steps", name);
+    printf("[%s] checkpoint save -> load -> next 2 steps identical: %s\n", name, same ? "yes" : "NO");
+    remove(ck);
+    free(pa); free(pb); free(ma); free(mb); free(va); free(vb);
+    debug_free(&d);
+    model_free(&a);
+    model_free(&b);
+}
+
+// ----------------------------------------------------------------------------
+// 3. the trainer binary: exact resume, run-to-run determinism, and CPU <-> GPU checkpoints
+
+static void write_shard(const char* path, const int* toks, int n) {
+    int h[256] = {0};
+    h[0] = SHARD_MAGIC_U16; h[1] = 1; h[2] = n;
+    FILE* fp = fopenCheck(path, "wb");
+    fwrite(h, sizeof(int), 256, fp);
+    for (int i = 0; i < n; i++) { uint16_t t = (uint16_t)toks[i]; fwrite(&t, 2, 1, fp); }
+    fclose(fp);
+}
+
+// run a shell command; returns its exit status and leaves its output in *out (malloc'd)
+static int run_cmd(const char* cmd, char** out) {
+    char full[16384];
+    snprintf(full, sizeof full, "%s 2>&1", cmd);
+    FILE* p = popen(full, "r");
+    size_t cap = 1 << 16, len = 0;
+    char* buf = (char*)mallocCheck(cap);
+    size_t n;
+    while (p && (n = fread(buf + len, 1, cap - len - 1, p)) > 0) {
+        len += n;
+        if (len + 1 == cap) { cap *= 2; buf = (char*)realloc(buf, cap); }
+    }
+    buf[len] = 0;
+    int status = p ? pclose(p) : -1;
+    *out = buf;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static void test_trainer_binary(const char* tmp, const char* trainer) {
+    char cmd[8192], a8[1024], b8[1024], c8[1024], b4[1024], train[1024], val[1024], path[1024];
+    char* out;
+    if (access(trainer, X_OK) != 0) {
+        CHECK(0, "trainer binary '%s' not found (build it first)", trainer);
+        return;
+    }
+    int n = 12000;
+    int* toks = (int*)mallocCheck(n * sizeof(int));
+    uint64_t rng = 7;
+    for (int i = 0; i < n; i++) toks[i] = (i % 41 == 0) ? (int)(cpu::rng_u64(&rng) % 200) : (toks[i ? i - 1 : 0] * 7 + 3) % 200;
+    snprintf(train, sizeof train, "%s/tr_000.bin", tmp);
+    snprintf(val, sizeof val, "%s/va_000.bin", tmp);
+    write_shard(train, toks, n);
+    write_shard(val, toks, 3000);
+    const char* common = "-nv 200 -nl 2 -nc 32 -nh 4 -nkv 2 -ne 4 -nk 2 -nf 48 -b 4 -t 32 -x 8 -u 2 -l 3e-3 -v 4 -m 2 -s 4 -g 8 -k none";
+    // straight 8 steps, twice (two processes), and 4 + resume + 4
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -o %s/straight", trainer, train, val, common, tmp);
+    int rc1 = run_cmd(cmd, &out);
+    int has_mfu = strstr(out, "MFU") != NULL && strstr(out, "tok/s") != NULL && strstr(out, "MiB") != NULL;
+    if (rc1 != 0) printf("%s\n", out);
+    free(out);
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -o %s/again", trainer, train, val, common, tmp);
+    int rc2 = run_cmd(cmd, &out); free(out);
+    snprintf(a8, sizeof a8, "%s/straight/model_00000008.bin", tmp);
+    snprintf(c8, sizeof c8, "%s/again/model_00000008.bin", tmp);
+    int same = rc1 == 0 && rc2 == 0 && files_equal(a8, c8);
+    CHECK(same, "two runs of the trainer differ (exit codes %d %d)", rc1, rc2);
+    CHECK(has_mfu, "the step line lacks tok/s, MFU or peak memory");
+    printf("[trainer] two runs of 8 steps give identical checkpoints: %s\n", same ? "yes" : "NO");
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -n 4 -o %s/resumed", trainer, train, val, common, tmp);
+    int rc3 = run_cmd(cmd, &out); free(out);
+    snprintf(b8, sizeof b8, "%s/resumed/model_00000008.bin", tmp);
+    snprintf(b4, sizeof b4, "%s/resumed/model_00000004.bin", tmp);
+    remove(b8); // as if the run had died after step 4
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -n 4 -o %s/resumed -y 1", trainer, train, val, common, tmp);
+    int rc4 = run_cmd(cmd, &out);
+    int resumed_from_4 = strstr(out, "model_00000004.bin") != NULL;
+    free(out);
+    same = rc3 == 0 && rc4 == 0 && resumed_from_4 && files_equal(a8, b8);
+    CHECK(same, "8 steps straight != 4 + resume + 4 (exit codes %d %d, resumed from step 4: %d)", rc3, rc4, resumed_from_4);
+    printf("[trainer] 8 steps straight == 4 + resume + 4, bit for bit (weights, AdamW, data position, RNG): %s\n", same ? "yes" : "NO");
+    // the CPU trainer resumes the GPU's step-4 checkpoint, and the GPU trainer the CPU's
+    if (access("./train_moe", X_OK) == 0) {
+        snprintf(cmd, sizeof cmd, "mkdir -p %s/cpu_from_gpu && cp %s %s/cpu_from_gpu/ && ./train_moe -i '%s' -j '%s' %s -o %s/cpu_from_gpu -y 1",
+                 tmp, b4, tmp, train, val, common, tmp);
+        int rc5 = run_cmd(cmd, &out);
+        int ok5 = rc5 == 0 && strstr(out, "model_00000004.bin with optimizer state") != NULL;
+        free(out);
+        snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -n 4 -x 4 -o %s/gpu_from_cpu && %s -i '%s' -j '%s' %s -o %s/gpu_from_cpu -y 1",
+                 train, val, common, tmp, trainer, train, val, common, tmp);
+        int rc6 = run_cmd(cmd, &out);
+        int ok6 = rc6 == 0 && strstr(out, "model_00000004.bin with optimizer state") != NULL;
+        free(out);
+        snprintf(path, sizeof path, "%s/gpu_from_cpu/model_00000008.bin", tmp);
+        ok6 = ok6 && access(path, R_OK) == 0;
+        CHECK(ok5, "the CPU trainer could not resume the GPU trainer's checkpoint (exit %d)", rc5);
+        CHECK(ok6, "the GPU trainer could not resume the CPU trainer's checkpoint (exit %d)", rc6);
+        printf("[trainer] CPU resumes a GPU checkpoint: %s; GPU resumes a CPU checkpoint: %s\n", ok5 ? "yes" : "NO", ok6 ? "yes" : "NO");
+    } else {
+        printf("[trainer] ./train_moe not built: CPU <-> GPU trainer interchange skipped\n");
+    }
+    free(toks);
+}
+
+int main(int argc, char** argv) {
+    const char* dir = argc > 1 ? argv[1] : "dev/ref";
+    const char* trainer = argc > 2 ? argv[2] : DEFAULT_TRAINER;
+    gpu_init();
+    char path[1024], name[256];
+    snprintf(path, sizeof path, "%s/manifest.txt", dir);
+    FILE* mf = fopenCheck(path, "r");
+    int nconf = 0;
+    char first[256] = "";
+    while (fscanf(mf, "%255s", name) == 1) {
+        test_reference(dir, name);
+        if (!nconf) strcpy(first, name);
+        nconf++;
+    }
+    fclose(mf);
+    CHECK(nconf >= 6, "only %d reference configurations in %s", nconf, path);
+    char tmp[] = "/tmp/test_moe_cu_XXXXXX";
+    if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
+    test_checkpoint_interchange(dir, first, tmp);
+    test_determinism_and_resume(dir, first, tmp);
+    test_trainer_binary(tmp, trainer);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    if (system(cmd) != 0) printf("(could not remove %s)\n", tmp);
+    gpu_free();
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}

@@ -1,0 +1,1944 @@
+/*
+The CUDA twin of train_moe.c: the same Mixtral-style MoE trainer (same structs, same function names,
+same flags, same per-step line, same checkpoint format), with every loop of the CPU file turned into
+a kernel or a cuBLAS call beneath a function of the same name. A checkpoint written by either trainer
+loads in the other.
+
+The MoE layer reads as the same pipeline:  router -> topk -> permute -> experts -> unpermute
+Only the K chosen experts of a token are computed (dropless): the expert buffers have N*K rows, and the
+expert matmuls are grouped GEMMs (cublasGemmGroupedBatchedEx) with one problem per expert that got
+tokens. Their sizes live on the host, so each layer copies E+1 ints (the expert offsets) device->host
+once in the forward pass: the one synchronisation of the MoE path.
+
+Precision, chosen at build time:
+  PRECISION=FP32  every tensor fp32 (cuBLAS without TF32): diffed against the CPU at 1e-4
+  PRECISION=BF16  (default) bf16 weights and activations; fp32 master weights, gradients, AdamW state,
+                  router logits and softmax, norm statistics, attention softmax statistics and losses;
+                  every matmul accumulates in fp32 (CUBLAS_COMPUTE_32F)
+Deterministic: no float atomics anywhere; every reduction runs in a fixed order (per-block partials
+added in block order), so the same seed gives the same bits run after run on the same GPU.
+
+Host code (data loader, tokenizer, checkpoint file format, LR schedule, flags, the CPU model itself)
+is train_moe.c, included below inside `namespace cpu`, not copied.
+
+Build: make train_moe_cu  (PRECISION=FP32 for the fp32 build)       Run: ./train_moe_cu -h
+   or: nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp -DOMP [-DPRECISION_FP32] train_moe.cu -lcublas -o train_moe_cu
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <errno.h>
+#include <glob.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#include <dirent.h>
+#ifdef OMP
+#include <omp.h>
+#endif
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cublas_v2.h>
+#ifdef USE_CUDNN
+#include <map>
+#include <tuple>
+#include <memory>
+#include <unordered_map>
+#include <string>
+#include <cudnn_frontend.h> // header-only, from PyPI nvidia-cudnn-frontend (see dev/cuda_build.mk)
+namespace fe = cudnn_frontend;
+#endif
+
+// the CPU trainer, whole: its host code is ours, and its model is the reference the GPU test diffs against.
+// (With TESTING defined, as by test_moe_cu.cu, train_moe.c leaves out its main() and flags, and so do we.)
+namespace cpu {
+#include "train_moe.c"
+}
+using cpu::MoEConfig; using cpu::TrainState; using cpu::DataPos; using cpu::DataLoader; using cpu::Tokenizer;
+using cpu::malloc_check; using cpu::calloc_check; using cpu::fopen_check; using cpu::fread_check;
+using cpu::file_size; using cpu::hash3; using cpu::rng_f32; using cpu::now_ms;
+using cpu::fill_param_sizes; using cpu::model_config_check; using cpu::param_names; using cpu::param_is_matrix;
+using cpu::lr_schedule; using cpu::rope_tables; using cpu::sample_mult;
+using cpu::loader_init; using cpu::loader_seek; using cpu::loader_next_batch; using cpu::loader_reset; using cpu::loader_free;
+using cpu::tokenizer_init; using cpu::tokenizer_print; using cpu::tokenizer_free;
+
+// ----------------------------------------------------------------------------
+// precision: floatX is the type of weights and activations the kernels read
+
+#if defined(PRECISION_FP32)
+typedef float floatX;
+#define CUDA_X CUDA_R_32F
+#define PRECISION_NAME "fp32"
+#ifdef USE_CUDNN
+#error "USE_CUDNN=1 needs the bf16 build: cuDNN's fused attention has no fp32 kernels"
+#endif
+__device__ __forceinline__ float tof(float x) { return x; }
+__device__ __forceinline__ float tox(float x) { return x; }
+#else
+#ifndef PRECISION_BF16
+#define PRECISION_BF16
+#endif
+typedef __nv_bfloat16 floatX;
+#define CUDA_X CUDA_R_16BF
+#define PRECISION_NAME "bf16"
+__device__ __forceinline__ float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ __nv_bfloat16 tox(float x) { return __float2bfloat16_rn(x); }
+#endif
+
+#ifdef PRECISION_BF16
+// bf16 -> float on the host (bf16 is the top half of a float32)
+static float floatX_to_float(floatX x) {
+    uint16_t b;
+    memcpy(&b, &x, 2);
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// CUDA utilities: checked calls and allocation, reductions
+
+static void cuda_check(cudaError_t err, const char* file, int line) {
+    if (err != cudaSuccess) cpu::die("CUDA: %s", cudaGetErrorString(err), file, line);
+}
+#define cudaCheck(err) cuda_check(err, __FILE__, __LINE__)
+static void cublas_check(cublasStatus_t st, const char* file, int line) {
+    if (st != CUBLAS_STATUS_SUCCESS) cpu::die("cuBLAS: %s", cublasGetStatusString(st), file, line);
+}
+#define cublasCheck(st) cublas_check(st, __FILE__, __LINE__)
+
+static size_t gpu_bytes_allocated = 0; // what we cudaMalloc'd (cuBLAS workspaces come on top)
+static void* cuda_malloc_check(size_t bytes, const char* file, int line) {
+    void* p = NULL;
+    cudaError_t err = cudaMalloc(&p, bytes ? bytes : 1);
+    if (err != cudaSuccess) {
+        fprintf(stderr, "Error: cudaMalloc of %zu bytes failed (%zu already allocated): %s\n  (at %s:%d)\n",
+                bytes, gpu_bytes_allocated, cudaGetErrorString(err), file, line);
+        exit(EXIT_FAILURE);
+    }
+    gpu_bytes_allocated += bytes;
+    return p;
+}
+#define cudaMallocCheck(bytes) cuda_malloc_check(bytes, __FILE__, __LINE__)
+
+static void cuda_free(void* p) { if (p) cudaCheck(cudaFree(p)); }
+
+static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
+
+// the GPU's memory in use (all processes, cuBLAS workspaces included) and its high-water mark
+static double gpu_mem_peak_mib = 0.0;
+static double gpu_mem_sample(void) {
+    size_t free_b = 0, total_b = 0;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    double used = (double)(total_b - free_b) / (1024.0 * 1024.0);
+    if (used > gpu_mem_peak_mib) gpu_mem_peak_mib = used;
+    return used;
+}
+
+#define FULL_MASK 0xffffffffu
+// warp sum, then lane 0's value to every lane (so all lanes use the very same bits)
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return __shfl_sync(FULL_MASK, v, 0);
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+// tree sums over a block (blockDim.x a power of 2, sh holds blockDim.x values): a fixed order
+template <typename Tv>
+__device__ Tv block_sum(Tv v, Tv* sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    Tv r = sh[0];
+    __syncthreads();
+    return r;
+}
+__device__ float block_max(float v, float* sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__global__ void cast_kernel(floatX* out, const float* inp, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = tox(inp[i]);
+}
+// out[n] = floatX(inp[n]); in fp32 builds the same buffer may be passed (then nothing happens)
+static void cast_to_floatX(floatX* out, const float* inp, size_t n) {
+    if ((const void*)out == (const void*)inp || n == 0) return;
+    cast_kernel<<<ceil_div(n, 256), 256>>>(out, inp, n);
+    cudaCheck(cudaGetLastError());
+}
+
+// device floatX[n] -> host float[n]
+static void copy_floatX_to_host(float* dst, const floatX* src, size_t n) {
+#ifdef PRECISION_BF16
+    floatX* tmp = (floatX*)mallocCheck(n * sizeof(floatX));
+    cudaCheck(cudaMemcpy(tmp, src, n * sizeof(floatX), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) dst[i] = floatX_to_float(tmp[i]);
+    free(tmp);
+#else
+    cudaCheck(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyDeviceToHost));
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// GEMM: every matmul of the model goes through cuBLAS (column-major), row-major tensors read transposed.
+// A and B are floatX; C is floatX or fp32 (ctype); accumulation is always fp32.
+
+static cublasHandle_t cublas_handle;
+
+static void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const floatX* A, int lda,
+                 const floatX* B, int ldb, void* C, cudaDataType_t ctype, int ldc, float beta) {
+    const float alpha = 1.0f;
+    cublasCheck(cublasGemmEx(cublas_handle, ta, tb, m, n, k, &alpha, A, CUDA_X, lda, B, CUDA_X, ldb, &beta, C, ctype,
+                             ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// out[N,OC] = inp[N,IC] . weight[OC,IC]^T
+void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, int N, int IC, int OC) {
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, weight, IC, inp, IC, out, CUDA_X, OC, 0.0f);
+}
+// dinp[N,IC] += dout[N,OC] . weight[OC,IC];  dweight[OC,IC] (fp32) += dout^T . inp
+void matmul_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight,
+                     int N, int IC, int OC) {
+    if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, weight, IC, dout, OC, dinp, CUDA_X, IC, 1.0f);
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, inp, IC, dout, OC, dweight, CUDA_R_32F, IC, 1.0f);
+}
+
+// A grouped GEMM: a list of independent problems (here: one per expert that got tokens, each of its own
+// size) run by one cublasGemmGroupedBatchedEx call. Sizes, strides and scalars are host arrays, read
+// during the call; the matrix pointers must be on the device. They are staged through a ring of
+// GROUP_SLOTS pinned host + device buffers: a slot is refilled only after the event recorded behind
+// its last GEMM has fired, so the host never waits on the GPU unless it runs GROUP_SLOTS calls ahead.
+#define GROUP_SLOTS 16
+typedef struct {
+    int n, cap;
+    cublasOperation_t *ta, *tb;
+    int *m, *nn, *k, *lda, *ldb, *ldc, *size;
+    float *alpha, *beta;
+    const void **A, **B;
+    void** C;
+    int slot;
+    const void** ptrs_h[GROUP_SLOTS]; // pinned: A[0..n) B[0..n) C[0..n)
+    const void** ptrs_d[GROUP_SLOTS];
+    cudaEvent_t done[GROUP_SLOTS];
+} GemmGroup;
+
+static void group_init(GemmGroup* g, int cap) {
+    memset(g, 0, sizeof(*g));
+    g->cap = cap;
+    g->ta = (cublasOperation_t*)mallocCheck(cap * sizeof(cublasOperation_t));
+    g->tb = (cublasOperation_t*)mallocCheck(cap * sizeof(cublasOperation_t));
+    int** ints[7] = {&g->m, &g->nn, &g->k, &g->lda, &g->ldb, &g->ldc, &g->size};
+    for (int i = 0; i < 7; i++) *ints[i] = (int*)mallocCheck(cap * sizeof(int));
+    g->alpha = (float*)mallocCheck(cap * sizeof(float));
+    g->beta = (float*)mallocCheck(cap * sizeof(float));
+    g->A = (const void**)mallocCheck(cap * sizeof(void*));
+    g->B = (const void**)mallocCheck(cap * sizeof(void*));
+    g->C = (void**)mallocCheck(cap * sizeof(void*));
+    for (int s = 0; s < GROUP_SLOTS; s++) {
+        cudaCheck(cudaMallocHost((void**)&g->ptrs_h[s], 3 * cap * sizeof(void*)));
+        g->ptrs_d[s] = (const void**)cudaMallocCheck(3 * cap * sizeof(void*));
+        cudaCheck(cudaEventCreateWithFlags(&g->done[s], cudaEventDisableTiming));
+    }
+}
+static void group_free(GemmGroup* g) {
+    void* hs[] = {g->ta, g->tb, g->m, g->nn, g->k, g->lda, g->ldb, g->ldc, g->size, g->alpha, g->beta, g->A, g->B, g->C};
+    for (size_t i = 0; i < sizeof(hs) / sizeof(hs[0]); i++) free(hs[i]);
+    for (int s = 0; s < GROUP_SLOTS; s++) {
+        cudaCheck(cudaEventSynchronize(g->done[s]));
+        cudaCheck(cudaFreeHost(g->ptrs_h[s]));
+        cuda_free(g->ptrs_d[s]);
+        cudaCheck(cudaEventDestroy(g->done[s]));
+    }
+}
+// add the problem C[m,n] (col-major, ldc) = op(A)[m,k] . op(B)[k,n] + beta * C
+static void group_add(GemmGroup* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                      const floatX* A, int lda, const floatX* B, int ldb, float beta, floatX* C, int ldc) {
+    if (g->n == g->cap) { fprintf(stderr, "Error: grouped GEMM holds at most %d problems\n", g->cap); exit(EXIT_FAILURE); }
+    int i = g->n++;
+    g->ta[i] = ta; g->tb[i] = tb; g->m[i] = m; g->nn[i] = n; g->k[i] = k;
+    g->lda[i] = lda; g->ldb[i] = ldb; g->ldc[i] = ldc; g->size[i] = 1;
+    g->alpha[i] = 1.0f; g->beta[i] = beta;
+    g->A[i] = A; g->B[i] = B; g->C[i] = C;
+}
+// run the problems added since the last run (one group of size 1 each), then empty the list
+static void group_run(GemmGroup* g) {
+    int n = g->n, s = g->slot;
+    if (n == 0) return;
+    g->slot = (s + 1) % GROUP_SLOTS;
+    cudaCheck(cudaEventSynchronize(g->done[s])); // this slot's previous GEMM has read its pointers
+    const void** h = g->ptrs_h[s];
+    memcpy(h, g->A, n * sizeof(void*));
+    memcpy(h + n, g->B, n * sizeof(void*));
+    memcpy(h + 2 * n, g->C, n * sizeof(void*));
+    const void** d = g->ptrs_d[s];
+    cudaCheck(cudaMemcpyAsync(d, h, 3 * n * sizeof(void*), cudaMemcpyHostToDevice, 0));
+    cublasCheck(cublasGemmGroupedBatchedEx(cublas_handle, g->ta, g->tb, g->m, g->nn, g->k, g->alpha,
+                                           d, CUDA_X, g->lda, d + n, CUDA_X, g->ldb, g->beta,
+                                           (void* const*)(d + 2 * n), CUDA_X, g->ldc, n, g->size,
+                                           CUBLAS_COMPUTE_32F));
+    cudaCheck(cudaEventRecord(g->done[s], 0));
+    g->n = 0;
+}
+
+// ----------------------------------------------------------------------------
+// layers: embedding, RMSNorm, RoPE, attention
+
+__global__ void encoder_forward_kernel(floatX* out, const int* tokens, const floatX* wte, int N, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * C) return;
+    size_t n = i / C, c = i % C;
+    out[i] = wte[(size_t)tokens[n] * C + c];
+}
+// out[N,C] = wte[tokens[n], :]   (tokens on the device)
+void encoder_forward(floatX* out, const int* tokens, const floatX* wte, int N, int C) {
+    encoder_forward_kernel<<<ceil_div((size_t)N * C, 256), 256>>>(out, tokens, wte, N, C);
+    cudaCheck(cudaGetLastError());
+}
+
+// one block per distinct token: its positions (in token order) summed, then added to its row of dwte
+__global__ void encoder_backward_kernel(float* dwte, const floatX* dout, const int* uniq, const int* start,
+                                        const int* pos, int C) {
+    int u = blockIdx.x, tok = uniq[u];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float s = 0.0f;
+        for (int i = start[u]; i < start[u + 1]; i++) s += tof(dout[(size_t)pos[i] * C + c]);
+        dwte[(size_t)tok * C + c] += s;
+    }
+}
+// dwte[V,C] += scatter of dout[N,C] by tokens (host array). Repeated tokens are bucketed on the host
+// (a counting sort), so no two threads ever add into the same row: no atomics, a fixed order.
+// work: host ints, V + 3N + 1; work_d: device ints, 3N + 1
+void encoder_backward(float* dwte, const floatX* dout, const int* tokens, int N, int C, int V, int* work, int* work_d) {
+    int* cnt = work;          // V: per token count, then its next free slot
+    int* uniq = work + V;     // nu distinct tokens
+    int* start = uniq + N;    // nu + 1 bucket starts
+    int* pos = start + N + 1; // N positions, grouped by token
+    memset(cnt, 0, (size_t)V * sizeof(int));
+    for (int n = 0; n < N; n++) cnt[tokens[n]]++;
+    int nu = 0, run = 0;
+    for (int v = 0; v < V; v++)
+        if (cnt[v]) { uniq[nu] = v; start[nu] = run; run += cnt[v]; cnt[v] = start[nu]; nu++; }
+    start[nu] = N;
+    for (int n = 0; n < N; n++) pos[cnt[tokens[n]]++] = n;
+    int* d_uniq = work_d;
+    int* d_start = work_d + N;
+    int* d_pos = work_d + 2 * N + 1;
+    cudaCheck(cudaMemcpy(d_uniq, uniq, nu * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_start, start, (nu + 1) * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_pos, pos, N * sizeof(int), cudaMemcpyHostToDevice));
+    encoder_backward_kernel<<<nu, 128>>>(dwte, dout, d_uniq, d_start, d_pos, C);
+    cudaCheck(cudaGetLastError());
+}
+
+// one warp per row
+__global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, const floatX* w, int N, int C, float eps) {
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const floatX* x = inp + (size_t)n * C;
+    float ss = 0.0f;
+    for (int c = lane; c < C; c += 32) { float xi = tof(x[c]); ss += xi * xi; }
+    ss = warp_sum(ss);
+    float r = 1.0f / sqrtf(ss / C + eps);
+    floatX* o = out + (size_t)n * C;
+    for (int c = lane; c < C; c += 32) o[c] = tox(tof(x[c]) * r * tof(w[c]));
+    if (lane == 0) rstd[n] = r;
+}
+// out[N,C] = inp / sqrt(mean(inp^2) + eps) * w ; rstd[N] (fp32) saved for the backward
+void rmsnorm_forward(floatX* out, float* rstd, const floatX* inp, const floatX* w, int N, int C, float eps) {
+    rmsnorm_forward_kernel<<<ceil_div(N, 8), 256>>>(out, rstd, inp, w, N, C, eps);
+    cudaCheck(cudaGetLastError());
+}
+
+__global__ void rmsnorm_backward_dx_kernel(floatX* dinp, const floatX* dout, const floatX* inp, const floatX* w,
+                                           const float* rstd, int N, int C) {
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const floatX* x = inp + (size_t)n * C;
+    const floatX* dy = dout + (size_t)n * C;
+    floatX* dx = dinp + (size_t)n * C;
+    float r = rstd[n];
+    float dot = 0.0f; // sum_c dy*w*x
+    for (int c = lane; c < C; c += 32) dot += tof(dy[c]) * tof(w[c]) * tof(x[c]);
+    dot = warp_sum(dot);
+    float k = dot * r * r * r / C;
+    for (int c = lane; c < C; c += 32) dx[c] = tox(tof(dx[c]) + (tof(dy[c]) * tof(w[c]) * r - tof(x[c]) * k));
+}
+// dw partial sums: block (32 columns, 8 row lanes) over NORM_ROWS rows -> partial[blockIdx.y, c]
+#define NORM_ROWS 256
+__global__ void rmsnorm_backward_dw_kernel(float* partial, const floatX* dout, const floatX* inp, const float* rstd, int N, int C) {
+    __shared__ float sh[8][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    int n0 = blockIdx.y * NORM_ROWS, n1 = min(n0 + NORM_ROWS, N);
+    float s = 0.0f;
+    if (c < C)
+        for (int n = n0 + threadIdx.y; n < n1; n += 8) s += tof(dout[(size_t)n * C + c]) * tof(inp[(size_t)n * C + c]) * rstd[n];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float t = 0.0f;
+        for (int i = 0; i < 8; i++) t += sh[i][threadIdx.x];
+        partial[(size_t)blockIdx.y * C + c] = t;
+    }
+}
+// out[c] += sum over p (in order) of partial[p, c]
+__global__ void column_sum_kernel(float* out, const float* partial, int nparts, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s = 0.0f;
+    for (int p = 0; p < nparts; p++) s += partial[(size_t)p * C + c];
+    out[c] += s;
+}
+// dinp[N,C] += d/dinp ; dw[C] (fp32) += sum_n dout * inp * rstd. partial: scratch of ceil(N/NORM_ROWS)*C floats
+void rmsnorm_backward(floatX* dinp, float* dw, const floatX* dout, const floatX* inp, const floatX* w,
+                      const float* rstd, int N, int C, float* partial) {
+    rmsnorm_backward_dx_kernel<<<ceil_div(N, 8), 256>>>(dinp, dout, inp, w, rstd, N, C);
+    cudaCheck(cudaGetLastError());
+    int nparts = ceil_div(N, NORM_ROWS);
+    rmsnorm_backward_dw_kernel<<<dim3(ceil_div(C, 32), nparts), dim3(32, 8)>>>(partial, dout, inp, rstd, N, C);
+    cudaCheck(cudaGetLastError());
+    column_sum_kernel<<<ceil_div(C, 256), 256>>>(dw, partial, nparts, C);
+    cudaCheck(cudaGetLastError());
+}
+
+__global__ void rope_kernel(floatX* x, const float* fcos, const float* fsin, int N, int T, int NH, int D, float dir) {
+    int half = D / 2;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * NH * half) return;
+    int i = idx % half;
+    size_t nh = idx / half; // n * NH + h
+    int t = (int)((nh / NH) % T);
+    float c = fcos[(size_t)t * half + i], s = dir * fsin[(size_t)t * half + i];
+    floatX* v = x + nh * D;
+    float x0 = tof(v[i]), x1 = tof(v[i + half]);
+    v[i] = tox(x0 * c - x1 * s);
+    v[i + half] = tox(x1 * c + x0 * s);
+}
+// rotate-half RoPE in place on x[B,T,NH,D]; dir = +1 forward, -1 backward (the inverse rotation)
+void rope_apply(floatX* x, const float* freqs_cos, const float* freqs_sin, int B, int T, int NH, int D, int dir) {
+    size_t n = (size_t)B * T * NH * (D / 2);
+    rope_kernel<<<ceil_div(n, 256), 256>>>(x, freqs_cos, freqs_sin, B * T, T, NH, D, (float)dir);
+    cudaCheck(cudaGetLastError());
+}
+
+// Causal attention, flash-style: no T x T matrix is ever stored. One warp per query row (b, h, t): its
+// lanes score 32 keys at a time, keep a running max and sum (online softmax) and accumulate the output,
+// lane l owning dims l, l+32, ... The backward recomputes the probabilities from the saved
+// logsumexp lse[b,h,t]. Head size D <= ATT_MAXD. Query head h reads kv head h / (H/Hkv).
+#define ATT_MAXD 256
+#define ATT_WARPS 4
+#define ATT_ACC (ATT_MAXD / 32)
+
+__global__ void attention_forward_kernel(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
+                                         int B, int T, int H, int Hkv, int D) {
+    __shared__ float qs[ATT_WARPS][ATT_MAXD];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int idx = blockIdx.x * ATT_WARPS + warp; // (b, h, t), t fastest
+    if (idx >= B * H * T) return;
+    int t = idx % T, h = (idx / T) % H, b = idx / (T * H), hk = h / (H / Hkv);
+    float scale = 1.0f / sqrtf((float)D);
+    const floatX* qt = q + ((size_t)(b * T + t) * H + h) * D;
+    for (int i = lane; i < D; i += 32) qs[warp][i] = tof(qt[i]);
+    __syncwarp();
+    float acc[ATT_ACC];
+#pragma unroll
+    for (int i = 0; i < ATT_ACC; i++) acc[i] = 0.0f;
+    float mrun = -INFINITY, lrun = 0.0f;
+    for (int j0 = 0; j0 <= t; j0 += 32) {
+        int j = j0 + lane;
+        float s = -INFINITY;
+        if (j <= t) { // seek to k[b,j,hk,:]
+            const floatX* kj = k + ((size_t)(b * T + j) * Hkv + hk) * D;
+            float dot = 0.0f;
+            for (int i = 0; i < D; i++) dot += qs[warp][i] * tof(kj[i]);
+            s = dot * scale;
+        }
+        float mnew = fmaxf(mrun, warp_max(s));
+        float p = j <= t ? expf(s - mnew) : 0.0f;
+        float corr = expf(mrun - mnew); // 0 on the first chunk
+        lrun = lrun * corr + warp_sum(p);
+#pragma unroll
+        for (int i = 0; i < ATT_ACC; i++) acc[i] *= corr;
+        int nj = min(32, t - j0 + 1);
+        for (int jj = 0; jj < nj; jj++) {
+            float pj = __shfl_sync(FULL_MASK, p, jj);
+            const floatX* vj = v + ((size_t)(b * T + j0 + jj) * Hkv + hk) * D;
+#pragma unroll
+            for (int i = 0; i < ATT_ACC; i++) {
+                int d = lane + 32 * i;
+                if (d < D) acc[i] += pj * tof(vj[d]);
+            }
+        }
+        mrun = mnew;
+    }
+    floatX* o = out + ((size_t)(b * T + t) * H + h) * D;
+    float inv = 1.0f / lrun;
+#pragma unroll
+    for (int i = 0; i < ATT_ACC; i++) {
+        int d = lane + 32 * i;
+        if (d < D) o[d] = tox(acc[i] * inv);
+    }
+    if (lane == 0) lse[idx] = mrun + logf(lrun);
+}
+#ifdef USE_CUDNN
+// cuDNN's fused attention (cudnn-frontend graphs, one per shape, built once and cached): the same
+// tensors in the same layouts, stats = the natural-log logsumexp our backward also reads. A shape
+// cuDNN does not support falls back to the kernels above, with one note on stderr.
+static cudnnHandle_t cudnn_handle;
+static void* cudnn_workspace = NULL;
+static size_t cudnn_workspace_size = 0;
+typedef std::shared_ptr<fe::graph::Tensor_attributes> FeTensor;
+typedef struct { std::shared_ptr<fe::graph::Graph> graph; FeTensor Q, K, V, O, stats, dO, dQ, dK, dV; int ok; } AttGraph;
+static std::map<std::tuple<int, int, int, int, int, int>, AttGraph> att_graphs; // (backward?, B, T, H, Hkv, D)
+#define ATT_MAX_GRAPHS 8
+
+static int fe_ok(fe::error_t err, std::string* msg) {
+    if (err.is_good()) return 1;
+    *msg = err.get_message();
+    return 0;
+}
+static FeTensor fe_tensor(fe::graph::Graph* g, const char* name, int B, int NH, int T, int D) { // x[B,T,NH,D]
+    return g->tensor(fe::graph::Tensor_attributes().set_name(name).set_dim({B, NH, T, D})
+                         .set_stride({(int64_t)T * NH * D, D, (int64_t)NH * D, 1}));
+}
+static AttGraph* att_graph(int backward, int B, int T, int H, int Hkv, int D) {
+    auto key = std::make_tuple(backward, B, T, H, Hkv, D);
+    auto it = att_graphs.find(key);
+    if (it != att_graphs.end()) return it->second.ok ? &it->second : NULL;
+    if (att_graphs.size() >= ATT_MAX_GRAPHS) return NULL; // e.g. sampling's growing contexts: built-in kernels
+    AttGraph ag;
+    ag.graph = std::make_shared<fe::graph::Graph>();
+    fe::graph::Graph* g = ag.graph.get();
+    g->set_io_data_type(fe::DataType_t::BFLOAT16).set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    ag.Q = fe_tensor(g, "Q", B, H, T, D);
+    ag.K = fe_tensor(g, "K", B, Hkv, T, D);
+    ag.V = fe_tensor(g, "V", B, Hkv, T, D);
+    float scale = 1.0f / sqrtf((float)D);
+    if (!backward) {
+        auto opts = fe::graph::SDPA_attributes().set_name("attention").set_generate_stats(true)
+                        .set_causal_mask(true).set_attn_scale(scale);
+        auto outs = g->sdpa(ag.Q, ag.K, ag.V, opts);
+        ag.O = outs[0]; ag.stats = outs[1];
+        ag.O->set_output(true).set_dim({B, H, T, D}).set_stride({(int64_t)T * H * D, D, (int64_t)H * D, 1});
+        ag.stats->set_output(true).set_data_type(fe::DataType_t::FLOAT).set_dim({B, H, T, 1})
+            .set_stride({(int64_t)H * T, T, 1, 1});
+    } else {
+        ag.O = fe_tensor(g, "O", B, H, T, D);
+        ag.dO = fe_tensor(g, "dO", B, H, T, D);
+        ag.stats = g->tensor(fe::graph::Tensor_attributes().set_name("stats").set_dim({B, H, T, 1})
+                                 .set_stride({(int64_t)H * T, T, 1, 1}).set_data_type(fe::DataType_t::FLOAT));
+        auto opts = fe::graph::SDPA_backward_attributes().set_name("attention_backward").set_causal_mask(true)
+                        .set_attn_scale(scale);
+        auto outs = g->sdpa_backward(ag.Q, ag.K, ag.V, ag.O, ag.dO, ag.stats, opts);
+        ag.dQ = outs[0]; ag.dK = outs[1]; ag.dV = outs[2];
+        ag.dQ->set_output(true).set_dim({B, H, T, D}).set_stride({(int64_t)T * H * D, D, (int64_t)H * D, 1});
+        ag.dK->set_output(true).set_dim({B, Hkv, T, D}).set_stride({(int64_t)T * Hkv * D, D, (int64_t)Hkv * D, 1});
+        ag.dV->set_output(true).set_dim({B, Hkv, T, D}).set_stride({(int64_t)T * Hkv * D, D, (int64_t)Hkv * D, 1});
+    }
+    std::string msg;
+    int64_t ws = 0;
+    ag.ok = fe_ok(g->validate(), &msg) && fe_ok(g->build_operation_graph(cudnn_handle), &msg) &&
+            fe_ok(g->create_execution_plans({fe::HeurMode_t::A}), &msg) && fe_ok(g->check_support(cudnn_handle), &msg) &&
+            fe_ok(g->build_plans(cudnn_handle), &msg) && fe_ok(g->get_workspace_size(ws), &msg);
+    if (!ag.ok)
+        fprintf(stderr, "note: cuDNN attention %s unavailable for B=%d T=%d H=%d Hkv=%d D=%d (%s): using the built-in kernels\n",
+                backward ? "backward" : "forward", B, T, H, Hkv, D, msg.c_str());
+    if (ag.ok && (size_t)ws > cudnn_workspace_size) {
+        cuda_free(cudnn_workspace);
+        cudnn_workspace = cudaMallocCheck((size_t)ws);
+        cudnn_workspace_size = (size_t)ws;
+    }
+    att_graphs[key] = ag;
+    return ag.ok ? &att_graphs[key] : NULL;
+}
+static int attention_forward_cudnn(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
+                                   int B, int T, int H, int Hkv, int D) {
+    AttGraph* ag = att_graph(0, B, T, H, Hkv, D);
+    if (!ag) return 0;
+    std::unordered_map<FeTensor, void*> pack = {{ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v},
+                                                {ag->O, (void*)out}, {ag->stats, (void*)lse}};
+    std::string msg;
+    if (!fe_ok(ag->graph->execute(cudnn_handle, pack, cudnn_workspace), &msg)) { // e.g. a misaligned pointer
+        fprintf(stderr, "note: cuDNN attention forward failed (%s): using the built-in kernels\n", msg.c_str());
+        ag->ok = 0;
+        return 0;
+    }
+    return 1;
+}
+static int attention_backward_cudnn(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* out,
+                                    const float* lse, const floatX* q, const floatX* k, const floatX* v,
+                                    int B, int T, int H, int Hkv, int D) {
+    AttGraph* ag = att_graph(1, B, T, H, Hkv, D);
+    if (!ag) return 0;
+    std::unordered_map<FeTensor, void*> pack = {
+        {ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v}, {ag->O, (void*)out}, {ag->dO, (void*)dout},
+        {ag->stats, (void*)lse}, {ag->dQ, (void*)dq}, {ag->dK, (void*)dk}, {ag->dV, (void*)dv}};
+    std::string msg;
+    if (!fe_ok(ag->graph->execute(cudnn_handle, pack, cudnn_workspace), &msg)) { // e.g. a misaligned pointer
+        fprintf(stderr, "note: cuDNN attention backward failed (%s): using the built-in kernels\n", msg.c_str());
+        ag->ok = 0;
+        return 0;
+    }
+    return 1;
+}
+#endif
+
+// q[B,T,H,D], k,v[B,T,Hkv,D] -> out[B,T,H,D]; lse[B,H,T] (fp32) kept for the backward
+void attention_forward(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
+                       int B, int T, int H, int Hkv, int D) {
+#ifdef USE_CUDNN
+    if (attention_forward_cudnn(out, lse, q, k, v, B, T, H, Hkv, D)) return;
+#endif
+    attention_forward_kernel<<<ceil_div((size_t)B * H * T, ATT_WARPS), ATT_WARPS * 32>>>(out, lse, q, k, v, B, T, H, Hkv, D);
+    cudaCheck(cudaGetLastError());
+}
+
+// dq: one warp per query row (b, h, t) over its keys j <= t. It first computes
+// dsum[b,h,t] = <dout, out> (= sum_j p_j dp_j), which the dk/dv kernel reads.
+__global__ void attention_backward_dq_kernel(floatX* dq, float* dsum, const floatX* dout, const floatX* out,
+                                             const float* lse, const floatX* q, const floatX* k, const floatX* v,
+                                             int B, int T, int H, int Hkv, int D) {
+    __shared__ float qs[ATT_WARPS][ATT_MAXD], dos[ATT_WARPS][ATT_MAXD];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int idx = blockIdx.x * ATT_WARPS + warp;
+    if (idx >= B * H * T) return;
+    int t = idx % T, h = (idx / T) % H, b = idx / (T * H), hk = h / (H / Hkv);
+    float scale = 1.0f / sqrtf((float)D);
+    size_t row = ((size_t)(b * T + t) * H + h) * D;
+    float di = 0.0f;
+    for (int i = lane; i < D; i += 32) {
+        qs[warp][i] = tof(q[row + i]);
+        dos[warp][i] = tof(dout[row + i]);
+        di += dos[warp][i] * tof(out[row + i]);
+    }
+    di = warp_sum(di);
+    if (lane == 0) dsum[idx] = di;
+    __syncwarp();
+    float L = lse[idx];
+    float acc[ATT_ACC];
+#pragma unroll
+    for (int i = 0; i < ATT_ACC; i++) acc[i] = 0.0f;
+    for (int j0 = 0; j0 <= t; j0 += 32) {
+        int j = j0 + lane;
+        float ds = 0.0f;
+        if (j <= t) {
+            const floatX* kj = k + ((size_t)(b * T + j) * Hkv + hk) * D;
+            const floatX* vj = v + ((size_t)(b * T + j) * Hkv + hk) * D;
+            float s = 0.0f, dp = 0.0f;
+            for (int i = 0; i < D; i++) { s += qs[warp][i] * tof(kj[i]); dp += dos[warp][i] * tof(vj[i]); }
+            float p = expf(s * scale - L);
+            ds = p * (dp - di) * scale; // through the softmax and the scale
+        }
+        int nj = min(32, t - j0 + 1);
+        for (int jj = 0; jj < nj; jj++) {
+            float dsj = __shfl_sync(FULL_MASK, ds, jj);
+            const floatX* kj = k + ((size_t)(b * T + j0 + jj) * Hkv + hk) * D;
+#pragma unroll
+            for (int i = 0; i < ATT_ACC; i++) {
+                int d = lane + 32 * i;
+                if (d < D) acc[i] += dsj * tof(kj[d]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_ACC; i++) {
+        int d = lane + 32 * i;
+        if (d < D) dq[row + d] = tox(acc[i]);
+    }
+}
+// dk, dv: one warp per key row (b, j, hk) over the queries t >= j of every query head sharing kv head hk,
+// in a fixed order (head, then t): nothing is added by two warps, so no atomics
+__global__ void attention_backward_dkdv_kernel(floatX* dk, floatX* dv, const floatX* dout, const float* lse,
+                                               const float* dsum, const floatX* q, const floatX* k, const floatX* v,
+                                               int B, int T, int H, int Hkv, int D) {
+    __shared__ float ks[ATT_WARPS][ATT_MAXD], vs[ATT_WARPS][ATT_MAXD];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int idx = blockIdx.x * ATT_WARPS + warp; // (b, hk, j), j fastest
+    if (idx >= B * Hkv * T) return;
+    int j = idx % T, hk = (idx / T) % Hkv, b = idx / (T * Hkv), group = H / Hkv;
+    float scale = 1.0f / sqrtf((float)D);
+    size_t kvrow = ((size_t)(b * T + j) * Hkv + hk) * D;
+    for (int i = lane; i < D; i += 32) { ks[warp][i] = tof(k[kvrow + i]); vs[warp][i] = tof(v[kvrow + i]); }
+    __syncwarp();
+    float acck[ATT_ACC], accv[ATT_ACC];
+#pragma unroll
+    for (int i = 0; i < ATT_ACC; i++) { acck[i] = 0.0f; accv[i] = 0.0f; }
+    for (int h = hk * group; h < (hk + 1) * group; h++) {
+        for (int t0 = j; t0 < T; t0 += 32) {
+            int t = t0 + lane;
+            float p = 0.0f, ds = 0.0f;
+            if (t < T) {
+                size_t row = ((size_t)(b * T + t) * H + h) * D;
+                float s = 0.0f, dp = 0.0f;
+                for (int i = 0; i < D; i++) { s += tof(q[row + i]) * ks[warp][i]; dp += tof(dout[row + i]) * vs[warp][i]; }
+                size_t li = ((size_t)b * H + h) * T + t;
+                p = expf(s * scale - lse[li]);
+                ds = p * (dp - dsum[li]) * scale;
+            }
+            int nt = min(32, T - t0);
+            for (int tt = 0; tt < nt; tt++) {
+                float pt = __shfl_sync(FULL_MASK, p, tt), dst = __shfl_sync(FULL_MASK, ds, tt);
+                size_t row = ((size_t)(b * T + t0 + tt) * H + h) * D;
+#pragma unroll
+                for (int i = 0; i < ATT_ACC; i++) {
+                    int d = lane + 32 * i;
+                    if (d < D) { acck[i] += dst * tof(q[row + d]); accv[i] += pt * tof(dout[row + d]); }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_ACC; i++) {
+        int d = lane + 32 * i;
+        if (d < D) { dk[kvrow + d] = tox(acck[i]); dv[kvrow + d] = tox(accv[i]); }
+    }
+}
+// gradients into dq, dk, dv (all =) from dout[B,T,H,D], the forward's out and lse; dsum[B,H,T] is scratch
+void attention_backward(floatX* dq, floatX* dk, floatX* dv, float* dsum, const floatX* dout, const floatX* out,
+                        const float* lse, const floatX* q, const floatX* k, const floatX* v,
+                        int B, int T, int H, int Hkv, int D) {
+#ifdef USE_CUDNN
+    if (attention_backward_cudnn(dq, dk, dv, dout, out, lse, q, k, v, B, T, H, Hkv, D)) return;
+#endif
+    attention_backward_dq_kernel<<<ceil_div((size_t)B * H * T, ATT_WARPS), ATT_WARPS * 32>>>(
+        dq, dsum, dout, out, lse, q, k, v, B, T, H, Hkv, D);
+    cudaCheck(cudaGetLastError());
+    attention_backward_dkdv_kernel<<<ceil_div((size_t)B * Hkv * T, ATT_WARPS), ATT_WARPS * 32>>>(
+        dk, dv, dout, lse, dsum, q, k, v, B, T, H, Hkv, D);
+    cudaCheck(cudaGetLastError());
+}
+
+__global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = tox(tof(a[i]) + tof(b[i]));
+}
+// out[n] = a[n] + b[n] (out may be a)
+void residual_forward(floatX* out, const floatX* a, const floatX* b, size_t n) {
+    residual_forward_kernel<<<ceil_div(n, 256), 256>>>(out, a, b, n);
+    cudaCheck(cudaGetLastError());
+}
+
+// ----------------------------------------------------------------------------
+// the MoE layer: router -> topk -> permute -> experts -> unpermute, and the auxiliary losses
+
+__global__ void router_lse_kernel(float* lse, const float* z, int N, int E) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* zn = z + (size_t)n * E;
+    float mx = zn[0];
+    for (int e = 1; e < E; e++) if (zn[e] > mx) mx = zn[e];
+    float s = 0.0f;
+    for (int e = 0; e < E; e++) s += expf(zn[e] - mx);
+    lse[n] = mx + logf(s);
+}
+// router logits z[N,E] = m[N,C] . wr[E,C]^T (fp32 output, fp32 accumulation) and their logsumexp lse[N]
+void router_forward(float* z, float* lse, const floatX* m, const floatX* wr, int N, int C, int E) {
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, E, N, C, wr, C, m, C, z, CUDA_R_32F, E, 0.0f);
+    router_lse_kernel<<<ceil_div(N, 256), 256>>>(lse, z, N, E);
+    cudaCheck(cudaGetLastError());
+}
+
+// one thread per token. The j-th pass takes the best expert that comes after the (j-1)-th in the order
+// "larger logit first, equal logits: lower index first", which is exactly the CPU's selection.
+__global__ void topk_forward_kernel(int* topi, float* gate, const float* z, int N, int E, int K) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* zn = z + (size_t)n * E;
+    int* ti = topi + (size_t)n * K;
+    float prevz = INFINITY;
+    int preve = -1;
+    for (int j = 0; j < K; j++) {
+        int best = -1;
+        float bz = 0.0f;
+        for (int e = 0; e < E; e++) {
+            float ze = zn[e];
+            int after = ze < prevz || (ze == prevz && e > preve);
+            if (after && (best < 0 || ze > bz)) { best = e; bz = ze; } // strict '>' keeps the lower index on ties
+        }
+        ti[j] = best;
+        prevz = bz; preve = best;
+    }
+    float* g = gate + (size_t)n * K;
+    float mx = zn[ti[0]], s = 0.0f;
+    for (int j = 0; j < K; j++) { g[j] = expf(zn[ti[j]] - mx); s += g[j]; }
+    for (int j = 0; j < K; j++) g[j] /= s;
+}
+// the K largest logits of each token (larger first; equal logits: lower expert index first),
+// and the gates: softmax over those K logits only
+void topk_forward(int* topi, float* gate, const float* z, int N, int E, int K) {
+    topk_forward_kernel<<<ceil_div(N, 128), 128>>>(topi, gate, z, N, E, K);
+    cudaCheck(cudaGetLastError());
+}
+
+// permute plan: a counting sort of the N*K slots by expert, stable (token order within an expert),
+// in three deterministic steps over chunks of PLAN_CHUNK slots:
+//   1. hist[chunk, e] = slots of the chunk routed to e (shared-memory integer counts: order-free)
+//   2. one block: counts[e], offs[e], and hist[chunk, e] := first row of expert e for that chunk
+//   3. one warp per chunk walks its slots in order, 32 at a time; lanes with the same expert
+//      (__match_any_sync) take consecutive rows in lane order
+#define PLAN_CHUNK 1024
+__global__ void permute_count_kernel(int* hist, const int* topi, int NK, int E) {
+    extern __shared__ int cnt[]; // E
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    int s0 = blockIdx.x * PLAN_CHUNK, s1 = min(s0 + PLAN_CHUNK, NK);
+    for (int s = s0 + threadIdx.x; s < s1; s += blockDim.x) atomicAdd(&cnt[topi[s]], 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) hist[(size_t)blockIdx.x * E + e] = cnt[e];
+}
+__global__ void permute_offsets_kernel(int* counts, int* offs, int* hist, int nchunks, int E) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int c = 0;
+        for (int ch = 0; ch < nchunks; ch++) c += hist[(size_t)ch * E + e];
+        counts[e] = c;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        offs[0] = 0;
+        for (int e = 0; e < E; e++) offs[e + 1] = offs[e] + counts[e];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int r = offs[e];
+        for (int ch = 0; ch < nchunks; ch++) { int c = hist[(size_t)ch * E + e]; hist[(size_t)ch * E + e] = r; r += c; }
+    }
+}
+__global__ void permute_place_kernel(int* row_of, int* tok_of, const int* hist, const int* topi, int NK, int E, int K) {
+    extern __shared__ int next[]; // E: the next free row of each expert, for this chunk
+    int lane = threadIdx.x;       // one warp per block
+    for (int e = lane; e < E; e += 32) next[e] = hist[(size_t)blockIdx.x * E + e];
+    __syncwarp();
+    int s0 = blockIdx.x * PLAN_CHUNK, s1 = min(s0 + PLAN_CHUNK, NK);
+    for (int base = s0; base < s1; base += 32) {
+        int s = base + lane;
+        int valid = s < s1;
+        int e = valid ? topi[s] : -1;
+        unsigned same = __match_any_sync(FULL_MASK, e);
+        int rank = __popc(same & ((1u << lane) - 1u));
+        int row = valid ? next[e] + rank : 0;
+        __syncwarp();
+        if (valid) {
+            row_of[s] = row;
+            tok_of[row] = s / K;
+            if ((same >> lane) == 1u) next[e] += __popc(same); // the group's last lane advances its expert
+        }
+        __syncwarp();
+    }
+}
+// group the N*K token slots by expert (counting sort: within an expert, by token order).
+// counts[E], offs[E+1] (row range of expert e), row_of[n*K+j] = row of slot j of token n,
+// tok_of[row] = token of that row; hist: scratch of ceil(NK/PLAN_CHUNK)*E ints.
+// offs_h (host, E+1) receives offs: the grouped GEMMs need the sizes on the host.
+void permute_plan(int* counts, int* offs, int* row_of, int* tok_of, int* hist, int* offs_h, const int* topi,
+                  int N, int E, int K) {
+    int NK = N * K, nchunks = ceil_div(NK, PLAN_CHUNK);
+    size_t shmem = (size_t)E * sizeof(int);
+    permute_count_kernel<<<nchunks, 256, shmem>>>(hist, topi, NK, E);
+    cudaCheck(cudaGetLastError());
+    permute_offsets_kernel<<<1, 1024>>>(counts, offs, hist, nchunks, E);
+    cudaCheck(cudaGetLastError());
+    permute_place_kernel<<<nchunks, 32, shmem>>>(row_of, tok_of, hist, topi, NK, E, K);
+    cudaCheck(cudaGetLastError());
+    cudaCheck(cudaMemcpy(offs_h, offs, (E + 1) * sizeof(int), cudaMemcpyDeviceToHost));
+}
+
+__global__ void permute_forward_kernel(floatX* xe, const floatX* m, const int* tok_of, int NK, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)NK * C) return;
+    size_t r = i / C, c = i % C;
+    xe[i] = m[(size_t)tok_of[r] * C + c];
+}
+// xe[NK,C] = m[tok_of[row], :]: tokens into expert-contiguous rows
+void permute_forward(floatX* xe, const floatX* m, const int* tok_of, int NK, int C) {
+    permute_forward_kernel<<<ceil_div((size_t)NK * C, 256), 256>>>(xe, m, tok_of, NK, C);
+    cudaCheck(cudaGetLastError());
+}
+__global__ void permute_backward_kernel(floatX* dm, const floatX* dxe, const int* row_of, int N, int K, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * C) return;
+    size_t n = i / C, c = i % C;
+    float s = tof(dm[i]);
+    for (int j = 0; j < K; j++) s += tof(dxe[(size_t)row_of[n * K + j] * C + c]);
+    dm[i] = tox(s);
+}
+// dm[n,:] += sum_j dxe[row_of[n,j], :]  (a token's K slots add in slot order)
+void permute_backward(floatX* dm, const floatX* dxe, const int* row_of, int N, int K, int C) {
+    permute_backward_kernel<<<ceil_div((size_t)N * C, 256), 256>>>(dm, dxe, row_of, N, K, C);
+    cudaCheck(cudaGetLastError());
+}
+
+__global__ void swiglu_forward_kernel(floatX* act, const floatX* h1, const floatX* h3, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = tof(h1[i]);
+    act[i] = tox(g / (1.0f + expf(-g)) * tof(h3[i]));
+}
+__global__ void swiglu_backward_kernel(floatX* dh1, floatX* dh3, const floatX* dact, const floatX* h1, const floatX* h3, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = tof(h1[i]), da = tof(dact[i]);
+    float sg = 1.0f / (1.0f + expf(-g));
+    float silu = g * sg;
+    dh3[i] = tox(da * silu);
+    dh1[i] = tox(da * tof(h3[i]) * sg * (1.0f + g * (1.0f - sg)));
+}
+
+// each expert's SwiGLU over its own rows: ye = w2 . (silu(w1 . xe) * (w3 . xe))
+// xe[NK,C], h1,h3,act[NK,F], ye[NK,C]; w1,w3[E,F,C], w2[E,C,F]; offs on the host.
+// One grouped GEMM for w1 and w3 of every expert, one for w2; an expert with no rows is left out.
+void experts_forward(floatX* ye, floatX* h1, floatX* h3, floatX* act, const floatX* xe,
+                     const floatX* w1, const floatX* w3, const floatX* w2, const int* offs, int E, int C, int F,
+                     GemmGroup* g) {
+    for (int e = 0; e < E; e++) {
+        int r0 = offs[e], n = offs[e + 1] - offs[e];
+        if (n == 0) continue;
+        // h[n,F] = xe[n,C] . w[e]^T
+        group_add(g, CUBLAS_OP_T, CUBLAS_OP_N, F, n, C, w1 + (size_t)e * F * C, C, xe + (size_t)r0 * C, C, 0.0f, h1 + (size_t)r0 * F, F);
+        group_add(g, CUBLAS_OP_T, CUBLAS_OP_N, F, n, C, w3 + (size_t)e * F * C, C, xe + (size_t)r0 * C, C, 0.0f, h3 + (size_t)r0 * F, F);
+    }
+    group_run(g);
+    size_t nf = (size_t)offs[E] * F;
+    swiglu_forward_kernel<<<ceil_div(nf, 256), 256>>>(act, h1, h3, nf);
+    cudaCheck(cudaGetLastError());
+    for (int e = 0; e < E; e++) {
+        int r0 = offs[e], n = offs[e + 1] - offs[e];
+        if (n == 0) continue;
+        // ye[n,C] = act[n,F] . w2[e]^T
+        group_add(g, CUBLAS_OP_T, CUBLAS_OP_N, C, n, F, w2 + (size_t)e * C * F, F, act + (size_t)r0 * F, F, 0.0f, ye + (size_t)r0 * C, C);
+    }
+    group_run(g);
+}
+
+#ifdef PRECISION_BF16
+// dw[e] += scratch[e] for the experts that got tokens (the others' scratch holds stale values)
+__global__ void expert_grad_accumulate_kernel(float* dw, const floatX* scratch, const int* offs, int E, size_t per_expert) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)E * per_expert) return;
+    int e = (int)(i / per_expert);
+    if (offs[e + 1] == offs[e]) return;
+    dw[i] += tof(scratch[i]);
+}
+#endif
+// dw[e][OC,IC] (fp32) += dout[rows of e, OC]^T . inp[rows of e, IC] for every expert with rows.
+// fp32 builds accumulate into the gradient directly; bf16 builds go through a bf16 scratch of E*OC*IC
+// (grouped GEMMs write C in the type of A and B) that is then added into the fp32 gradient.
+static void experts_weight_grad(float* dw, const floatX* dout, const floatX* inp, const int* offs, const int* offs_d,
+                                int E, int IC, int OC, GemmGroup* g, floatX* scratch) {
+#ifdef PRECISION_BF16
+    floatX* target = scratch;
+    float beta = 0.0f;
+#else
+    floatX* target = dw;
+    float beta = 1.0f;
+    (void)offs_d; (void)scratch;
+#endif
+    for (int e = 0; e < E; e++) {
+        int r0 = offs[e], n = offs[e + 1] - offs[e];
+        if (n == 0) continue;
+        group_add(g, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, n, inp + (size_t)r0 * IC, IC, dout + (size_t)r0 * OC, OC, beta,
+                  target + (size_t)e * OC * IC, IC);
+    }
+    group_run(g);
+#ifdef PRECISION_BF16
+    size_t total = (size_t)E * OC * IC;
+    expert_grad_accumulate_kernel<<<ceil_div(total, 256), 256>>>(dw, scratch, offs_d, E, (size_t)OC * IC);
+    cudaCheck(cudaGetLastError());
+#endif
+}
+// given dye[NK,C]: dxe[NK,C] (=), dw1,dw3,dw2 (fp32, +=); dact, dh1, dh3 are scratch [NK,F];
+// offs on the host, offs_d the same on the device; wscratch: bf16 builds' E*F*C weight-gradient scratch
+void experts_backward(floatX* dxe, float* dw1, float* dw3, float* dw2, floatX* dact, floatX* dh1, floatX* dh3,
+                      const floatX* dye, const floatX* xe, const floatX* h1, const floatX* h3, const floatX* act,
+                      const floatX* w1, const floatX* w3, const floatX* w2, const int* offs, const int* offs_d,
+                      int E, int C, int F, GemmGroup* g, floatX* wscratch) {
+    // dact[n,F] = dye[n,C] . w2[e]  (w2[e] is C x F)
+    for (int e = 0; e < E; e++) {
+        int r0 = offs[e], n = offs[e + 1] - offs[e];
+        if (n == 0) continue;
+        group_add(g, CUBLAS_OP_N, CUBLAS_OP_N, F, n, C, w2 + (size_t)e * C * F, F, dye + (size_t)r0 * C, C, 0.0f, dact + (size_t)r0 * F, F);
+    }
+    group_run(g);
+    experts_weight_grad(dw2, dye, act, offs, offs_d, E, F, C, g, wscratch);
+    size_t nf = (size_t)offs[E] * F;
+    swiglu_backward_kernel<<<ceil_div(nf, 256), 256>>>(dh1, dh3, dact, h1, h3, nf);
+    cudaCheck(cudaGetLastError());
+    // dxe[n,C] = dh1[n,F] . w1[e] + dh3[n,F] . w3[e]   (two calls: both write dxe)
+    for (int pass = 0; pass < 2; pass++) {
+        const floatX* w = pass ? w3 : w1;
+        const floatX* dh = pass ? dh3 : dh1;
+        for (int e = 0; e < E; e++) {
+            int r0 = offs[e], n = offs[e + 1] - offs[e];
+            if (n == 0) continue;
+            group_add(g, CUBLAS_OP_N, CUBLAS_OP_N, C, n, F, w + (size_t)e * F * C, C, dh + (size_t)r0 * F, F,
+                      pass ? 1.0f : 0.0f, dxe + (size_t)r0 * C, C);
+        }
+        group_run(g);
+    }
+    experts_weight_grad(dw1, dh1, xe, offs, offs_d, E, C, F, g, wscratch);
+    experts_weight_grad(dw3, dh3, xe, offs, offs_d, E, C, F, g, wscratch);
+}
+
+__global__ void unpermute_forward_kernel(floatX* out, const floatX* res, const floatX* ye, const float* gate,
+                                         const int* row_of, int N, int K, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * C) return;
+    size_t n = i / C, c = i % C;
+    float o = tof(res[i]);
+    for (int j = 0; j < K; j++) o += gate[n * K + j] * tof(ye[(size_t)row_of[n * K + j] * C + c]);
+    out[i] = tox(o);
+}
+// combine: out[n,:] = res[n,:] + sum_j gate[n,j] * ye[row_of[n,j], :]
+void unpermute_forward(floatX* out, const floatX* res, const floatX* ye, const float* gate, const int* row_of,
+                       int N, int K, int C) {
+    unpermute_forward_kernel<<<ceil_div((size_t)N * C, 256), 256>>>(out, res, ye, gate, row_of, N, K, C);
+    cudaCheck(cudaGetLastError());
+}
+// one warp per slot (n, j)
+__global__ void unpermute_backward_kernel(floatX* dye, float* dgate, const floatX* dout, const floatX* ye, const float* gate,
+                                          const int* row_of, int N, int K, int C) {
+    int s = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (s >= N * K) return;
+    int n = s / K, row = row_of[s];
+    const floatX* d = dout + (size_t)n * C;
+    const floatX* y = ye + (size_t)row * C;
+    floatX* dy = dye + (size_t)row * C;
+    float g = gate[s], dot = 0.0f;
+    for (int c = lane; c < C; c += 32) { float dc = tof(d[c]); dy[c] = tox(g * dc); dot += dc * tof(y[c]); }
+    dot = warp_sum(dot);
+    if (lane == 0) dgate[s] = dot;
+}
+// dye[row,:] = gate * dout[n,:]; dgate[n,j] = <dout[n,:], ye[row,:]> (fp32)
+void unpermute_backward(floatX* dye, float* dgate, const floatX* dout, const floatX* ye, const float* gate,
+                        const int* row_of, int N, int K, int C) {
+    unpermute_backward_kernel<<<ceil_div((size_t)N * K, 8), 256>>>(dye, dgate, dout, ye, gate, row_of, N, K, C);
+    cudaCheck(cudaGetLastError());
+}
+
+// block e < E: part[e] = sum_n softmax(z_n)_e; block E: part[E] = sum_n lse_n^2 (double, tree order)
+__global__ void router_losses_partial_kernel(double* part, const float* z, const float* lse, int N, int E) {
+    __shared__ double sh[256];
+    int e = blockIdx.x;
+    double s = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        if (e < E) s += expf(z[(size_t)n * E + e] - lse[n]);
+        else s += (double)lse[n] * lse[n];
+    }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) part[e] = s;
+}
+__global__ void router_losses_final_kernel(float* aux, float* zl, const double* part, const int* counts, int N, int E, int K) {
+    double a = 0.0;
+    for (int e = 0; e < E; e++) a += ((double)counts[e] / ((double)N * K)) * (part[e] / N);
+    *aux = (float)(E * a);
+    *zl = (float)(part[E] / N);
+}
+// aux_l = E * sum_e f_e * P_e  (f_e = counts_e/(N*K), no gradient; P_e = mean_n softmax(z_n)_e)
+// zl_l = mean_n lse_n^2.  aux, zl: device floats; part: E+1 doubles of scratch
+void router_losses(float* aux, float* zl, const float* z, const float* lse, const int* counts, int N, int E, int K, double* part) {
+    router_losses_partial_kernel<<<E + 1, 256>>>(part, z, lse, N, E);
+    cudaCheck(cudaGetLastError());
+    router_losses_final_kernel<<<1, 1>>>(aux, zl, part, counts, N, E, K);
+    cudaCheck(cudaGetLastError());
+}
+
+__global__ void router_backward_kernel(float* dz, const float* dgate, const float* z, const float* lse, const int* topi,
+                                       const float* gate, const int* counts, float daux, float dzl, int N, int E, int K) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const float* zn = z + (size_t)n * E;
+    float* d = dz + (size_t)n * E;
+    float fp = 0.0f; // sum_e f_e p_e
+    for (int e = 0; e < E; e++) fp += ((float)counts[e] / ((float)N * K)) * expf(zn[e] - lse[n]);
+    for (int e = 0; e < E; e++) {
+        float p = expf(zn[e] - lse[n]);
+        float f = (float)counts[e] / ((float)N * K);
+        d[e] = daux * E / N * p * (f - fp) + dzl * 2.0f / N * lse[n] * p;
+    }
+    // gates are a softmax over the chosen logits: dz_j = g_j (dg_j - sum_i g_i dg_i)
+    const float* g = gate + (size_t)n * K;
+    const float* dg = dgate + (size_t)n * K;
+    float gdg = 0.0f;
+    for (int j = 0; j < K; j++) gdg += g[j] * dg[j];
+    for (int j = 0; j < K; j++) d[topi[n * K + j]] += g[j] * (dg[j] - gdg);
+}
+// dz[N,E] (=, fp32) from the gates (dgate), the aux loss (scaled by daux) and the z-loss (scaled by dzl)
+void router_backward(float* dz, const float* dgate, const float* z, const float* lse, const int* topi,
+                     const float* gate, const int* counts, float daux, float dzl, int N, int E, int K) {
+    router_backward_kernel<<<ceil_div(N, 128), 128>>>(dz, dgate, z, lse, topi, gate, counts, daux, dzl, N, E, K);
+    cudaCheck(cudaGetLastError());
+}
+
+// ----------------------------------------------------------------------------
+// classifier: softmax cross-entropy with an ignore index (target -1). The forward keeps the logits
+// and each row's logsumexp; the backward overwrites the logits with their gradient in place, so the
+// N x V tensor exists once.
+
+__global__ void crossentropy_forward_kernel(float* losses, float* row_lse, const floatX* logits, const int* targets, int N, int V) {
+    __shared__ float sh[256];
+    int n = blockIdx.x;
+    const floatX* l = logits + (size_t)n * V;
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, tof(l[i]));
+    mx = block_max(mx, sh);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(tof(l[i]) - mx);
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) {
+        float lse = mx + logf(s);
+        row_lse[n] = lse;
+        losses[n] = targets[n] < 0 ? 0.0f : lse - tof(l[targets[n]]);
+    }
+}
+__global__ void mean_loss_kernel(float* out, const float* losses, int N, int counted) {
+    __shared__ double sh[1024];
+    double s = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) s += losses[n];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) *out = counted ? (float)(s / counted) : 0.0f;
+}
+// losses[N] = -log softmax(logits[n])[target] (0 where ignored), row_lse[N]; *ce (device) = mean over
+// the counted targets
+void crossentropy_forward(float* ce, float* losses, float* row_lse, const floatX* logits, const int* targets, int counted, int N, int V) {
+    crossentropy_forward_kernel<<<N, 256>>>(losses, row_lse, logits, targets, N, V);
+    cudaCheck(cudaGetLastError());
+    mean_loss_kernel<<<1, 1024>>>(ce, losses, N, counted);
+    cudaCheck(cudaGetLastError());
+}
+__global__ void crossentropy_backward_kernel(floatX* logits, const float* row_lse, const int* targets, float scale, int V) {
+    int n = blockIdx.x, t = targets[n];
+    floatX* l = logits + (size_t)n * V;
+    float lse = row_lse[n];
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float d = 0.0f;
+        if (t >= 0) d = expf(tof(l[i]) - lse) * scale - (i == t ? scale : 0.0f);
+        l[i] = tox(d);
+    }
+}
+// logits[N,V] := dloss * (softmax - onehot) / counted, in place; zero rows for ignored targets
+void crossentropy_backward(floatX* logits, const float* row_lse, const int* targets, float dloss, int counted, int N, int V) {
+    float scale = counted ? dloss / counted : 0.0f;
+    crossentropy_backward_kernel<<<N, 256>>>(logits, row_lse, targets, scale, V);
+    cudaCheck(cudaGetLastError());
+}
+
+// ----------------------------------------------------------------------------
+// the model: parameters (one block, fp32 master + a floatX copy), activations (one block), forward, backward
+
+template <typename Tp>
+struct ParamTensorsT { Tp *wte, *attn_norm, *wq, *wk, *wv, *wo, *moe_norm, *wr, *w1, *w3, *w2, *final_norm, *lm_head; };
+typedef ParamTensorsT<floatX> ParamTensors;   // the weights the kernels read
+typedef ParamTensorsT<float> ParamTensorsF32; // master weights, gradients, AdamW m and v: always fp32
+
+template <typename Tp>
+static void point_params(ParamTensorsT<Tp>* p, Tp* mem, const size_t* sizes) {
+    Tp** ptrs[NUM_PARAM_TENSORS] = {&p->wte, &p->attn_norm, &p->wq, &p->wk, &p->wv, &p->wo, &p->moe_norm,
+                                    &p->wr, &p->w1, &p->w3, &p->w2, &p->final_norm, &p->lm_head};
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) { *ptrs[i] = mem; mem += sizes[i]; }
+}
+
+// activations kept for the backward pass, for at most B*T = N tokens. Per layer l (outermost):
+#define NUM_ACT_TENSORS 20
+typedef struct {
+    floatX* resid;    // (L+1) x N x C   input of each layer, then the last layer's output
+    floatX* resid_mid;// L x N x C       after attention
+    floatX* a;        // L x N x C       attn rmsnorm output
+    float* a_rstd;    // L x N
+    floatX* q;        // L x N x H*D     after RoPE
+    floatX* k;        // L x N x Hkv*D   after RoPE
+    floatX* v;        // L x N x Hkv*D
+    float* att_lse;   // L x B x H x T   softmax logsumexp per query (the CPU keeps att[B,H,T,T] instead)
+    floatX* atty;     // L x N x H*D     attention output before wo
+    floatX* m;        // L x N x C       moe rmsnorm output
+    float* m_rstd;    // L x N
+    float* z;         // L x N x E       router logits (fp32)
+    float* lse;       // L x N           logsumexp of z
+    float* gate;      // L x N x K
+    floatX* xe;       // L x NK x C      tokens permuted into expert-contiguous rows
+    floatX* h1;       // L x NK x F      w1 . xe
+    floatX* h3;       // L x NK x F      w3 . xe
+    floatX* act;      // L x NK x F      silu(h1) * h3
+    floatX* ye;       // L x NK x C      expert outputs
+    floatX* xf;       // N x C           final rmsnorm output
+} ActTensors;
+
+typedef struct {
+    MoEConfig config;
+    ParamTensors params;                              // floatX (in fp32 builds: the master weights themselves)
+    ParamTensorsF32 master, grads, m_state, v_state;  // fp32
+    size_t param_sizes[NUM_PARAM_TENSORS];
+    size_t num_params;
+    floatX* params_memory;
+    float *master_memory, *grads_memory, *m_memory, *v_memory;
+    // activations
+    int maxB, maxT;   // allocated for B*T <= maxB*maxT and T <= maxT
+    int B, T;         // of the last forward
+    ActTensors acts;
+    void* acts_memory;
+    float *f_rstd, *losses, *logit_lse;
+    floatX* logits;   // N x V; model_backward overwrites it with its gradient
+    int *topi, *counts, *offs, *row_of, *tok_of; // device: L x N x K, L x E, L x (E+1), L x NK, L x NK
+    int* plan_hist;   // permute_plan scratch
+    int* offs_h;      // host copy of offs: L x (E+1)
+    float *freqs_cos, *freqs_sin;
+    int *inputs_d, *targets_d;
+    // backward scratch (one layer at a time)
+    floatX *dres, *dbuf, *dq, *dk, *dv, *datty, *dzx, *dxe, *dye, *dact, *dh1, *dh3, *wgrad_scratch;
+    float *dz, *dgate, *att_dsum, *norm_partial;
+    double* reduce_scratch;
+    int *enc_work, *enc_work_d;
+    GemmGroup group;
+    float* loss_terms_d; // device: ce, aux[L], zl[L]
+    // results of the last forward (host)
+    const int* inputs;
+    const int* targets;
+    int counted;      // targets that are not -1
+    float ce, loss;
+    float *aux, *zl;  // L each
+} Model;
+
+// allocate parameters, gradients and the optimizer state (zeros) on the GPU
+void model_build(Model* model, const MoEConfig* config) {
+    memset(model, 0, sizeof(*model));
+    model->config = *config;
+    int D = config->C / config->H;
+    if (D > ATT_MAXD) {
+        fprintf(stderr, "Error: head size D=C/H=%d exceeds %d, the attention kernels' limit (flags -nc, -nh)\n", D, ATT_MAXD);
+        exit(EXIT_FAILURE);
+    }
+#ifdef PRECISION_BF16
+    if (config->C % 8 || config->F % 8) { // 16-byte aligned rows for the bf16 grouped GEMMs
+        fprintf(stderr, "Error: the bf16 build needs C and F to be multiples of 8 (got C=%d F=%d); "
+                        "build with PRECISION=FP32 for other shapes\n", config->C, config->F);
+        exit(EXIT_FAILURE);
+    }
+#endif
+    fill_param_sizes(model->param_sizes, config);
+    size_t n = 0;
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) n += model->param_sizes[i];
+    model->num_params = n;
+    float** f32[4] = {&model->master_memory, &model->grads_memory, &model->m_memory, &model->v_memory};
+    for (int i = 0; i < 4; i++) {
+        *f32[i] = (float*)cudaMallocCheck(n * sizeof(float));
+        cudaCheck(cudaMemset(*f32[i], 0, n * sizeof(float)));
+    }
+#ifdef PRECISION_BF16
+    model->params_memory = (floatX*)cudaMallocCheck(n * sizeof(floatX));
+    cudaCheck(cudaMemset(model->params_memory, 0, n * sizeof(floatX)));
+#else
+    model->params_memory = model->master_memory;
+#endif
+    point_params(&model->params, model->params_memory, model->param_sizes);
+    point_params(&model->master, model->master_memory, model->param_sizes);
+    point_params(&model->grads, model->grads_memory, model->param_sizes);
+    point_params(&model->m_state, model->m_memory, model->param_sizes);
+    point_params(&model->v_state, model->v_memory, model->param_sizes);
+    model->aux = (float*)callocCheck(config->L, sizeof(float));
+    model->zl = (float*)callocCheck(config->L, sizeof(float));
+    model->loss_terms_d = (float*)cudaMallocCheck((1 + 2 * (size_t)config->L) * sizeof(float));
+    group_init(&model->group, 2 * config->E);
+}
+
+// host fp32 parameters (and AdamW m, v when given) -> the GPU; the floatX copy is cast from the master
+void model_upload(Model* model, const float* params, const float* m, const float* v) {
+    size_t bytes = model->num_params * sizeof(float);
+    cudaCheck(cudaMemcpy(model->master_memory, params, bytes, cudaMemcpyHostToDevice));
+    if (m) cudaCheck(cudaMemcpy(model->m_memory, m, bytes, cudaMemcpyHostToDevice));
+    if (v) cudaCheck(cudaMemcpy(model->v_memory, v, bytes, cudaMemcpyHostToDevice));
+    cast_to_floatX(model->params_memory, model->master_memory, model->num_params);
+    cudaCheck(cudaDeviceSynchronize());
+}
+// the GPU's fp32 master weights, m and v -> host arrays of num_params (any may be NULL)
+void model_download(const Model* model, float* params, float* m, float* v) {
+    size_t bytes = model->num_params * sizeof(float);
+    if (params) cudaCheck(cudaMemcpy(params, model->master_memory, bytes, cudaMemcpyDeviceToHost));
+    if (m) cudaCheck(cudaMemcpy(m, model->m_memory, bytes, cudaMemcpyDeviceToHost));
+    if (v) cudaCheck(cudaMemcpy(v, model->v_memory, bytes, cudaMemcpyDeviceToHost));
+}
+
+// Megatron's init, drawn on the host by train_moe.c itself: the same seed gives the CPU's very weights
+void model_init_random(Model* model, uint64_t seed, float std) {
+    cpu::Model shell; // only what cpu::model_init_random reads
+    memset(&shell, 0, sizeof(shell));
+    shell.config = model->config;
+    memcpy(shell.param_sizes, model->param_sizes, sizeof(shell.param_sizes));
+    shell.num_params = model->num_params;
+    shell.params_memory = (float*)mallocCheck(model->num_params * sizeof(float));
+    cpu::model_init_random(&shell, seed, std);
+    model_upload(model, shell.params_memory, NULL, NULL);
+    free(shell.params_memory);
+}
+
+static void model_alloc_acts(Model* model, int B, int T) {
+    const MoEConfig* c = &model->config;
+    size_t N = (size_t)B * T, L = c->L, C = c->C, H = c->H, D = c->C / c->H, HD = c->H * D, KD = c->Hkv * D;
+    size_t E = c->E, K = c->K, F = c->F, NK = N * K, V = c->V, X = sizeof(floatX), S = sizeof(float);
+    size_t counts[NUM_ACT_TENSORS] = {
+        (L + 1) * N * C, L * N * C, L * N * C, L * N, L * N * HD, L * N * KD, L * N * KD,
+        L * N * H, L * N * HD, L * N * C, L * N, L * N * E, L * N, L * N * K,
+        L * NK * C, L * NK * F, L * NK * F, L * NK * F, L * NK * C, N * C};
+    size_t elem[NUM_ACT_TENSORS] = {X, X, X, S, X, X, X, S, X, X, S, S, S, S, X, X, X, X, X, X};
+    void** ptrs[NUM_ACT_TENSORS] = {
+        (void**)&model->acts.resid, (void**)&model->acts.resid_mid, (void**)&model->acts.a, (void**)&model->acts.a_rstd,
+        (void**)&model->acts.q, (void**)&model->acts.k, (void**)&model->acts.v, (void**)&model->acts.att_lse,
+        (void**)&model->acts.atty, (void**)&model->acts.m, (void**)&model->acts.m_rstd, (void**)&model->acts.z,
+        (void**)&model->acts.lse, (void**)&model->acts.gate, (void**)&model->acts.xe, (void**)&model->acts.h1,
+        (void**)&model->acts.h3, (void**)&model->acts.act, (void**)&model->acts.ye, (void**)&model->acts.xf};
+    size_t total = 0; // each tensor starts 256-byte aligned
+    for (int i = 0; i < NUM_ACT_TENSORS; i++) total += (counts[i] * elem[i] + 255) / 256 * 256;
+    char* p = (char*)cudaMallocCheck(total);
+    model->acts_memory = p;
+    for (int i = 0; i < NUM_ACT_TENSORS; i++) { *ptrs[i] = p; p += (counts[i] * elem[i] + 255) / 256 * 256; }
+    model->f_rstd = (float*)cudaMallocCheck(N * S);
+    model->logits = (floatX*)cudaMallocCheck(N * V * X);
+    model->losses = (float*)cudaMallocCheck(N * S);
+    model->logit_lse = (float*)cudaMallocCheck(N * S);
+    model->topi = (int*)cudaMallocCheck(L * NK * sizeof(int));
+    model->counts = (int*)cudaMallocCheck(L * E * sizeof(int));
+    model->offs = (int*)cudaMallocCheck(L * (E + 1) * sizeof(int));
+    model->row_of = (int*)cudaMallocCheck(L * NK * sizeof(int));
+    model->tok_of = (int*)cudaMallocCheck(L * NK * sizeof(int));
+    model->plan_hist = (int*)cudaMallocCheck((size_t)ceil_div(NK, PLAN_CHUNK) * E * sizeof(int));
+    model->offs_h = (int*)callocCheck(L * (E + 1), sizeof(int));
+    float* fcos = (float*)mallocCheck((size_t)T * (D / 2) * S);
+    float* fsin = (float*)mallocCheck((size_t)T * (D / 2) * S);
+    rope_tables(fcos, fsin, T, (int)D, c->theta);
+    model->freqs_cos = (float*)cudaMallocCheck((size_t)T * (D / 2) * S);
+    model->freqs_sin = (float*)cudaMallocCheck((size_t)T * (D / 2) * S);
+    cudaCheck(cudaMemcpy(model->freqs_cos, fcos, (size_t)T * (D / 2) * S, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(model->freqs_sin, fsin, (size_t)T * (D / 2) * S, cudaMemcpyHostToDevice));
+    free(fcos); free(fsin);
+    model->inputs_d = (int*)cudaMallocCheck(N * sizeof(int));
+    model->targets_d = (int*)cudaMallocCheck(N * sizeof(int));
+    size_t mx = C > HD ? C : HD;
+    model->dres = (floatX*)cudaMallocCheck(N * C * X);
+    model->dbuf = (floatX*)cudaMallocCheck(N * mx * X);
+    model->dq = (floatX*)cudaMallocCheck(N * HD * X);
+    model->dk = (floatX*)cudaMallocCheck(N * KD * X);
+    model->dv = (floatX*)cudaMallocCheck(N * KD * X);
+    model->datty = (floatX*)cudaMallocCheck(N * HD * X);
+    model->dz = (float*)cudaMallocCheck(N * E * S);
+#ifdef PRECISION_BF16
+    model->dzx = (floatX*)cudaMallocCheck(N * E * X);
+    model->wgrad_scratch = (floatX*)cudaMallocCheck(E * F * C * X);
+#else
+    model->dzx = model->dz;
+    model->wgrad_scratch = NULL;
+#endif
+    model->dgate = (float*)cudaMallocCheck(NK * S);
+    model->dxe = (floatX*)cudaMallocCheck(NK * C * X);
+    model->dye = (floatX*)cudaMallocCheck(NK * C * X);
+    model->dact = (floatX*)cudaMallocCheck(NK * F * X);
+    model->dh1 = (floatX*)cudaMallocCheck(NK * F * X);
+    model->dh3 = (floatX*)cudaMallocCheck(NK * F * X);
+    model->att_dsum = (float*)cudaMallocCheck(N * H * S);
+    model->norm_partial = (float*)cudaMallocCheck((size_t)ceil_div(N, NORM_ROWS) * C * S);
+    model->reduce_scratch = (double*)cudaMallocCheck((E + 1 + 1024) * sizeof(double));
+    model->enc_work = (int*)mallocCheck((V + 3 * N + 1) * sizeof(int));
+    model->enc_work_d = (int*)cudaMallocCheck((3 * N + 1) * sizeof(int));
+    model->maxB = B;
+    model->maxT = T;
+}
+
+static void model_free_acts(Model* model) {
+    void* dev[] = {model->acts_memory, model->f_rstd, model->logits, model->losses, model->logit_lse, model->topi,
+                   model->counts, model->offs, model->row_of, model->tok_of, model->plan_hist, model->freqs_cos,
+                   model->freqs_sin, model->inputs_d, model->targets_d, model->dres, model->dbuf, model->dq, model->dk,
+                   model->dv, model->datty, model->dz, model->dgate, model->dxe, model->dye, model->dact, model->dh1,
+                   model->dh3, model->att_dsum, model->norm_partial, model->reduce_scratch, model->enc_work_d};
+    for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cuda_free(dev[i]);
+#ifdef PRECISION_BF16
+    cuda_free(model->dzx);
+    cuda_free(model->wgrad_scratch);
+#endif
+    free(model->offs_h);
+    free(model->enc_work);
+    model->acts_memory = NULL;
+}
+
+void model_free(Model* model) {
+    if (model->acts_memory) model_free_acts(model);
+    cuda_free(model->master_memory); cuda_free(model->grads_memory); cuda_free(model->m_memory); cuda_free(model->v_memory);
+#ifdef PRECISION_BF16
+    cuda_free(model->params_memory);
+#endif
+    cuda_free(model->loss_terms_d);
+    group_free(&model->group);
+    free(model->aux); free(model->zl);
+}
+
+// forward pass on inputs[B,T] (host); with targets (host, may be NULL) it computes ce, aux, zl and loss.
+// Buffers are laid out for (B,T) of this call, so any B*T <= maxB*maxT with T <= maxT works.
+void model_forward(Model* model, const int* inputs, const int* targets, int B, int T) {
+    const MoEConfig* c = &model->config;
+    int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
+    if (model->acts_memory == NULL) model_alloc_acts(model, B, T);
+    if ((size_t)B * T > (size_t)model->maxB * model->maxT || T > model->maxT) {
+        fprintf(stderr, "Error: forward with B=%d T=%d exceeds the allocated B=%d T=%d\n", B, T, model->maxB, model->maxT);
+        exit(EXIT_FAILURE);
+    }
+    for (int i = 0; i < B * T; i++)
+        if (inputs[i] < 0 || inputs[i] >= V) {
+            fprintf(stderr, "Error: input token %d at position %d is outside [0, V=%d)\n", inputs[i], i, V);
+            exit(EXIT_FAILURE);
+        }
+    int N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    model->B = B; model->T = T; model->inputs = inputs; model->targets = targets;
+    cudaCheck(cudaMemcpy(model->inputs_d, inputs, N * sizeof(int), cudaMemcpyHostToDevice));
+    ParamTensors p = model->params;
+    ActTensors a = model->acts;
+    encoder_forward(a.resid, model->inputs_d, p.wte, N, C);
+    for (int l = 0; l < L; l++) {
+        // seek to layer l's parameters and activations
+        const floatX* wq = p.wq + (size_t)l * HD * C;
+        const floatX* wk = p.wk + (size_t)l * KD * C;
+        const floatX* wv = p.wv + (size_t)l * KD * C;
+        const floatX* wo = p.wo + (size_t)l * C * HD;
+        const floatX* wr = p.wr + (size_t)l * E * C;
+        const floatX* w1 = p.w1 + (size_t)l * E * F * C;
+        const floatX* w3 = p.w3 + (size_t)l * E * F * C;
+        const floatX* w2 = p.w2 + (size_t)l * E * C * F;
+        floatX* res = a.resid + (size_t)l * N * C;
+        floatX* res_mid = a.resid_mid + (size_t)l * N * C;
+        floatX* an = a.a + (size_t)l * N * C;
+        floatX* q = a.q + (size_t)l * N * HD;
+        floatX* k = a.k + (size_t)l * N * KD;
+        floatX* v = a.v + (size_t)l * N * KD;
+        float* att_lse = a.att_lse + (size_t)l * N * H;
+        floatX* atty = a.atty + (size_t)l * N * HD;
+        floatX* m = a.m + (size_t)l * N * C;
+        float* z = a.z + (size_t)l * N * E;
+        float* lse = a.lse + (size_t)l * N;
+        float* gate = a.gate + (size_t)l * NK;
+        int* topi = model->topi + (size_t)l * NK;
+        int* counts = model->counts + (size_t)l * E;
+        int* offs = model->offs + (size_t)l * (E + 1);
+        int* offs_h = model->offs_h + (size_t)l * (E + 1);
+        int* row_of = model->row_of + (size_t)l * NK;
+        int* tok_of = model->tok_of + (size_t)l * NK;
+        floatX* xe = a.xe + (size_t)l * NK * C;
+        floatX* h1 = a.h1 + (size_t)l * NK * F;
+        floatX* h3 = a.h3 + (size_t)l * NK * F;
+        floatX* act = a.act + (size_t)l * NK * F;
+        floatX* ye = a.ye + (size_t)l * NK * C;
+        // attention block
+        rmsnorm_forward(an, a.a_rstd + (size_t)l * N, res, p.attn_norm + (size_t)l * C, N, C, c->eps);
+        matmul_forward(q, an, wq, N, C, HD);
+        matmul_forward(k, an, wk, N, C, KD);
+        matmul_forward(v, an, wv, N, C, KD);
+        rope_apply(q, model->freqs_cos, model->freqs_sin, B, T, H, D, +1);
+        rope_apply(k, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, +1);
+        attention_forward(atty, att_lse, q, k, v, B, T, H, Hkv, D);
+        matmul_forward(res_mid, atty, wo, N, HD, C);
+        residual_forward(res_mid, res_mid, res, (size_t)N * C);
+        // MoE block: router -> topk -> permute -> experts -> unpermute
+        rmsnorm_forward(m, a.m_rstd + (size_t)l * N, res_mid, p.moe_norm + (size_t)l * C, N, C, c->eps);
+        router_forward(z, lse, m, wr, N, C, E);
+        topk_forward(topi, gate, z, N, E, K);
+        permute_plan(counts, offs, row_of, tok_of, model->plan_hist, offs_h, topi, N, E, K);
+        permute_forward(xe, m, tok_of, NK, C);
+        experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs_h, E, C, F, &model->group);
+        unpermute_forward(res + (size_t)N * C, res_mid, ye, gate, row_of, N, K, C);
+        router_losses(model->loss_terms_d + 1 + l, model->loss_terms_d + 1 + L + l, z, lse, counts, N, E, K,
+                      model->reduce_scratch);
+    }
+    rmsnorm_forward(a.xf, model->f_rstd, a.resid + (size_t)L * N * C, p.final_norm, N, C, c->eps);
+    matmul_forward(model->logits, a.xf, p.lm_head, N, C, V);
+    if (targets) {
+        model->counted = 0;
+        for (int i = 0; i < N; i++) {
+            if (targets[i] < -1 || targets[i] >= V) {
+                fprintf(stderr, "Error: target %d at position %d is outside [0, V=%d) (and not -1)\n", targets[i], i, V);
+                exit(EXIT_FAILURE);
+            }
+            model->counted += targets[i] >= 0;
+        }
+        cudaCheck(cudaMemcpy(model->targets_d, targets, N * sizeof(int), cudaMemcpyHostToDevice));
+        crossentropy_forward(model->loss_terms_d, model->losses, model->logit_lse, model->logits, model->targets_d,
+                             model->counted, N, V);
+    }
+    float* terms = (float*)mallocCheck((1 + 2 * (size_t)L) * sizeof(float));
+    cudaCheck(cudaMemcpy(terms, model->loss_terms_d, (1 + 2 * (size_t)L) * sizeof(float), cudaMemcpyDeviceToHost));
+    memcpy(model->aux, terms + 1, L * sizeof(float));
+    memcpy(model->zl, terms + 1 + L, L * sizeof(float));
+    if (targets) {
+        model->ce = terms[0];
+        double loss = model->ce;
+        for (int l = 0; l < L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
+        model->loss = (float)loss;
+    }
+    free(terms);
+}
+
+void model_zero_grad(Model* model) { cudaCheck(cudaMemset(model->grads_memory, 0, model->num_params * sizeof(float))); }
+
+// backward of the last forward (which must have had targets); gradients of dloss * loss are ADDED into
+// model->grads (dloss = 1/grad_accum_steps averages the micro-batches). The logits become their gradient.
+void model_backward(Model* model, float dloss) {
+    const MoEConfig* c = &model->config;
+    int B = model->B, T = model->T, L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
+    int E = c->E, K = c->K, F = c->F, V = c->V, N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    if (!model->targets) { fprintf(stderr, "Error: model_backward needs a forward with targets\n"); exit(EXIT_FAILURE); }
+    ParamTensors p = model->params;
+    ParamTensorsF32 g = model->grads;
+    ActTensors a = model->acts;
+    size_t X = sizeof(floatX);
+    // classifier and final norm
+    floatX* dlogits = model->logits;
+    crossentropy_backward(dlogits, model->logit_lse, model->targets_d, dloss, model->counted, N, V);
+    cudaCheck(cudaMemset(model->dbuf, 0, (size_t)N * C * X));
+    matmul_backward(model->dbuf, g.lm_head, dlogits, a.xf, p.lm_head, N, C, V);
+    cudaCheck(cudaMemset(model->dres, 0, (size_t)N * C * X));
+    rmsnorm_backward(model->dres, g.final_norm, model->dbuf, a.resid + (size_t)L * N * C, p.final_norm,
+                     model->f_rstd, N, C, model->norm_partial);
+    floatX* dres = model->dres; // gradient of the residual stream, flowing down
+    for (int l = L - 1; l >= 0; l--) {
+        const floatX* wq = p.wq + (size_t)l * HD * C;
+        const floatX* wk = p.wk + (size_t)l * KD * C;
+        const floatX* wv = p.wv + (size_t)l * KD * C;
+        const floatX* wo = p.wo + (size_t)l * C * HD;
+        const floatX* wr = p.wr + (size_t)l * E * C;
+        size_t eo1 = (size_t)l * E * F * C, eo2 = (size_t)l * E * C * F;
+        const floatX* res = a.resid + (size_t)l * N * C;
+        const floatX* res_mid = a.resid_mid + (size_t)l * N * C;
+        const floatX* m = a.m + (size_t)l * N * C;
+        const float* z = a.z + (size_t)l * N * E;
+        const float* lse = a.lse + (size_t)l * N;
+        const float* gate = a.gate + (size_t)l * NK;
+        const int* topi = model->topi + (size_t)l * NK;
+        const int* counts = model->counts + (size_t)l * E;
+        const int* offs = model->offs + (size_t)l * (E + 1);
+        const int* offs_h = model->offs_h + (size_t)l * (E + 1);
+        const int* row_of = model->row_of + (size_t)l * NK;
+        const floatX* xe = a.xe + (size_t)l * NK * C;
+        // MoE block, in reverse: unpermute -> experts -> permute -> topk/router
+        unpermute_backward(model->dye, model->dgate, dres, a.ye + (size_t)l * NK * C, gate, row_of, N, K, C);
+        experts_backward(model->dxe, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
+                         model->dye, xe, a.h1 + (size_t)l * NK * F, a.h3 + (size_t)l * NK * F,
+                         a.act + (size_t)l * NK * F, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs_h, offs, E, C, F,
+                         &model->group, model->wgrad_scratch);
+        floatX* dm = model->dbuf;
+        cudaCheck(cudaMemset(dm, 0, (size_t)N * C * X));
+        permute_backward(dm, model->dxe, row_of, N, K, C);
+        router_backward(model->dz, model->dgate, z, lse, topi, gate, counts, dloss * c->aux_coef,
+                        dloss * c->z_coef, N, E, K);
+        cast_to_floatX(model->dzx, model->dz, (size_t)N * E); // bf16 builds: the router gradient enters the GEMMs as bf16
+        matmul_backward(dm, g.wr + (size_t)l * E * C, model->dzx, m, wr, N, C, E);
+        // dres already holds the gradient through the MoE residual connection
+        rmsnorm_backward(dres, g.moe_norm + (size_t)l * C, dm, res_mid, p.moe_norm + (size_t)l * C,
+                         a.m_rstd + (size_t)l * N, N, C, model->norm_partial);
+        // attention block
+        cudaCheck(cudaMemset(model->datty, 0, (size_t)N * HD * X));
+        matmul_backward(model->datty, g.wo + (size_t)l * C * HD, dres, a.atty + (size_t)l * N * HD, wo, N, HD, C);
+        attention_backward(model->dq, model->dk, model->dv, model->att_dsum, model->datty, a.atty + (size_t)l * N * HD,
+                           a.att_lse + (size_t)l * N * H, a.q + (size_t)l * N * HD, a.k + (size_t)l * N * KD,
+                           a.v + (size_t)l * N * KD, B, T, H, Hkv, D);
+        rope_apply(model->dq, model->freqs_cos, model->freqs_sin, B, T, H, D, -1);
+        rope_apply(model->dk, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, -1);
+        floatX* da = model->dbuf;
+        cudaCheck(cudaMemset(da, 0, (size_t)N * C * X));
+        const floatX* an = a.a + (size_t)l * N * C;
+        matmul_backward(da, g.wq + (size_t)l * HD * C, model->dq, an, wq, N, C, HD);
+        matmul_backward(da, g.wk + (size_t)l * KD * C, model->dk, an, wk, N, C, KD);
+        matmul_backward(da, g.wv + (size_t)l * KD * C, model->dv, an, wv, N, C, KD);
+        rmsnorm_backward(dres, g.attn_norm + (size_t)l * C, da, res, p.attn_norm + (size_t)l * C,
+                         a.a_rstd + (size_t)l * N, N, C, model->norm_partial);
+    }
+    encoder_backward(g.wte, dres, model->inputs, N, C, V, model->enc_work, model->enc_work_d);
+}
+
+// ----------------------------------------------------------------------------
+// optimizer: global-norm clipping, AdamW (fp32 master weights and state), and the shared LR schedule
+
+#define NORM_GRID 1024
+__global__ void sumsq_partial_kernel(double* part, const float* x, size_t n) {
+    __shared__ double sh[256];
+    double s = 0.0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+__global__ void sum_in_order_kernel(double* out, const double* part, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += part[i];
+    *out = s;
+}
+// sqrt(sum of all g^2): a fixed grid of partial sums added in block order, the same bits every run
+float global_grad_norm(const Model* model) {
+    double* part = model->reduce_scratch; // needs NORM_GRID + 1 doubles (allocated with the activations)
+    if (!part) { fprintf(stderr, "Error: global_grad_norm before any forward pass\n"); exit(EXIT_FAILURE); }
+    sumsq_partial_kernel<<<NORM_GRID, 256>>>(part, model->grads_memory, model->num_params);
+    cudaCheck(cudaGetLastError());
+    sum_in_order_kernel<<<1, 1>>>(part + NORM_GRID, part, NORM_GRID);
+    cudaCheck(cudaGetLastError());
+    double total;
+    cudaCheck(cudaMemcpy(&total, part + NORM_GRID, sizeof(double), cudaMemcpyDeviceToHost));
+    return (float)sqrt(total);
+}
+
+__global__ void adamw_kernel(float* master, floatX* params, const float* grads, float* m, float* v, size_t n, float lr,
+                             float beta1, float beta2, float bc1, float bc2, float eps, float wd, float grad_scale) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gi = grads[i] * grad_scale;
+    float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+    float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    float mhat = mi / bc1, vhat = vi / bc2;
+    float p = master[i];
+    p -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p);
+    master[i] = p;
+#ifdef PRECISION_BF16
+    params[i] = tox(p); // round to nearest: the copy is a pure function of the master (resume-exact)
+#endif
+}
+// one AdamW step t (1-based) with gradients first scaled by grad_scale (the clipping factor)
+void model_update(Model* model, float lr, float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale) {
+    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAM_TENSORS; ti++) {
+        size_t n = model->param_sizes[ti];
+        float wd = param_is_matrix[ti] ? weight_decay : 0.0f;
+        adamw_kernel<<<ceil_div(n, 256), 256>>>(model->master_memory + off, model->params_memory + off,
+                                                model->grads_memory + off, model->m_memory + off, model->v_memory + off,
+                                                n, lr, beta1, beta2, bc1, bc2, eps, wd, grad_scale);
+        cudaCheck(cudaGetLastError());
+        off += n;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// checkpoints: train_moe.c's format and its own writer/reader, fed from and into the GPU's fp32 master
+// weights and AdamW state (so either trainer loads the other's files)
+
+void checkpoint_save(const Model* model, const char* path, int with_optimizer, const TrainState* st) {
+    cpu::Model shell; // only what cpu::checkpoint_save reads
+    memset(&shell, 0, sizeof(shell));
+    shell.config = model->config;
+    shell.num_params = model->num_params;
+    size_t n = model->num_params;
+    shell.params_memory = (float*)mallocCheck(n * sizeof(float));
+    if (with_optimizer) {
+        shell.m_memory = (float*)mallocCheck(n * sizeof(float));
+        shell.v_memory = (float*)mallocCheck(n * sizeof(float));
+    }
+    model_download(model, shell.params_memory, shell.m_memory, shell.v_memory);
+    cpu::checkpoint_save(&shell, path, with_optimizer, st);
+    free(shell.params_memory); free(shell.m_memory); free(shell.v_memory);
+}
+
+// load a checkpoint into a fresh model; with_optimizer also loads m and v when present
+void checkpoint_load(Model* model, const char* path, TrainState* st, int with_optimizer) {
+    MoEConfig c;
+    int has_opt;
+    FILE* fp = cpu::checkpoint_open(path, &c, st, &has_opt); // header checked, file size checked
+    model_build(model, &c);
+    size_t n = model->num_params;
+    float* buf = (float*)mallocCheck(n * sizeof(float));
+    freadCheck(buf, sizeof(float), n, fp, path);
+    model_upload(model, buf, NULL, NULL);
+    if (with_optimizer && has_opt) {
+        freadCheck(buf, sizeof(float), n, fp, path);
+        cudaCheck(cudaMemcpy(model->m_memory, buf, n * sizeof(float), cudaMemcpyHostToDevice));
+        freadCheck(buf, sizeof(float), n, fp, path);
+        cudaCheck(cudaMemcpy(model->v_memory, buf, n * sizeof(float), cudaMemcpyHostToDevice));
+    } else if (with_optimizer) {
+        fprintf(stderr, "Error: '%s' holds no optimizer state, so training cannot resume from it (use -e to start from its weights)\n", path);
+        exit(EXIT_FAILURE);
+    }
+    free(buf);
+    fclose(fp);
+}
+
+// ----------------------------------------------------------------------------
+// sampler and eval: val loss and router diagnostics
+
+// logits of rows [row0, row0 + nrows) of the last forward, as host floats
+void model_logits_to_host(const Model* model, float* out, size_t row0, size_t nrows) {
+    size_t V = model->config.V;
+    copy_floatX_to_host(out, model->logits + row0 * V, nrows * V);
+}
+
+// generate gen_len tokens after the eot token, printing them; uses and advances *rng
+void generate(Model* model, const Tokenizer* tk, int eot, int gen_len, uint64_t* rng) {
+    int V = model->config.V, maxT = model->maxT;
+    int* toks = (int*)mallocCheck((size_t)(gen_len + 1) * sizeof(int));
+    float* probs = (float*)mallocCheck((size_t)V * sizeof(float));
+    toks[0] = eot;
+    for (int t = 1; t <= gen_len; t++) {
+        int ctx = t < maxT ? t : maxT; // a window of the last maxT tokens
+        model_forward(model, toks + t - ctx, NULL, 1, ctx);
+        model_logits_to_host(model, probs, ctx - 1, 1);
+        float mx = probs[0], s = 0.0f;
+        for (int i = 1; i < V; i++) if (probs[i] > mx) mx = probs[i];
+        for (int i = 0; i < V; i++) { probs[i] = expf(probs[i] - mx); s += probs[i]; }
+        for (int i = 0; i < V; i++) probs[i] /= s;
+        toks[t] = sample_mult(probs, V, rng_f32(rng));
+        tokenizer_print(tk, toks[t]);
+        fflush(stdout);
+    }
+    printf("\n");
+    free(toks);
+    free(probs);
+}
+
+// mean ce over up to max_batches val batches (all of them if max_batches <= 0)
+float eval_val_loss(Model* model, DataLoader* val, int max_batches) {
+    loader_reset(val);
+    double sum = 0.0;
+    int n = 0;
+    for (;;) {
+        if (max_batches > 0 && n >= max_batches) break;
+        loader_next_batch(val);
+        if (val->pos.epoch > 0) break; // wrapped around: the whole val set was seen
+        model_forward(model, val->inputs, val->targets, val->B, val->T);
+        sum += model->ce;
+        n++;
+    }
+    return n ? (float)(sum / n) : NAN;
+}
+
+// per layer: the share of token slots each expert received (as a multiple of the uniform 1/E),
+// the mean router entropy (nats), aux and z of the last forward
+void print_router_stats(const Model* model, FILE* logfile, int step) {
+    const MoEConfig* c = &model->config;
+    int N = model->B * model->T, E = c->E;
+    float* z = (float*)mallocCheck((size_t)N * E * sizeof(float));
+    float* lse = (float*)mallocCheck((size_t)N * sizeof(float));
+    int* counts = (int*)mallocCheck((size_t)E * sizeof(int));
+    for (int l = 0; l < c->L; l++) {
+        cudaCheck(cudaMemcpy(z, model->acts.z + (size_t)l * N * E, (size_t)N * E * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(lse, model->acts.lse + (size_t)l * N, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost));
+        const int* offs = model->offs_h + (size_t)l * (E + 1);
+        for (int e = 0; e < E; e++) counts[e] = offs[e + 1] - offs[e];
+        cpu::print_router_layer(logfile, step, l, counts, z, lse, N, E, c->K, model->aux[l], model->zl[l]);
+    }
+    free(z); free(lse); free(counts);
+}
+
+// ----------------------------------------------------------------------------
+// throughput: model FLOPs utilisation and the device
+
+// Training FLOPs per token, the 6N rule over the matmul weights one token passes through, plus attention:
+//   6 * (L * (H*D*C + 2*Hkv*D*C + C*H*D + E*C + K*3*F*C) + V*C)   q,k,v,o projections, router, K experts, head
+// + 6 * L * T * H*D                                                causal attention: QK^T and PV cost 2*H*D
+//                                                                  FLOPs per (query, key) pair each, T/2 keys
+//                                                                  per query on average, x3 for the backward
+// The embedding is a lookup (0 FLOPs); norms, softmax and elementwise work are not counted.
+double flops_per_token(const MoEConfig* c, int T) {
+    double L = c->L, C = c->C, D = (double)c->C / c->H, HD = c->H * D, KD = c->Hkv * D;
+    double matmul = L * (HD * C + 2.0 * KD * C + C * HD + c->E * C + (double)c->K * 3.0 * c->F * C) + (double)c->V * C;
+    return 6.0 * matmul + 6.0 * L * T * HD;
+}
+// the dense peak MFU is quoted against: H100 SXM, bf16 tensor cores 989.4 TFLOP/s; fp32 (no tensor
+// cores) 66.9 TFLOP/s. The environment variable PEAK_TFLOPS overrides it for other GPUs.
+double peak_flops(void) {
+    const char* env = getenv("PEAK_TFLOPS");
+    if (env && atof(env) > 0) return atof(env) * 1e12;
+#ifdef PRECISION_BF16
+    return 989.4e12;
+#else
+    return 66.9e12;
+#endif
+}
+
+// pick the GPU, make the cuBLAS handle (fp32 accumulation, no TF32)
+void gpu_init(void) {
+    int dev = 0;
+    cudaCheck(cudaSetDevice(dev));
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, dev));
+    printf("device: %s (sm_%d%d, %.1f GiB), precision %s\n", prop.name, prop.major, prop.minor,
+           prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0), PRECISION_NAME);
+    cublasCheck(cublasCreate(&cublas_handle));
+    cublasCheck(cublasSetMathMode(cublas_handle, CUBLAS_DEFAULT_MATH));
+#ifdef USE_CUDNN
+    cudnnStatus_t cs = cudnnCreate(&cudnn_handle);
+    if (cs != CUDNN_STATUS_SUCCESS) cpu::die("cuDNN: %s", cudnnGetErrorString(cs), __FILE__, __LINE__);
+    printf("attention: cuDNN %zu (fused, flash-style)\n", cudnnGetVersion());
+#endif
+}
+void gpu_free(void) {
+    cublasCheck(cublasDestroy(cublas_handle));
+#ifdef USE_CUDNN
+    att_graphs.clear();
+    cuda_free(cudnn_workspace);
+    cudnn_workspace = NULL;
+    cudnn_workspace_size = 0;
+    cudnnDestroy(cudnn_handle);
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// main: flags (train_moe.c's, parsed by its parse_args), training loop
+
+#ifndef TESTING
+
+using cpu::Args;
+
+// -fi/-fo: logits of the loaded model on raw int32 tokens
+static int run_forward_only(Model* model, const Args* a) {
+    size_t n = (size_t)a->B * a->T;
+    int* toks = (int*)mallocCheck(n * sizeof(int));
+    FILE* fp = fopenCheck(a->fwd_in, "rb");
+    if (file_size(fp) != (long)(n * sizeof(int))) {
+        fprintf(stderr, "Error: '%s' is %ld bytes, expected B*T=%zu int32 tokens\n", a->fwd_in, file_size(fp), n);
+        exit(EXIT_FAILURE);
+    }
+    freadCheck(toks, sizeof(int), n, fp, a->fwd_in);
+    fclose(fp);
+    model_forward(model, toks, NULL, a->B, a->T);
+    size_t nl = n * model->config.V;
+    float* logits = (float*)mallocCheck(nl * sizeof(float));
+    model_logits_to_host(model, logits, 0, n);
+    char* tmp = (char*)mallocCheck(strlen(a->fwd_out) + 5);
+    sprintf(tmp, "%s.tmp", a->fwd_out);
+    fp = fopenCheck(tmp, "wb");
+    int ok = fwrite(logits, sizeof(float), nl, fp) == nl;
+    ok = (fclose(fp) == 0) && ok;
+    if (!ok || rename(tmp, a->fwd_out) != 0) { remove(tmp); fprintf(stderr, "Error: writing '%s' failed\n", a->fwd_out); exit(EXIT_FAILURE); }
+    free(tmp); free(toks); free(logits);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    Args a;
+    cpu::parse_args(&a, argc, argv);
+    gpu_init();
+    Tokenizer tk;
+    tokenizer_init(&tk, a.tokenizer);
+    // the model: from a checkpoint (-e or -y) or a random init
+    Model model;
+    TrainState st = {0, {0, 0, 0}, 0, a.seed};
+    char* resume_path = a.resume ? cpu::latest_checkpoint(a.out_dir) : NULL;
+    const char* ckpt = resume_path ? resume_path : a.init_ckpt;
+    if (a.resume && !resume_path) printf("resume: no checkpoint in '%s' yet, starting fresh\n", a.out_dir);
+    if (ckpt) {
+        checkpoint_load(&model, ckpt, &st, resume_path != NULL);
+        const MoEConfig* c = &model.config;
+        int have[9] = {c->V, c->T, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F};
+        int want[9] = {a.model.V, a.model.T, a.model.L, a.model.C, a.model.H, a.model.Hkv, a.model.E, a.model.K, a.model.F};
+        const char* flags[9] = {"-nv", "-t", "-nl", "-nc", "-nh", "-nkv", "-ne", "-nk", "-nf"};
+        for (int i = 0; i < 9; i++)
+            if (a.shape_given[i] && have[i] != want[i]) {
+                fprintf(stderr, "Error: checkpoint '%s' has %s %d but %s %d was given\n", ckpt, flags[i], have[i], flags[i], want[i]);
+                exit(EXIT_FAILURE);
+            }
+        if (!resume_path) { st.step = 0; st.pos = (DataPos){0, 0, 0}; st.rng = 0; st.seed = a.seed; }
+        printf("loaded %s%s (step %d)\n", ckpt, resume_path ? " with optimizer state" : "", st.step);
+    } else {
+        MoEConfig c = a.model;
+        if (c.V == 0) c.V = tk.ok ? tk.V : 4096;
+        c.T = a.T;
+        model_config_check(&c, "model flags");
+        model_build(&model, &c);
+        model_init_random(&model, a.seed, a.init_std);
+    }
+    if (st.rng == 0) st.rng = hash3(st.seed, 0x5A3, 0);
+    MoEConfig* c = &model.config;
+    if (tk.ok && tk.V != c->V)
+        fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
+    if (a.fwd_in) return run_forward_only(&model, &a);
+
+    size_t active = model.num_params - (size_t)c->L * (c->E - c->K) * 3 * c->F * c->C;
+    printf("model: V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d | params %.3fM total, %.3fM active (sparsity %.3f)\n",
+           c->V, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F, model.num_params / 1e6, active / 1e6, 1.0 - (double)c->K / c->E);
+    printf("train: B=%d T=%d grad_accum=%d steps=%d lr=%g warmup=%d min_lr=%g wd=%g clip=%g precision=%s\n",
+           a.B, a.T, a.grad_accum, a.steps, a.lr, a.warmup, a.lr * a.min_lr_frac, a.weight_decay, a.grad_clip, PRECISION_NAME);
+
+    DataLoader train, val;
+    loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
+    loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
+    loader_seek(&train, st.pos);
+    model_alloc_acts(&model, a.B, a.T);
+    printf("gpu memory: %.1f MiB allocated by the trainer, %.1f MiB in use on the device\n",
+           gpu_bytes_allocated / (1024.0 * 1024.0), gpu_mem_sample());
+    FILE* logf = NULL;
+    if (a.out_dir) {
+        mkdir(a.out_dir, 0755);
+        char* lp = (char*)mallocCheck(strlen(a.out_dir) + 16);
+        sprintf(lp, "%s/log.txt", a.out_dir);
+        logf = fopenCheck(lp, "a"); // appends: an earlier run's log is never lost
+        free(lp);
+    }
+    int eot = tk.ok ? tk.eot : 0;
+    double tokens_per_step = (double)a.B * a.T * a.grad_accum;
+    double flops_per_step = tokens_per_step * flops_per_token(c, a.T), peak = peak_flops();
+    for (int step = st.step; step < a.steps; step++) {
+        cudaCheck(cudaDeviceSynchronize());
+        double t0 = now_ms();
+        model_zero_grad(&model);
+        double loss = 0, ce = 0, aux = 0, zl = 0;
+        for (int micro = 0; micro < a.grad_accum; micro++) {
+            loader_next_batch(&train);
+            model_forward(&model, train.inputs, train.targets, a.B, a.T);
+            model_backward(&model, 1.0f / a.grad_accum);
+            loss += model.loss; ce += model.ce;
+            for (int l = 0; l < c->L; l++) { aux += model.aux[l] / c->L; zl += model.zl[l] / c->L; }
+        }
+        loss /= a.grad_accum; ce /= a.grad_accum; aux /= a.grad_accum; zl /= a.grad_accum;
+        float norm = global_grad_norm(&model);
+        float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
+        float lr = lr_schedule(step, a.steps, a.warmup, a.lr, a.lr * a.min_lr_frac);
+        model_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, step + 1, scale);
+        cudaCheck(cudaDeviceSynchronize());
+        double ms = now_ms() - t0;
+        double mfu = flops_per_step / (ms / 1e3) / peak;
+        gpu_mem_sample();
+        printf("step %5d/%d | loss %.6f (ce %.4f aux %.4f z %.4f) | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s | MFU %.1f%% | mem %.0f MiB\n",
+               step + 1, a.steps, loss, ce, aux, zl, lr, norm, ms, tokens_per_step / (ms / 1e3), 100.0 * mfu, gpu_mem_peak_mib);
+        fflush(stdout);
+        if (logf) fprintf(logf, "step %d loss %.6f ce %.6f aux %.6f z %.6f lr %.6e norm %.6f ms %.3f mfu %.5f mem_mib %.1f\n",
+                          step + 1, loss, ce, aux, zl, lr, norm, ms, mfu, gpu_mem_peak_mib);
+        int last = step + 1 == a.steps;
+        if (a.val_every > 0 && ((step + 1) % a.val_every == 0 || last)) {
+            print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
+            float vl = eval_val_loss(&model, &val, a.val_batches);
+            printf("val loss %.4f\n", vl);
+            if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
+        }
+        if (a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last)) {
+            printf("--- sample ---\n");
+            generate(&model, &tk, eot, a.gen_len, &st.rng);
+            printf("--------------\n");
+        }
+        if (a.out_dir && ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last)) {
+            char* path = (char*)mallocCheck(strlen(a.out_dir) + 32);
+            sprintf(path, "%s/model_%08d.bin", a.out_dir, step + 1);
+            TrainState now = {step + 1, train.pos, st.rng, st.seed};
+            checkpoint_save(&model, path, 1, &now);
+            printf("saved %s\n", path);
+            free(path);
+        }
+        if (logf) fflush(logf);
+    }
+    printf("peak gpu memory %.0f MiB\n", gpu_mem_peak_mib);
+    if (logf) fclose(logf);
+    loader_free(&train);
+    loader_free(&val);
+    tokenizer_free(&tk);
+    model_free(&model);
+    gpu_free();
+    free(resume_path);
+    return 0;
+}
+#endif
