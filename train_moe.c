@@ -131,6 +131,50 @@ static inline float vdot(const float* a, const float* b, int n) {
     return s;
 }
 
+static inline float vsum(const float* a, int n) {
+    float acc[16] = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i];
+    return s;
+}
+static inline float vmax(const float* a, int n) {
+    float acc[16];
+    for (int j = 0; j < 16; j++) acc[j] = -INFINITY;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] = a[i + j] > acc[j] ? a[i + j] : acc[j];
+    float m = -INFINITY;
+    for (int j = 0; j < 16; j++) m = acc[j] > m ? acc[j] : m;
+    for (; i < n; i++) m = a[i] > m ? a[i] : m;
+    return m;
+}
+// exp(x) without branches or calls, so loops over it vectorise (libm's expf does not, here):
+// x = n*ln2 + r with |r| <= ln2/2, exp(r) by Cephes' degree-6 polynomial, 2^n put in the exponent bits.
+// Relative error ~2e-7 (a few ulp); inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands for 0).
+static inline float vexpf(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float t = x * 1.44269504088896341f + 12582912.0f; // + 1.5*2^23 rounds x/ln2 to an integer in t's low bits
+    float n = t - 12582912.0f;
+    int32_t ti;
+    memcpy(&ti, &t, 4);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f; // x - n*ln2 in two parts
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = (ti - 0x4B400000 + 127) << 23;       // 2^n
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 // a scratch buffer that grows on demand (used by the GEMM's packing)
 typedef struct { float* data; size_t cap; } Scratch;
 static float* scratch_get(Scratch* s, size_t n) {
@@ -153,16 +197,17 @@ static float* scratch_get(Scratch* s, size_t n) {
 #define GEMM_NR 32
 static Scratch gemm_apack, gemm_bpack;
 
-static inline void gemm_micro(int K, const float* ap, const float* bp, float* c, size_t ldc,
+// A(r,k) = ap[r*ars + k*aks] for the MR rows of the tile; B is a packed NR-wide sliver
+static inline void gemm_micro(int K, const float* ap, size_t ars, size_t aks, const float* bp, float* c, size_t ldc,
                               int mr, int nr, int accumulate) {
     float acc[GEMM_MR][GEMM_NR];
     for (int r = 0; r < GEMM_MR; r++)
         for (int j = 0; j < GEMM_NR; j++) acc[r][j] = 0.0f;
     for (int k = 0; k < K; k++) {
         const float* bk = bp + (size_t)k * GEMM_NR;
-        const float* ak = ap + (size_t)k * GEMM_MR;
+        const float* ak = ap + (size_t)k * aks;
         for (int r = 0; r < GEMM_MR; r++) {
-            float av = ak[r];
+            float av = ak[r * ars];
             for (int j = 0; j < GEMM_NR; j++) acc[r][j] += av * bk[j];
         }
     }
@@ -170,6 +215,22 @@ static inline void gemm_micro(int K, const float* ap, const float* bp, float* c,
         float* crow = c + r * ldc;
         if (accumulate) { for (int j = 0; j < nr; j++) crow[j] += acc[r][j]; }
         else            { for (int j = 0; j < nr; j++) crow[j] = acc[r][j]; }
+    }
+}
+
+// pack rows r0..r0+W-1 (of R) of the operand X(r,k) = x[r*sr + k*sk] into dst[k*W + r-r0], zeros past R.
+// The loop runs along whichever index is contiguous in memory, so reads stream (and vectorise).
+static void gemm_pack(float* dst, const float* x, int r0, int R, int K, size_t sr, size_t sk, int W) {
+    int w = R - r0 < W ? R - r0 : W;
+    if (w < W) memset(dst, 0, (size_t)K * W * sizeof(float));
+    if (sr == 1) { // rows contiguous: copy W floats per k
+        for (int k = 0; k < K; k++)
+            for (int r = 0; r < w; r++) dst[(size_t)k * W + r] = x[k * sk + r0 + r];
+    } else {       // k contiguous (or neither): walk each row along k
+        for (int r = 0; r < w; r++) {
+            const float* xr = x + (size_t)(r0 + r) * sr;
+            for (int k = 0; k < K; k++) dst[(size_t)k * W + r] = xr[k * sk];
+        }
     }
 }
 
@@ -183,35 +244,32 @@ void gemm(float* c, const float* a, const float* b, int M, int N, int K,
     int mt = (M + GEMM_MR - 1) / GEMM_MR, nt = (N + GEMM_NR - 1) / GEMM_NR;
     float* ap = scratch_get(&gemm_apack, (size_t)mt * GEMM_MR * K);
     float* bp = scratch_get(&gemm_bpack, (size_t)nt * GEMM_NR * K);
+    // A is read in place (no packing) when its rows are contiguous along k; otherwise, and for a
+    // ragged last sliver, it is packed like B
+    int direct = sak == 1;
+    // walk the tiles with the slivers of the larger operand outermost, so each of those is fetched once
+    // while the smaller operand stays in cache
+    int a_outer = M > N;
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
-        for (int it = 0; it < mt; it++) {
-            float* dst = ap + (size_t)it * GEMM_MR * K;
-            for (int k = 0; k < K; k++)
-                for (int r = 0; r < GEMM_MR; r++) {
-                    int i = it * GEMM_MR + r;
-                    dst[(size_t)k * GEMM_MR + r] = i < M ? a[i * sai + k * sak] : 0.0f;
-                }
-        }
+        for (int it = 0; it < mt; it++)
+            if (!direct || (it + 1) * GEMM_MR > M) gemm_pack(ap + (size_t)it * GEMM_MR * K, a, it * GEMM_MR, M, K, sai, sak, GEMM_MR);
         #pragma omp for schedule(static)
-        for (int jt = 0; jt < nt; jt++) {
-            float* dst = bp + (size_t)jt * GEMM_NR * K;
-            for (int k = 0; k < K; k++)
-                for (int j = 0; j < GEMM_NR; j++) {
-                    int jj = jt * GEMM_NR + j;
-                    dst[(size_t)k * GEMM_NR + j] = jj < N ? b[k * sbk + jj * sbj] : 0.0f;
-                }
-        }
-        #pragma omp for collapse(2) schedule(static)
         for (int jt = 0; jt < nt; jt++)
-            for (int it = 0; it < mt; it++) {
-                int i0 = it * GEMM_MR, j0 = jt * GEMM_NR;
-                int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
-                int nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
-                gemm_micro(K, ap + (size_t)it * GEMM_MR * K, bp + (size_t)jt * GEMM_NR * K,
-                           c + (size_t)i0 * N + j0, N, mr, nr, accumulate);
-            }
+            gemm_pack(bp + (size_t)jt * GEMM_NR * K, b, jt * GEMM_NR, N, K, sbj, sbk, GEMM_NR);
+        #pragma omp for schedule(static)
+        for (int idx = 0; idx < mt * nt; idx++) {
+            int it = a_outer ? idx / nt : idx % mt;
+            int jt = a_outer ? idx % nt : idx / mt;
+            int i0 = it * GEMM_MR, j0 = jt * GEMM_NR;
+            int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
+            int nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
+            const float* bp_t = bp + (size_t)jt * GEMM_NR * K;
+            float* c_t = c + (size_t)i0 * N + j0;
+            if (direct && mr == GEMM_MR) gemm_micro(K, a + (size_t)i0 * sai, sai, sak, bp_t, c_t, N, mr, nr, accumulate);
+            else gemm_micro(K, ap + (size_t)it * GEMM_MR * K, 1, GEMM_MR, bp_t, c_t, N, mr, nr, accumulate);
+        }
     }
 }
 
@@ -304,79 +362,100 @@ void rope_tables(float* fcos, float* fsin, int T, int D, float theta) {
 }
 
 // causal attention. q[B,T,H,D], k,v[B,T,Hkv,D] -> out[B,T,H,D]; att[B,H,T,T] keeps the probabilities
-// query head h reads kv head h / (H/Hkv)
+// query head h reads kv head h / (H/Hkv). Each (b, h) copies its keys transposed, kt[D][T], so the
+// scores of a query against all earlier keys are one vectorisable loop over t2.
 void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                        int B, int T, int H, int Hkv, int D) {
     float scale = 1.0f / sqrtf((float)D);
     int group = H / Hkv;
-    #pragma omp parallel for collapse(3)
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
+    #pragma omp parallel
+    {
+        float* kt = (float*)mallocCheck((size_t)D * T * sizeof(float));
+        #pragma omp for collapse(2)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++) {
                 int hk = h / group;
-                const float* qt = q + (((size_t)b * T + t) * H + h) * D;
-                float* p = att + (((size_t)b * H + h) * T + t) * T;
-                float maxv = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {  // seek to k[b,t2,hk,:]
-                    const float* kt = k + (((size_t)b * T + t2) * Hkv + hk) * D;
-                    float s = vdot(qt, kt, D) * scale;
-                    p[t2] = s;
-                    if (s > maxv) maxv = s;
+                for (int t2 = 0; t2 < T; t2++) { // seek to k[b,t2,hk,:]
+                    const float* kr = k + (((size_t)b * T + t2) * Hkv + hk) * D;
+                    for (int i = 0; i < D; i++) kt[(size_t)i * T + t2] = kr[i];
                 }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) { p[t2] = expf(p[t2] - maxv); sum += p[t2]; }
-                float inv = 1.0f / sum;
-                for (int t2 = 0; t2 <= t; t2++) p[t2] *= inv;
-                for (int t2 = t + 1; t2 < T; t2++) p[t2] = 0.0f;
-                float* o = out + (((size_t)b * T + t) * H + h) * D;
-                for (int i = 0; i < D; i++) o[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* vt = v + (((size_t)b * T + t2) * Hkv + hk) * D;
-                    float pv = p[t2];
-                    for (int i = 0; i < D; i++) o[i] += pv * vt[i];
+                for (int t = 0; t < T; t++) {
+                    const float* qt = q + (((size_t)b * T + t) * H + h) * D;
+                    float* p = att + (((size_t)b * H + h) * T + t) * T;
+                    for (int t2 = 0; t2 <= t; t2++) p[t2] = 0.0f;
+                    for (int i = 0; i < D; i++) { // scores p[t2] = q . k[t2] * scale
+                        float qi = qt[i] * scale;
+                        const float* kr = kt + (size_t)i * T;
+                        for (int t2 = 0; t2 <= t; t2++) p[t2] += qi * kr[t2];
+                    }
+                    float maxv = vmax(p, t + 1);
+                    for (int t2 = 0; t2 <= t; t2++) p[t2] = vexpf(p[t2] - maxv);
+                    float inv = 1.0f / vsum(p, t + 1);
+                    for (int t2 = 0; t2 <= t; t2++) p[t2] *= inv;
+                    for (int t2 = t + 1; t2 < T; t2++) p[t2] = 0.0f;
+                    float* o = out + (((size_t)b * T + t) * H + h) * D;
+                    for (int i = 0; i < D; i++) o[i] = 0.0f;
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        const float* vt = v + (((size_t)b * T + t2) * Hkv + hk) * D;
+                        float pv = p[t2];
+                        for (int i = 0; i < D; i++) o[i] += pv * vt[i];
+                    }
                 }
             }
+        free(kt);
+    }
 }
-// gradients into dq (=), dk, dv (+=, so zero them first). Parallel over (b, kv head): the query
-// heads sharing a kv head add into its dk/dv in a fixed order. dp is scratch of T floats per thread.
+// gradients into dq, dk, dv (all overwritten). Parallel over (b, kv head): the query heads sharing a
+// kv head add into its dk/dv in a fixed order. K, V and the dK, dV accumulators are held transposed
+// ([D][T]) per thread, so every inner loop runs along t2.
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* att,
                         const float* q, const float* k, const float* v, int B, int T, int H, int Hkv, int D) {
     float scale = 1.0f / sqrtf((float)D);
     int group = H / Hkv;
     #pragma omp parallel
     {
-        float* dp = (float*)mallocCheck((size_t)T * sizeof(float));
+        float* kt = (float*)mallocCheck((size_t)D * T * sizeof(float));
+        float* vt = (float*)mallocCheck((size_t)D * T * sizeof(float));
+        float* dkt = (float*)mallocCheck((size_t)D * T * sizeof(float));
+        float* dvt = (float*)mallocCheck((size_t)D * T * sizeof(float));
+        float* ds = (float*)mallocCheck((size_t)T * sizeof(float));
         #pragma omp for collapse(2)
         for (int b = 0; b < B; b++)
-            for (int hk = 0; hk < Hkv; hk++)
+            for (int hk = 0; hk < Hkv; hk++) {
+                for (int t2 = 0; t2 < T; t2++) {
+                    size_t off = (((size_t)b * T + t2) * Hkv + hk) * D;
+                    for (int i = 0; i < D; i++) { kt[(size_t)i * T + t2] = k[off + i]; vt[(size_t)i * T + t2] = v[off + i]; }
+                }
+                memset(dkt, 0, (size_t)D * T * sizeof(float));
+                memset(dvt, 0, (size_t)D * T * sizeof(float));
                 for (int h = hk * group; h < (hk + 1) * group; h++)
                     for (int t = 0; t < T; t++) {
                         const float* p = att + (((size_t)b * H + h) * T + t) * T;
                         const float* dot = dout + (((size_t)b * T + t) * H + h) * D;
                         const float* qt = q + (((size_t)b * T + t) * H + h) * D;
                         float* dqt = dq + (((size_t)b * T + t) * H + h) * D;
-                        float pdp = 0.0f;
-                        for (int t2 = 0; t2 <= t; t2++) {
-                            const float* vt = v + (((size_t)b * T + t2) * Hkv + hk) * D;
-                            float s = vdot(dot, vt, D);
-                            dp[t2] = s;
-                            pdp += p[t2] * s;
+                        for (int t2 = 0; t2 <= t; t2++) ds[t2] = 0.0f;
+                        for (int i = 0; i < D; i++) { // dp[t2] = dout . v[t2] (held in ds), dv[t2] += p * dout
+                            float di = dot[i];
+                            const float* vr = vt + (size_t)i * T;
+                            float* dvr = dvt + (size_t)i * T;
+                            for (int t2 = 0; t2 <= t; t2++) { ds[t2] += di * vr[t2]; dvr[t2] += p[t2] * di; }
                         }
-                        for (int i = 0; i < D; i++) dqt[i] = 0.0f;
-                        for (int t2 = 0; t2 <= t; t2++) {
-                            size_t kvoff = (((size_t)b * T + t2) * Hkv + hk) * D;
-                            float ds = p[t2] * (dp[t2] - pdp) * scale; // through softmax and the scale
-                            const float* kt = k + kvoff;
-                            float* dkt = dk + kvoff;
-                            float* dvt = dv + kvoff;
-                            for (int i = 0; i < D; i++) {
-                                dqt[i] += ds * kt[i];
-                                dkt[i] += ds * qt[i];
-                                dvt[i] += p[t2] * dot[i];
-                            }
+                        float pdp = vdot(p, ds, t + 1);
+                        for (int t2 = 0; t2 <= t; t2++) ds[t2] = p[t2] * (ds[t2] - pdp) * scale; // through softmax, scale
+                        for (int i = 0; i < D; i++) {
+                            dqt[i] = vdot(ds, kt + (size_t)i * T, t + 1);
+                            float qi = qt[i];
+                            float* dkr = dkt + (size_t)i * T;
+                            for (int t2 = 0; t2 <= t; t2++) dkr[t2] += ds[t2] * qi;
                         }
                     }
-        free(dp);
+                for (int t2 = 0; t2 < T; t2++) {
+                    size_t off = (((size_t)b * T + t2) * Hkv + hk) * D;
+                    for (int i = 0; i < D; i++) { dk[off + i] = dkt[(size_t)i * T + t2]; dv[off + i] = dvt[(size_t)i * T + t2]; }
+                }
+            }
+        free(kt); free(vt); free(dkt); free(dvt); free(ds);
     }
 }
 
@@ -469,7 +548,7 @@ void experts_forward(float* ye, float* h1, float* h3, float* act, const float* x
         #pragma omp parallel for
         for (size_t i = 0; i < (size_t)n * F; i++) {
             float g = a1[i];
-            ac[i] = g / (1.0f + expf(-g)) * a3[i];
+            ac[i] = g / (1.0f + vexpf(-g)) * a3[i];
         }
         matmul_forward(ye + (size_t)r0 * C, ac, w2 + (size_t)e * C * F, n, F, C);
     }
@@ -493,7 +572,7 @@ void experts_backward(float* dxe, float* dw1, float* dw3, float* dw2, float* dac
         #pragma omp parallel for
         for (size_t i = 0; i < (size_t)n * F; i++) {
             float g = a1[i];
-            float sg = 1.0f / (1.0f + expf(-g));
+            float sg = 1.0f / (1.0f + vexpf(-g));
             float silu = g * sg;
             d3[i] = da[i] * silu;
             d1[i] = da[i] * a3[i] * sg * (1.0f + g * (1.0f - sg));
@@ -579,15 +658,17 @@ void router_backward(float* dz, const float* dgate, const float* z, const float*
 // ----------------------------------------------------------------------------
 // classifier: softmax cross-entropy with an ignore index (target -1)
 
-// losses[N] = -log softmax(logits[n])[target] (0 where ignored); returns the mean over counted targets
-float crossentropy_forward(float* losses, const float* logits, const int* targets, int N, int V) {
+// losses[N] = -log softmax(logits[n])[target] (0 where ignored); probs[N,V] = softmax(logits), kept
+// for the backward. Returns the mean over counted targets.
+float crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float* l = logits + (size_t)n * V;
-        float mx = l[0];
-        for (int i = 1; i < V; i++) if (l[i] > mx) mx = l[i];
-        float s = 0.0f;
-        for (int i = 0; i < V; i++) s += expf(l[i] - mx);
+        float* p = probs + (size_t)n * V;
+        float mx = vmax(l, V);
+        for (int i = 0; i < V; i++) p[i] = vexpf(l[i] - mx);
+        float s = vsum(p, V), inv = 1.0f / s;
+        for (int i = 0; i < V; i++) p[i] *= inv;
         losses[n] = targets[n] < 0 ? 0.0f : mx + logf(s) - l[targets[n]];
     }
     double sum = 0.0;
@@ -595,22 +676,16 @@ float crossentropy_forward(float* losses, const float* logits, const int* target
     for (int n = 0; n < N; n++) if (targets[n] >= 0) { sum += losses[n]; counted++; }
     return counted ? (float)(sum / counted) : 0.0f;
 }
-// dlogits[N,V] = dloss * (softmax - onehot) / counted; zero rows for ignored targets
-void crossentropy_backward(float* dlogits, const float* logits, const int* targets, float dloss, int N, int V) {
+// in place: probs[N,V] becomes dlogits = dloss * (softmax - onehot) / counted; zero rows for ignored targets
+void crossentropy_backward(float* probs, const int* targets, float dloss, int N, int V) {
     int counted = 0;
     for (int n = 0; n < N; n++) counted += targets[n] >= 0;
     float scale = counted ? dloss / counted : 0.0f;
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
-        const float* l = logits + (size_t)n * V;
-        float* d = dlogits + (size_t)n * V;
+        float* d = probs + (size_t)n * V;
         if (targets[n] < 0) { memset(d, 0, V * sizeof(float)); continue; }
-        float mx = l[0];
-        for (int i = 1; i < V; i++) if (l[i] > mx) mx = l[i];
-        float s = 0.0f;
-        for (int i = 0; i < V; i++) { d[i] = expf(l[i] - mx); s += d[i]; }
-        float inv = scale / s;
-        for (int i = 0; i < V; i++) d[i] *= inv;
+        for (int i = 0; i < V; i++) d[i] *= scale;
         d[targets[n]] -= scale;
     }
 }
@@ -894,7 +969,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
                 fprintf(stderr, "Error: target %d at position %d is outside [0, V=%d) (and not -1)\n", targets[i], i, V);
                 exit(EXIT_FAILURE);
             }
-        model->ce = crossentropy_forward(model->losses, model->logits, targets, N, V);
+        model->ce = crossentropy_forward(model->losses, model->dlogits, model->logits, targets, N, V);
         double loss = model->ce;
         for (int l = 0; l < L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
         model->loss = (float)loss;
@@ -912,7 +987,7 @@ void model_backward(Model* model, float dloss) {
     ParamTensors p = model->params, g = model->grads;
     ActTensors a = model->acts;
     // classifier and final norm
-    crossentropy_backward(model->dlogits, model->logits, model->targets, dloss, N, V);
+    crossentropy_backward(model->dlogits, model->targets, dloss, N, V); // the probs of the forward, in place
     memset(model->dbuf, 0, (size_t)N * C * sizeof(float));
     matmul_backward(model->dbuf, g.lm_head, model->dlogits, a.xf, p.lm_head, N, C, V);
     memset(model->dres, 0, (size_t)N * C * sizeof(float));
@@ -954,8 +1029,6 @@ void model_backward(Model* model, float dloss) {
         // attention block
         memset(model->datty, 0, (size_t)N * HD * sizeof(float));
         matmul_backward(model->datty, g.wo + (size_t)l * C * HD, dres, a.atty + (size_t)l * N * HD, wo, N, HD, C);
-        memset(model->dk, 0, (size_t)N * KD * sizeof(float));
-        memset(model->dv, 0, (size_t)N * KD * sizeof(float));
         attention_backward(model->dq, model->dk, model->dv, model->datty, a.att + (size_t)l * B * H * T * T,
                            a.q + (size_t)l * N * HD, a.k + (size_t)l * N * KD, a.v + (size_t)l * N * KD,
                            B, T, H, Hkv, D);
@@ -1006,7 +1079,7 @@ float lr_schedule(int step, int steps, int warmup, float lr, float min_lr) {
 
 // one AdamW step t (1-based) with gradients first scaled by grad_scale (the clipping factor)
 void model_update(Model* model, float lr, float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale) {
-    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+    float ibc1 = 1.0f / (1.0f - powf(beta1, (float)t)), ibc2 = 1.0f / (1.0f - powf(beta2, (float)t)); // bias corrections
     size_t off = 0;
     for (int ti = 0; ti < NUM_PARAM_TENSORS; ti++) {
         size_t n = model->param_sizes[ti];
@@ -1020,7 +1093,7 @@ void model_update(Model* model, float lr, float beta1, float beta2, float eps, f
             float gi = g[i] * grad_scale;
             m[i] = beta1 * m[i] + (1.0f - beta1) * gi;
             v[i] = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-            float mhat = m[i] / bc1, vhat = v[i] / bc2;
+            float mhat = m[i] * ibc1, vhat = v[i] * ibc2;
             p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
         }
         off += n;

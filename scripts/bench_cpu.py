@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "default": (4, 128, 4, 4, 8, 2, 256, 16, 128),
     "large": (4, 512, 4, 4, 16, 2, 1024, 4, 512),
-    "E8": (2, 256, 4, 4, 8, 2, 512, 8, 256),
-    "E64": (2, 256, 4, 4, 64, 2, 512, 8, 256),
+    "E8": (2, 256, 4, 4, 8, 2, 512, 16, 256),
+    "E64": (2, 256, 4, 4, 64, 2, 512, 16, 256),
 }
 V = 4096
 
@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--configs", default="default,large,E8,E64")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="alternate C and PyTorch runs this many times (noisy machines)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--python", default=sys.executable, help="interpreter with the torch to compare against")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -100,7 +101,8 @@ def main():
     if not os.path.exists(os.path.join(ROOT, "train_moe")):
         subprocess.run(["make", "-C", ROOT, "train_moe"], check=True)
     rows = {}
-    print(f"threads {a.threads}, {a.steps} steps per side, median of steps {a.warmup + 1}..{a.steps}")
+    print(f"threads {a.threads}, {a.steps} steps per run, median of steps {a.warmup + 1}..{a.steps}, "
+          f"median over {a.repeats} alternating run(s) per side")
     hdr = f"{'config':8} {'L/C/E/K/F B x T':>24} | {'C ms':>8} {'C tok/s':>9} {'C RSS MiB':>9} | " \
           f"{'torch ms':>8} {'torch tok/s':>11} {'torch RSS MiB':>13} | {'ratio':>5}"
     print(hdr)
@@ -108,14 +110,19 @@ def main():
     for name in a.configs.split(","):
         cfg = CONFIGS[name]
         L, C, H, Hkv, E, K, F, B, T = cfg
-        cms, crss = run_c(cfg, a.steps, a.threads)
-        t = run_torch(name, a.steps, a.threads, a.python)
-        cmed = statistics.median(cms[a.warmup:])
-        tmed = statistics.median(t["ms"][a.warmup:])
+        cmeds, tmeds, crss, trss = [], [], 0, 0
+        for _ in range(a.repeats):  # alternate the two sides so drifting machine load hits both alike
+            cms, rss = run_c(cfg, a.steps, a.threads)
+            cmeds.append(statistics.median(cms[a.warmup:]))
+            crss = max(crss, rss)
+            t = run_torch(name, a.steps, a.threads, a.python)
+            tmeds.append(statistics.median(t["ms"][a.warmup:]))
+            trss = max(trss, t["rss"])
+        cmed, tmed = statistics.median(cmeds), statistics.median(tmeds)
         ntok = B * T
         rows[name] = (cmed, crss)
         print(f"{name:8} {f'{L}/{C}/{E}/{K}/{F} {B}x{T}':>24} | {cmed:8.1f} {ntok / cmed * 1e3:9.0f} {crss / 2**20:9.0f} | "
-              f"{tmed:8.1f} {ntok / tmed * 1e3:11.0f} {t['rss'] / 2**20:13.0f} | {tmed / cmed:5.2f}x")
+              f"{tmed:8.1f} {ntok / tmed * 1e3:11.0f} {trss / 2**20:13.0f} | {tmed / cmed:5.2f}x")
         sys.stdout.flush()
     print(f"(torch {t['torch']}; ratio = train_moe tok/s / PyTorch tok/s)")
     if "E8" in rows and "E64" in rows:
