@@ -147,6 +147,37 @@ static void test_grad_accumulation(const char* dir, const char* name) {
     model_free(&model);
 }
 
+// greedy decoding with the KV cache == greedy decoding by a full forward over the whole sequence
+static void test_kv_cache(const char* dir, const char* name) {
+    char path[1024];
+    Model model;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    checkpoint_load(&model, path, &st, 0);
+    DebugState d;
+    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
+    debug_read(&d, path, &model.config, model.num_params);
+    model_alloc_acts(&model, 1, d.T);
+    Tokenizer none;
+    memset(&none, 0, sizeof none);
+    int plen = 3, want = d.T - plen, out[64], seq[64];
+    int n = generate_greedy(&model, d.x, plen, want, -1, 0, &none, out);
+    memcpy(seq, d.x, plen * sizeof(int));
+    int same = n == want, V = model.config.V;
+    for (int t = plen; t < plen + n; t++) { // the slow way: the whole sequence again for every token
+        model_forward(&model, seq, NULL, 1, t);
+        const float* l = model.logits + (size_t)(t - 1) * V;
+        int best = 0;
+        for (int i = 1; i < V; i++) if (l[i] > l[best]) best = i;
+        seq[t] = best;
+        same = same && best == out[t - plen];
+    }
+    CHECK(same, "[%s] greedy decoding with the KV cache differs from full recomputation", name);
+    printf("[%s] greedy decoding of %d tokens with the KV cache == full recomputation: %s\n", name, n, same ? "yes" : "NO");
+    debug_free(&d);
+    model_free(&model);
+}
+
 // ----------------------------------------------------------------------------
 // 2b. checkpoint save -> load -> the same next step, bit for bit
 
@@ -347,6 +378,26 @@ static void test_trainer_binary(const char* tmp) {
     expect_error("H not divisible by Hkv", args, "H=4 is not divisible by Hkv=3", keep);
     snprintf(args, sizeof args, "-i %s %s -nc 12", train, base);
     expect_error("odd head size", args, "head size D=C/H=3 must be even", keep);
+    // eval files: one that disagrees with its header, and a prompt longer than T
+    {
+        int h[256] = {0};
+        int item[2 + 5] = {4, 1, 1, 2, 3, 4, 5}; // prompt 1 2 3 4, answer 5
+        int rl = 1;
+        h[0] = 20251125; h[1] = 1; h[2] = 1; h[3] = 4; h[4] = 1; h[5] = 1; h[6] = 200; h[7] = 0; h[8] = 1; h[9] = 4; h[10] = 1; h[11] = 1;
+        snprintf(bad, sizeof bad, "%s/good_eval.bin", tmp);
+        FILE* fp = fopenCheck(bad, "wb");
+        fwrite(h, 4, 256, fp); fwrite(item, 4, 7, fp); fwrite(&rl, 4, 1, fp); fwrite("5", 1, 1, fp);
+        fclose(fp);
+        snprintf(args, sizeof args, "-i %s %s -ev %s -t 3", train, base, bad);
+        expect_error("eval prompt longer than T", args, "good_eval.bin' item 0: prompt of 4 tokens is longer than the sequence length T=3", keep);
+        h[10] = 2; // the header now promises a second answer token
+        snprintf(bad, sizeof bad, "%s/bad_eval.bin", tmp);
+        fp = fopenCheck(bad, "wb");
+        fwrite(h, 4, 256, fp); fwrite(item, 4, 7, fp); fwrite(&rl, 4, 1, fp); fwrite("5", 1, 1, fp);
+        fclose(fp);
+        snprintf(args, sizeof args, "-i %s %s -ev %s", train, base, bad);
+        expect_error("eval file vs its header", args, "bad_eval.bin': its size does not match its header", keep);
+    }
     // a corrupt newest checkpoint stops a resume (and is not silently skipped)
     snprintf(bad, sizeof bad, "%s/resumed/model_00000099.bin", tmp);
     copy_file(keep, bad);
@@ -375,6 +426,8 @@ int main(int argc, char** argv) {
     if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
     test_topk_ties();
     test_grad_accumulation(dir, "gqa");
+    test_kv_cache(dir, "mqa");
+    test_kv_cache(dir, "e6");
     test_checkpoint_roundtrip(dir, first, tmp);
     test_trainer_binary(tmp);
     char cmd[256];

@@ -1431,6 +1431,258 @@ void generate(Model* model, const Tokenizer* tk, int eot, int gen_len, uint64_t*
 }
 
 // ----------------------------------------------------------------------------
+// task eval (the paper's task loss and task accuracy) on eval files (layout: data/tasks/README.md):
+// header 256 x int32 (magic 20251125, version 1, items, max prompt, max answer, max ref bytes, V, eot,
+// kind, total prompt tokens, total answer tokens, total ref bytes, seed; bytes 64..127 the name),
+// then per item: int32 prompt length, int32 answer length, the tokens, int32 ref length, ref bytes.
+
+#define EVAL_MAGIC 20251125
+enum { TASK_MEMORIZATION = 1, TASK_REASONING = 2 };
+
+typedef struct {
+    char name[64];
+    int n, kind, max_prompt, max_answer;
+    int *plen, *alen;   // per item
+    int** toks;         // per item: prompt then answer tokens
+    char** ref;         // per item: the reference answer(s), alternatives separated by '\n'
+} EvalSet;
+
+static void eval_bad(const char* path, const char* what, long item) {
+    if (item >= 0) fprintf(stderr, "Error: eval file '%s' item %ld: %s\n", path, item, what);
+    else fprintf(stderr, "Error: eval file '%s': %s\n", path, what);
+    exit(EXIT_FAILURE);
+}
+
+// read and check an eval file against the model's V and the sequence length T
+void evalset_load(EvalSet* es, const char* path, int V, int T) {
+    memset(es, 0, sizeof(*es));
+    FILE* fp = fopenCheck(path, "rb");
+    int h[256];
+    freadCheck(h, sizeof(int), 256, fp, path);
+    if (h[0] != EVAL_MAGIC || h[1] != 1) eval_bad(path, "not an eval file (bad magic or version)", -1);
+    memcpy(es->name, (char*)h + 64, 63);
+    es->n = h[2]; es->max_prompt = h[3]; es->max_answer = h[4]; es->kind = h[8];
+    long expect = 1024 + 12L * h[2] + 4L * ((long)h[9] + h[10]) + h[11];
+    if (h[2] <= 0 || h[9] < 0 || h[10] < 0 || h[11] < 0 || file_size(fp) != expect)
+        eval_bad(path, "its size does not match its header (truncated or corrupt)", -1);
+    if (h[6] > V) { char m[128]; snprintf(m, sizeof m, "built for V=%d, the model has V=%d", h[6], V); eval_bad(path, m, -1); }
+    es->plen = (int*)mallocCheck(es->n * sizeof(int));
+    es->alen = (int*)mallocCheck(es->n * sizeof(int));
+    es->toks = (int**)mallocCheck(es->n * sizeof(int*));
+    es->ref = (char**)mallocCheck(es->n * sizeof(char*));
+    long ptot = 0, atot = 0;
+    for (int i = 0; i < es->n; i++) {
+        int len[2], rl;
+        freadCheck(len, sizeof(int), 2, fp, path);
+        if (len[0] < 1 || len[1] < 1 || len[0] > h[3] || len[1] > h[4]) eval_bad(path, "lengths disagree with the header", i);
+        if (len[0] > T) {
+            char m[160];
+            snprintf(m, sizeof m, "prompt of %d tokens is longer than the sequence length T=%d (flag -t)", len[0], T);
+            eval_bad(path, m, i);
+        }
+        es->plen[i] = len[0]; es->alen[i] = len[1];
+        es->toks[i] = (int*)mallocCheck((size_t)(len[0] + len[1]) * sizeof(int));
+        freadCheck(es->toks[i], sizeof(int), len[0] + len[1], fp, path);
+        for (int j = 0; j < len[0] + len[1]; j++)
+            if (es->toks[i][j] < 0 || es->toks[i][j] >= V) eval_bad(path, "token id outside the vocabulary", i);
+        freadCheck(&rl, sizeof(int), 1, fp, path);
+        if (rl < 1 || rl > h[5]) eval_bad(path, "reference length disagrees with the header", i);
+        es->ref[i] = (char*)mallocCheck(rl + 1);
+        freadCheck(es->ref[i], 1, rl, fp, path);
+        es->ref[i][rl] = 0;
+        ptot += len[0]; atot += len[1];
+    }
+    if (ptot != h[9] || atot != h[10]) eval_bad(path, "token totals disagree with the header", -1);
+    fclose(fp);
+}
+
+void evalset_free(EvalSet* es) {
+    for (int i = 0; i < es->n; i++) { free(es->toks[i]); free(es->ref[i]); }
+    free(es->plen); free(es->alen); free(es->toks); free(es->ref);
+}
+
+// task loss: the NLL of the answer tokens given the prompt, in bits per answer token and per answer
+// byte (the tokenizer's bytes). Items go B at a time, each in its own row of T tokens; an answer that
+// runs past T is scored on the tokens that fit (counted in *truncated).
+void eval_task_loss(Model* model, const EvalSet* es, const Tokenizer* tk, int B, int T, int eot,
+                    double* bits_per_token, double* bits_per_byte, int* truncated) {
+    int* x = (int*)mallocCheck((size_t)B * T * sizeof(int));
+    int* y = (int*)mallocCheck((size_t)B * T * sizeof(int));
+    double nll = 0.0;
+    long ntok = 0, nbytes = 0;
+    *truncated = 0;
+    for (int i0 = 0; i0 < es->n; i0 += B) {
+        for (int b = 0; b < B; b++) {
+            int i = i0 + b, len = 0;
+            if (i < es->n) {
+                len = es->plen[i] + es->alen[i];
+                if (len > T + 1) { len = T + 1; (*truncated)++; }
+            }
+            for (int t = 0; t < T; t++) {
+                x[b * T + t] = t < len ? es->toks[i][t] : eot;
+                y[b * T + t] = (t + 1 < len && t + 1 >= es->plen[i < es->n ? i : 0] && i < es->n) ? es->toks[i][t + 1] : -1;
+            }
+        }
+        model_forward(model, x, y, B, T);
+        for (int n = 0; n < B * T; n++)
+            if (y[n] >= 0) {
+                nll += model->losses[n];
+                ntok++;
+                nbytes += tk->ok ? (long)strlen(tk->tokens[y[n]]) : 0;
+            }
+    }
+    *bits_per_token = ntok ? nll / ntok / log(2.0) : NAN;
+    *bits_per_byte = nbytes ? nll / nbytes / log(2.0) : NAN;
+    free(x);
+    free(y);
+}
+
+// greedy decoding with a KV cache. Prefill: one forward over the prompt, whose per-layer k and v
+// (after RoPE) become the cache. Then each new token runs through the layers alone (N = 1), reusing
+// the layer functions, and attends to the cache. Returns the number of tokens written to out.
+int generate_greedy(Model* model, const int* prompt, int plen, int max_new, int stop_token, int stop_newline,
+                    const Tokenizer* tk, int* out) {
+    const MoEConfig* c = &model->config;
+    int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
+    int HD = H * D, KD = Hkv * D, maxT = model->maxT, group = H / Hkv;
+    if (plen + max_new > maxT) max_new = maxT - plen;
+    if (max_new <= 0) return 0;
+    float* kc = (float*)mallocCheck((size_t)L * maxT * KD * sizeof(float)); // the cache, [L][t][KD]
+    float* vc = (float*)mallocCheck((size_t)L * maxT * KD * sizeof(float));
+    model_forward(model, prompt, NULL, 1, plen);
+    for (int l = 0; l < L; l++) {
+        memcpy(kc + (size_t)l * maxT * KD, model->acts.k + (size_t)l * plen * KD, (size_t)plen * KD * sizeof(float));
+        memcpy(vc + (size_t)l * maxT * KD, model->acts.v + (size_t)l * plen * KD, (size_t)plen * KD * sizeof(float));
+    }
+    // one-token scratch: layer 0's activation buffers (the prefill's are no longer needed)
+    ActTensors a = model->acts;
+    ParamTensors p = model->params;
+    float* h = a.resid;                     // 1 x C, the residual stream of the new token
+    float* att = (float*)mallocCheck((size_t)maxT * sizeof(float));
+    int next = 0, n = 0, pos = plen;
+    const float* last = model->logits + (size_t)(plen - 1) * V;
+    for (;;) {
+        next = 0;
+        for (int i = 1; i < V; i++) if (last[i] > last[next]) next = i; // argmax, lowest id on ties
+        if (next == stop_token) break;
+        out[n++] = next;
+        if (stop_newline && tk->ok && strchr(tk->tokens[next], '\n')) break;
+        if (n == max_new) break;
+        // the new token through every layer at position pos
+        encoder_forward(h, &next, p.wte, 1, C);
+        for (int l = 0; l < L; l++) {
+            float* kl = kc + (size_t)l * maxT * KD;
+            float* vl = vc + (size_t)l * maxT * KD;
+            rmsnorm_forward(a.a, a.a_rstd, h, p.attn_norm + (size_t)l * C, 1, C, c->eps);
+            matmul_forward(a.q, a.a, p.wq + (size_t)l * HD * C, 1, C, HD);
+            matmul_forward(kl + (size_t)pos * KD, a.a, p.wk + (size_t)l * KD * C, 1, C, KD);
+            matmul_forward(vl + (size_t)pos * KD, a.a, p.wv + (size_t)l * KD * C, 1, C, KD);
+            const float* fc = model->freqs_cos + (size_t)pos * (D / 2);
+            const float* fs = model->freqs_sin + (size_t)pos * (D / 2);
+            rope_apply(a.q, fc, fs, 1, 1, H, D, +1);
+            rope_apply(kl + (size_t)pos * KD, fc, fs, 1, 1, Hkv, D, +1);
+            for (int hh = 0; hh < H; hh++) { // attend to positions 0..pos of kv head hh/group
+                const float* q = a.q + (size_t)hh * D;
+                int hk = hh / group;
+                for (int t2 = 0; t2 <= pos; t2++) att[t2] = vdot(q, kl + (size_t)t2 * KD + hk * D, D) / sqrtf((float)D);
+                float mx = vmax(att, pos + 1);
+                for (int t2 = 0; t2 <= pos; t2++) att[t2] = vexpf(att[t2] - mx);
+                float inv = 1.0f / vsum(att, pos + 1);
+                float* o = a.atty + (size_t)hh * D;
+                for (int i = 0; i < D; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= pos; t2++)
+                    for (int i = 0; i < D; i++) o[i] += att[t2] * inv * vl[(size_t)t2 * KD + hk * D + i];
+            }
+            matmul_forward(a.resid_mid, a.atty, p.wo + (size_t)l * C * HD, 1, HD, C);
+            for (int i = 0; i < C; i++) a.resid_mid[i] += h[i];
+            rmsnorm_forward(a.m, a.m_rstd, a.resid_mid, p.moe_norm + (size_t)l * C, 1, C, c->eps);
+            router_forward(a.z, a.lse, a.m, p.wr + (size_t)l * E * C, 1, C, E);
+            topk_forward(model->topi, a.gate, a.z, 1, E, K);
+            permute_plan(model->counts, model->offs, model->row_of, model->tok_of, model->topi, 1, E, K);
+            permute_forward(a.xe, a.m, model->tok_of, K, C);
+            experts_forward(a.ye, a.h1, a.h3, a.act, a.xe, p.w1 + (size_t)l * E * F * C, p.w3 + (size_t)l * E * F * C,
+                            p.w2 + (size_t)l * E * C * F, model->offs, E, C, F);
+            unpermute_forward(h, a.resid_mid, a.ye, a.gate, model->row_of, 1, K, C);
+        }
+        rmsnorm_forward(a.xf, model->f_rstd, h, p.final_norm, 1, C, c->eps);
+        matmul_forward(model->logits, a.xf, p.lm_head, 1, C, V);
+        last = model->logits;
+        pos++;
+    }
+    free(kc); free(vc); free(att);
+    return n;
+}
+
+// does the generated text answer the item? memorization: it equals one of the reference
+// alternatives (case and surrounding space ignored); reasoning: the number after the last
+// "The answer is" equals the reference number (commas ignored)
+static void trim_lower(char* s) {
+    char* b = s;
+    while (*b == ' ' || *b == '\n' || *b == '\t') b++;
+    memmove(s, b, strlen(b) + 1);
+    size_t n = strlen(s);
+    while (n && (s[n - 1] == ' ' || s[n - 1] == '\n' || s[n - 1] == '\t' || s[n - 1] == '.')) s[--n] = 0;
+    for (char* q = s; *q; q++) if (*q >= 'A' && *q <= 'Z') *q += 32;
+}
+static void strip_commas(char* s) { char* w = s; for (char* r = s; *r; r++) if (*r != ',') *w++ = *r; *w = 0; }
+
+int answer_matches(const char* generated, const char* ref, int kind) {
+    size_t n = strlen(generated);
+    char* g = (char*)mallocCheck(n + 1);
+    int ok = 0;
+    if (kind == TASK_REASONING) {
+        const char* at = NULL;
+        for (const char* q = strstr(generated, "The answer is "); q; q = strstr(q + 1, "The answer is ")) at = q;
+        if (at) {
+            strcpy(g, at + 14);
+            size_t k = 0;
+            while (g[k] == '-' || g[k] == ',' || (g[k] >= '0' && g[k] <= '9')) k++;
+            g[k] = 0;
+            strip_commas(g);
+            char* r = (char*)mallocCheck(strlen(ref) + 1);
+            strcpy(r, ref);
+            strip_commas(r);
+            trim_lower(r);
+            ok = g[0] && strcmp(g, r) == 0;
+            free(r);
+        }
+    } else {
+        strcpy(g, generated);
+        trim_lower(g);
+        char* alts = (char*)mallocCheck(strlen(ref) + 1);
+        strcpy(alts, ref);
+        for (char* tok = strtok(alts, "\n"); tok && !ok; tok = strtok(NULL, "\n")) { trim_lower(tok); ok = strcmp(g, tok) == 0; }
+        free(alts);
+    }
+    free(g);
+    return ok;
+}
+
+// greedy accuracy over the first max_items items (all if max_items <= 0)
+double eval_task_accuracy(Model* model, const EvalSet* es, const Tokenizer* tk, int eot, int max_items, int* scored) {
+    int n = (max_items > 0 && max_items < es->n) ? max_items : es->n, correct = 0;
+    int* out = (int*)mallocCheck((size_t)(es->max_answer + 8) * sizeof(int));
+    size_t cap = 1024;
+    char* text = (char*)mallocCheck(cap);
+    for (int i = 0; i < n; i++) {
+        int k = generate_greedy(model, es->toks[i], es->plen[i], es->max_answer + 8, eot, es->kind == TASK_MEMORIZATION, tk, out);
+        size_t len = 0;
+        text[0] = 0;
+        for (int j = 0; j < k && tk->ok; j++) {
+            size_t tl = strlen(tk->tokens[out[j]]);
+            if (len + tl + 1 > cap) { cap = 2 * (len + tl + 1); text = (char*)realloc(text, cap); }
+            memcpy(text + len, tk->tokens[out[j]], tl + 1);
+            len += tl;
+        }
+        correct += answer_matches(text, es->ref[i], es->kind);
+    }
+    free(out);
+    free(text);
+    *scored = n;
+    return n ? (double)correct / n : NAN;
+}
+
+// ----------------------------------------------------------------------------
 // eval: val loss and router diagnostics
 
 // mean ce over up to max_batches val batches (all of them if max_batches <= 0)
@@ -1541,8 +1793,9 @@ void debug_free(DebugState* d) {
 #ifndef TESTING
 
 typedef struct {
-    const char *train_glob, *val_glob, *tokenizer, *out_dir, *init_ckpt, *fwd_in, *fwd_out;
+    const char *train_glob, *val_glob, *tokenizer, *out_dir, *init_ckpt, *fwd_in, *fwd_out, *eval_files;
     int resume, B, T, steps, grad_accum, warmup, val_every, val_batches, sample_every, gen_len, ckpt_every, shuffle;
+    int acc_items, eval_only;
     float lr, min_lr_frac, weight_decay, grad_clip, beta1, beta2, init_std;
     uint64_t seed;
     MoEConfig model;     // shape for a random init
@@ -1572,6 +1825,9 @@ static void usage(void) {
 "  -v  val loss every N steps and at the end (default 200, 0 = never)  -m  val batches (default 20, 0 = all)\n"
 "  -s  sample every N steps and at the end (default 400, 0 = never)  -g  tokens per sample (default 64)\n"
 "  -n  checkpoint every N steps (default 0: only at the end, when -o is set)\n"
+"  -ev eval files, comma-separated (data/tasks/*_eval.bin): task loss and greedy accuracy at every val step\n"
+"  -ea items per eval file scored for accuracy (default 100, 0 = all)\n"
+"  -ex 1: evaluate the model (-e or -y) on the val set and the -ev files, then exit\n"
 "model shape (random init; a checkpoint brings its own):\n"
 "  -nv V vocab (default: the tokenizer's, else 4096)  -nl L layers (4)  -nc C width (128)\n"
 "  -nh H heads (4)  -nkv Hkv kv heads (default H)  -ne E experts (8)  -nk K top-k (2)\n"
@@ -1605,6 +1861,7 @@ static void parse_args(Args* a, int argc, char** argv) {
     a->tokenizer = "data/default/tokenizer.bin";
     a->B = 16; a->T = 128; a->steps = 1200; a->grad_accum = 1; a->warmup = 50;
     a->val_every = 200; a->val_batches = 20; a->sample_every = 400; a->gen_len = 64; a->shuffle = 1;
+    a->acc_items = 100;
     a->lr = 3e-3f; a->min_lr_frac = 0.1f; a->weight_decay = 0.1f; a->grad_clip = 1.0f;
     a->beta1 = 0.9f; a->beta2 = 0.95f; a->init_std = 0.02f; a->seed = 1337;
     MoEConfig d = {0, 0, 4, 128, 4, 0, 8, 2, 0, 10000.0f, 1e-5f, 1e-2f, 1e-3f};
@@ -1653,6 +1910,9 @@ static void parse_args(Args* a, int argc, char** argv) {
         else if (!strcmp(f, "-ac")) a->model.aux_coef = parse_float(f, v);
         else if (!strcmp(f, "-zc")) a->model.z_coef = parse_float(f, v);
         else if (!strcmp(f, "-th")) a->model.theta = parse_float(f, v);
+        else if (!strcmp(f, "-ev")) a->eval_files = v;
+        else if (!strcmp(f, "-ea")) a->acc_items = parse_int(f, v);
+        else if (!strcmp(f, "-ex")) a->eval_only = parse_int(f, v);
         else if (!strcmp(f, "-fi")) a->fwd_in = v;
         else if (!strcmp(f, "-fo")) a->fwd_out = v;
         else { fprintf(stderr, "Error: unknown flag '%s' (-h lists them)\n", f); exit(EXIT_FAILURE); }
@@ -1717,6 +1977,20 @@ static int run_forward_only(Model* model, const Args* a) {
     return 0;
 }
 
+// every -ev file: task loss (bits/token, bits/byte) and greedy accuracy, on the console and in the log
+static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokenizer* tk, int eot, const Args* a,
+                           FILE* logf, int step) {
+    for (int i = 0; i < nsets; i++) {
+        double bpt, bpb;
+        int trunc, scored;
+        eval_task_loss(model, &sets[i], tk, a->B, a->T, eot, &bpt, &bpb, &trunc);
+        double acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
+        printf("task %-10s | loss %.4f bits/token %.4f bits/byte (%d items, %d answers cut at T) | accuracy %.4f (%d items, greedy)\n",
+               sets[i].name, bpt, bpb, sets[i].n, trunc, acc, scored);
+        if (logf) fprintf(logf, "step %d task %s bpt %.6f bpb %.6f acc %.6f n %d\n", step, sets[i].name, bpt, bpb, acc, scored);
+    }
+}
+
 int main(int argc, char** argv) {
     Args a;
     parse_args(&a, argc, argv);
@@ -1765,6 +2039,17 @@ int main(int argc, char** argv) {
     printf("train: B=%d T=%d grad_accum=%d steps=%d lr=%g warmup=%d min_lr=%g wd=%g clip=%g threads=%d\n",
            a.B, a.T, a.grad_accum, a.steps, a.lr, a.warmup, a.lr * a.min_lr_frac, a.weight_decay, a.grad_clip, nthreads);
 
+    EvalSet* sets = NULL;
+    int nsets = 0;
+    if (a.eval_files) { // comma-separated paths
+        char* list = (char*)mallocCheck(strlen(a.eval_files) + 1);
+        strcpy(list, a.eval_files);
+        for (char* f = strtok(list, ","); f; f = strtok(NULL, ",")) {
+            sets = (EvalSet*)realloc(sets, (nsets + 1) * sizeof(EvalSet));
+            evalset_load(&sets[nsets++], f, c->V, a.T);
+        }
+        free(list);
+    }
     DataLoader train, val;
     loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
     loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
@@ -1779,6 +2064,11 @@ int main(int argc, char** argv) {
         free(lp);
     }
     int eot = tk.ok ? tk.eot : 0;
+    if (a.eval_only) {
+        printf("val loss %.4f\n", eval_val_loss(&model, &val, a.val_batches));
+        run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, st.step);
+        return 0;
+    }
     double tokens_per_step = (double)a.B * a.T * a.grad_accum;
     for (int step = st.step; step < a.steps; step++) {
         double t0 = now_ms();
@@ -1808,6 +2098,7 @@ int main(int argc, char** argv) {
             float vl = eval_val_loss(&model, &val, a.val_batches);
             printf("val loss %.4f\n", vl);
             if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
+            run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, step + 1);
         }
         if (a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last)) {
             printf("--- sample ---\n");
@@ -1825,6 +2116,8 @@ int main(int argc, char** argv) {
         if (logf) fflush(logf);
     }
     if (logf) fclose(logf);
+    for (int i = 0; i < nsets; i++) evalset_free(&sets[i]);
+    free(sets);
     loader_free(&train);
     loader_free(&val);
     tokenizer_free(&tk);
