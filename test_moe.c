@@ -161,7 +161,7 @@ static void test_kv_cache(const char* dir, const char* name) {
     Tokenizer none;
     memset(&none, 0, sizeof none);
     int plen = 3, want = d.T - plen, out[64], seq[64];
-    int n = generate_greedy(&model, d.x, plen, want, -1, 0, &none, out);
+    int n = generate_answer(&model, d.x, plen, want, -1, 0, &none, out, 0.0f, NULL);
     memcpy(seq, d.x, plen * sizeof(int));
     int same = n == want, V = model.config.V;
     for (int t = plen; t < plen + n; t++) { // the slow way: the whole sequence again for every token
@@ -176,6 +176,26 @@ static void test_kv_cache(const char* dir, const char* name) {
     printf("[%s] greedy decoding of %d tokens with the KV cache == full recomputation: %s\n", name, n, same ? "yes" : "NO");
     debug_free(&d);
     model_free(&model);
+}
+
+// answers: extraction, matching against references, the majority vote of test-time compute
+static void test_answers(void) {
+    char buf[256];
+    int ok = 1;
+    extract_answer(" 7 * 6 = 42. The answer is 3. No: The answer is 1,234.\n", TASK_REASONING, buf);
+    ok &= strcmp(buf, "1234") == 0 && answer_correct(buf, "1,234", TASK_REASONING);
+    extract_answer(" It is 12.", TASK_REASONING, buf);
+    ok &= buf[0] == 0 && !answer_correct(buf, "12", TASK_REASONING);
+    extract_answer(" Taking Photographs \n", TASK_MEMORIZATION, buf);
+    ok &= answer_correct(buf, "taking photographs", TASK_MEMORIZATION);
+    ok &= answer_matches(" swiss\n", "SWITZERLAND\nswiss\nsuisse", TASK_MEMORIZATION);
+    ok &= !answer_matches(" sweden\n", "SWITZERLAND\nswiss", TASK_MEMORIZATION);
+    char a0[] = "5", a1[] = "", a2[] = "7", a3[] = "7", a4[] = "5";
+    char* votes[5] = {a0, a1, a2, a3, a4};
+    ok &= majority_index(votes, 1) == 0 && majority_index(votes, 3) == 0 && majority_index(votes, 4) == 2 &&
+          majority_index(votes, 5) == 0 && majority_index(votes + 1, 1) == -1;
+    CHECK(ok, "answer extraction, matching or the majority vote is wrong");
+    printf("[eval] answer extraction, reference matching and majority vote: %s\n", ok ? "yes" : "NO");
 }
 
 // ----------------------------------------------------------------------------
@@ -303,7 +323,7 @@ static void test_trainer_binary(const char* tmp) {
     write_shard(val, toks, 3000, 0);
     const char* common = "-nv 200 -nl 2 -nc 32 -nh 4 -nkv 2 -ne 4 -nk 2 -nf 48 -b 4 -t 32 -x 8 -u 2 -l 3e-3 -v 4 -m 2 -s 4 -g 8 -k none";
     // straight 8 steps vs 4 + resume + 4
-    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -o %s/straight", train, val, common, tmp);
+    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -o %s/runs/straight", train, val, common, tmp); // -o makes missing parents
     int rc1 = run_cmd(cmd, &out); free(out);
     snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -n 4 -o %s/resumed", train, val, common, tmp);
     int rc2 = run_cmd(cmd, &out); free(out);
@@ -314,7 +334,7 @@ static void test_trainer_binary(const char* tmp) {
     int rc3 = run_cmd(cmd, &out);
     int resumed_from_4 = strstr(out, "model_00000004.bin") != NULL;
     free(out);
-    snprintf(a8, sizeof a8, "%s/straight/model_00000008.bin", tmp);
+    snprintf(a8, sizeof a8, "%s/runs/straight/model_00000008.bin", tmp);
     int same = rc1 == 0 && rc2 == 0 && rc3 == 0 && resumed_from_4 && files_equal(a8, b8);
     CHECK(same, "8 steps straight != 4 + resume + 4 (exit codes %d %d %d, resumed from step 4: %d)", rc1, rc2, rc3, resumed_from_4);
     printf("[trainer] 8 steps straight == 4 + resume + 4, bit for bit (weights, AdamW, data position, RNG): %s\n", same ? "yes" : "NO");
@@ -425,6 +445,7 @@ int main(int argc, char** argv) {
     char tmp[] = "/tmp/test_moe_XXXXXX";
     if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
     test_topk_ties();
+    test_answers();
     test_grad_accumulation(dir, "gqa");
     test_kv_cache(dir, "mqa");
     test_kv_cache(dir, "e6");

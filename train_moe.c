@@ -1537,11 +1537,13 @@ void eval_task_loss(Model* model, const EvalSet* es, const Tokenizer* tk, int B,
     free(y);
 }
 
-// greedy decoding with a KV cache. Prefill: one forward over the prompt, whose per-layer k and v
-// (after RoPE) become the cache. Then each new token runs through the layers alone (N = 1), reusing
-// the layer functions, and attends to the cache. Returns the number of tokens written to out.
-int generate_greedy(Model* model, const int* prompt, int plen, int max_new, int stop_token, int stop_newline,
-                    const Tokenizer* tk, int* out) {
+// decoding with a KV cache: greedy (temperature <= 0) or sampled at a temperature with *rng.
+// Prefill: one forward over the prompt, whose per-layer k and v (after RoPE) become the cache. Then
+// each new token runs through the layers alone (N = 1), reusing the layer functions, and attends to
+// the cache. Stops at stop_token, after a token holding a newline (if stop_newline), or after
+// max_new tokens. Returns the number of tokens written to out.
+int generate_answer(Model* model, const int* prompt, int plen, int max_new, int stop_token, int stop_newline,
+                    const Tokenizer* tk, int* out, float temperature, uint64_t* rng) {
     const MoEConfig* c = &model->config;
     int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
     int HD = H * D, KD = Hkv * D, maxT = model->maxT, group = H / Hkv;
@@ -1559,11 +1561,18 @@ int generate_greedy(Model* model, const int* prompt, int plen, int max_new, int 
     ParamTensors p = model->params;
     float* h = a.resid;                     // 1 x C, the residual stream of the new token
     float* att = (float*)mallocCheck((size_t)maxT * sizeof(float));
+    float* probs = (float*)mallocCheck((size_t)V * sizeof(float));
     int next = 0, n = 0, pos = plen;
     const float* last = model->logits + (size_t)(plen - 1) * V;
     for (;;) {
         next = 0;
         for (int i = 1; i < V; i++) if (last[i] > last[next]) next = i; // argmax, lowest id on ties
+        if (temperature > 0) { // sample from softmax(logits / temperature)
+            for (int i = 0; i < V; i++) probs[i] = vexpf((last[i] - last[next]) / temperature);
+            float inv = 1.0f / vsum(probs, V);
+            for (int i = 0; i < V; i++) probs[i] *= inv;
+            next = sample_mult(probs, V, rng_f32(rng));
+        }
         if (next == stop_token) break;
         out[n++] = next;
         if (stop_newline && tk->ok && strchr(tk->tokens[next], '\n')) break;
@@ -1609,7 +1618,7 @@ int generate_greedy(Model* model, const int* prompt, int plen, int max_new, int 
         last = model->logits;
         pos++;
     }
-    free(kc); free(vc); free(att);
+    free(kc); free(vc); free(att); free(probs);
     return n;
 }
 
@@ -1626,36 +1635,59 @@ static void trim_lower(char* s) {
 }
 static void strip_commas(char* s) { char* w = s; for (char* r = s; *r; r++) if (*r != ',') *w++ = *r; *w = 0; }
 
-int answer_matches(const char* generated, const char* ref, int kind) {
-    size_t n = strlen(generated);
-    char* g = (char*)mallocCheck(n + 1);
-    int ok = 0;
+// the answer in a generated text, normalised: reasoning, the number after the last "The answer is"
+// (commas dropped; "" if none); memorization, the text itself (case and surrounding space ignored)
+void extract_answer(const char* generated, int kind, char* out) {
+    out[0] = 0;
     if (kind == TASK_REASONING) {
         const char* at = NULL;
         for (const char* q = strstr(generated, "The answer is "); q; q = strstr(q + 1, "The answer is ")) at = q;
-        if (at) {
-            strcpy(g, at + 14);
-            size_t k = 0;
-            while (g[k] == '-' || g[k] == ',' || (g[k] >= '0' && g[k] <= '9')) k++;
-            g[k] = 0;
-            strip_commas(g);
-            char* r = (char*)mallocCheck(strlen(ref) + 1);
-            strcpy(r, ref);
-            strip_commas(r);
-            trim_lower(r);
-            ok = g[0] && strcmp(g, r) == 0;
-            free(r);
-        }
+        if (!at) return;
+        strcpy(out, at + 14);
+        size_t k = 0;
+        while (out[k] == '-' || out[k] == ',' || (out[k] >= '0' && out[k] <= '9')) k++;
+        out[k] = 0;
+        strip_commas(out);
     } else {
-        strcpy(g, generated);
-        trim_lower(g);
-        char* alts = (char*)mallocCheck(strlen(ref) + 1);
-        strcpy(alts, ref);
-        for (char* tok = strtok(alts, "\n"); tok && !ok; tok = strtok(NULL, "\n")) { trim_lower(tok); ok = strcmp(g, tok) == 0; }
-        free(alts);
+        strcpy(out, generated);
+        trim_lower(out);
     }
-    free(g);
+}
+
+// does a normalised answer match the reference (alternatives separated by '\n')?
+int answer_correct(const char* ans, const char* ref, int kind) {
+    if (!ans[0]) return 0;
+    char* alts = (char*)mallocCheck(strlen(ref) + 1);
+    strcpy(alts, ref);
+    int ok = 0;
+    for (char* tok = strtok(alts, "\n"); tok && !ok; tok = strtok(NULL, "\n")) {
+        if (kind == TASK_REASONING) strip_commas(tok);
+        trim_lower(tok);
+        ok = strcmp(ans, tok) == 0;
+    }
+    free(alts);
     return ok;
+}
+
+int answer_matches(const char* generated, const char* ref, int kind) {
+    char* ans = (char*)mallocCheck(strlen(generated) + 1);
+    extract_answer(generated, kind, ans);
+    int ok = answer_correct(ans, ref, kind);
+    free(ans);
+    return ok;
+}
+
+// the text of tokens out[0..k), into a growing buffer
+static char* tokens_text(const Tokenizer* tk, const int* out, int k, char** buf, size_t* cap) {
+    size_t len = 0;
+    (*buf)[0] = 0;
+    for (int j = 0; j < k && tk->ok; j++) {
+        size_t tl = strlen(tk->tokens[out[j]]);
+        if (len + tl + 1 > *cap) { *cap = 2 * (len + tl + 1); *buf = (char*)realloc(*buf, *cap); }
+        memcpy(*buf + len, tk->tokens[out[j]], tl + 1);
+        len += tl;
+    }
+    return *buf;
 }
 
 // greedy accuracy over the first max_items items (all if max_items <= 0)
@@ -1665,21 +1697,61 @@ double eval_task_accuracy(Model* model, const EvalSet* es, const Tokenizer* tk, 
     size_t cap = 1024;
     char* text = (char*)mallocCheck(cap);
     for (int i = 0; i < n; i++) {
-        int k = generate_greedy(model, es->toks[i], es->plen[i], es->max_answer + 8, eot, es->kind == TASK_MEMORIZATION, tk, out);
-        size_t len = 0;
-        text[0] = 0;
-        for (int j = 0; j < k && tk->ok; j++) {
-            size_t tl = strlen(tk->tokens[out[j]]);
-            if (len + tl + 1 > cap) { cap = 2 * (len + tl + 1); text = (char*)realloc(text, cap); }
-            memcpy(text + len, tk->tokens[out[j]], tl + 1);
-            len += tl;
-        }
-        correct += answer_matches(text, es->ref[i], es->kind);
+        int k = generate_answer(model, es->toks[i], es->plen[i], es->max_answer + 8, eot, es->kind == TASK_MEMORIZATION,
+                                tk, out, 0.0f, NULL);
+        correct += answer_matches(tokens_text(tk, out, k, &text, &cap), es->ref[i], es->kind);
     }
     free(out);
     free(text);
     *scored = n;
     return n ? (double)correct / n : NAN;
+}
+
+// the sample holding the most common non-empty answer among ans[0..n) (ties: the one seen first); -1 if none
+int majority_index(char* const* ans, int n) {
+    int best = -1, best_votes = 0;
+    for (int s = 0; s < n; s++) {
+        if (!ans[s][0]) continue; // no answer: no vote
+        int votes = 0;
+        for (int u = 0; u < n; u++) votes += strcmp(ans[s], ans[u]) == 0;
+        if (votes > best_votes) { best_votes = votes; best = s; }
+    }
+    return best;
+}
+
+// test-time compute: nsamples answers per item at a temperature; for n = 1, 2, 4, ... nsamples,
+// maj[j] = accuracy of the majority answer of the first n samples (ties: the answer seen first),
+// pass[j] = share of items where one of the first n samples is right. Returns how many n were scored.
+int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk, int eot, int max_items, int nsamples,
+                           float temperature, uint64_t* rng, int* ns, double* maj, double* pass, int* scored) {
+    int items = (max_items > 0 && max_items < es->n) ? max_items : es->n, nn = 0;
+    for (int n = 1; n <= nsamples; n *= 2) { ns[nn] = n; maj[nn] = pass[nn] = 0.0; nn++; }
+    int* out = (int*)mallocCheck((size_t)(es->max_answer + 8) * sizeof(int));
+    size_t cap = 1024;
+    char* text = (char*)mallocCheck(cap);
+    char** ans = (char**)mallocCheck((size_t)nsamples * sizeof(char*));
+    int* right = (int*)mallocCheck((size_t)nsamples * sizeof(int));
+    for (int i = 0; i < items; i++) {
+        for (int s = 0; s < nsamples; s++) {
+            int k = generate_answer(model, es->toks[i], es->plen[i], es->max_answer + 8, eot,
+                                    es->kind == TASK_MEMORIZATION, tk, out, temperature, rng);
+            tokens_text(tk, out, k, &text, &cap);
+            ans[s] = (char*)mallocCheck(strlen(text) + 1);
+            extract_answer(text, es->kind, ans[s]);
+            right[s] = answer_correct(ans[s], es->ref[i], es->kind);
+        }
+        for (int j = 0; j < nn; j++) {
+            int n = ns[j], best = majority_index(ans, n), any = 0;
+            for (int s = 0; s < n; s++) any |= right[s];
+            maj[j] += best >= 0 && right[best];
+            pass[j] += any;
+        }
+        for (int s = 0; s < nsamples; s++) free(ans[s]);
+    }
+    for (int j = 0; j < nn; j++) { maj[j] /= items; pass[j] /= items; }
+    free(out); free(text); free(ans); free(right);
+    *scored = items;
+    return nn;
 }
 
 // ----------------------------------------------------------------------------
@@ -1795,7 +1867,8 @@ void debug_free(DebugState* d) {
 typedef struct {
     const char *train_glob, *val_glob, *tokenizer, *out_dir, *init_ckpt, *fwd_in, *fwd_out, *eval_files;
     int resume, B, T, steps, grad_accum, warmup, val_every, val_batches, sample_every, gen_len, ckpt_every, shuffle;
-    int acc_items, eval_only;
+    int acc_items, eval_only, ttc_samples;
+    float ttc_temp;
     float lr, min_lr_frac, weight_decay, grad_clip, beta1, beta2, init_std;
     uint64_t seed;
     MoEConfig model;     // shape for a random init
@@ -1814,7 +1887,7 @@ static void usage(void) {
 "  -y  1: resume from the newest checkpoint in -o (weights, AdamW, step, data position, RNG)\n"
 "training:\n"
 "  -b  batch size B (default 16)       -t  sequence length T (default 128)\n"
-"  -x  steps (default 1200)            -ga gradient accumulation micro-batches (default 1)\n"
+"  -x  steps (default 1500)            -ga gradient accumulation micro-batches (default 1)\n"
 "  -l  learning rate (default 3e-3)    -u  warm-up steps (default 50)\n"
 "  -q  min lr as a fraction of lr (default 0.1)\n"
 "  -c  weight decay (default 0.1)      -gc grad clip by global norm (default 1.0, 0 = off)\n"
@@ -1822,12 +1895,14 @@ static void usage(void) {
 "  -sd seed (default 1337)             -sh shuffle the train data 0/1 (default 1)\n"
 "  -is init std (default 0.02)\n"
 "eval:\n"
-"  -v  val loss every N steps and at the end (default 200, 0 = never)  -m  val batches (default 20, 0 = all)\n"
-"  -s  sample every N steps and at the end (default 400, 0 = never)  -g  tokens per sample (default 64)\n"
+"  -v  val loss every N steps and at the end (default 250, 0 = never)  -m  val batches (default 20, 0 = all)\n"
+"  -s  sample every N steps and at the end (default 500, 0 = never)  -g  tokens per sample (default 64)\n"
 "  -n  checkpoint every N steps (default 0: only at the end, when -o is set)\n"
 "  -ev eval files, comma-separated (data/tasks/*_eval.bin): task loss and greedy accuracy at every val step\n"
 "  -ea items per eval file scored for accuracy (default 100, 0 = all)\n"
 "  -ex 1: evaluate the model (-e or -y) on the val set and the -ev files, then exit\n"
+"  -tn N test-time compute: N samples per item (majority vote and pass@n, n = 1, 2, 4 .. N; default 0 = off)\n"
+"  -tt temperature of those samples (default 0.8)\n"
 "model shape (random init; a checkpoint brings its own):\n"
 "  -nv V vocab (default: the tokenizer's, else 4096)  -nl L layers (4)  -nc C width (128)\n"
 "  -nh H heads (4)  -nkv Hkv kv heads (default H)  -ne E experts (8)  -nk K top-k (2)\n"
@@ -1859,9 +1934,9 @@ static void parse_args(Args* a, int argc, char** argv) {
     memset(a, 0, sizeof(*a));
     a->train_glob = "data/default/train_*.bin"; a->val_glob = "data/default/val_*.bin";
     a->tokenizer = "data/default/tokenizer.bin";
-    a->B = 16; a->T = 128; a->steps = 1200; a->grad_accum = 1; a->warmup = 50;
-    a->val_every = 200; a->val_batches = 20; a->sample_every = 400; a->gen_len = 64; a->shuffle = 1;
-    a->acc_items = 100;
+    a->B = 16; a->T = 128; a->steps = 1500; a->grad_accum = 1; a->warmup = 50;
+    a->val_every = 250; a->val_batches = 20; a->sample_every = 500; a->gen_len = 64; a->shuffle = 1;
+    a->acc_items = 100; a->ttc_samples = 0; a->ttc_temp = 0.8f;
     a->lr = 3e-3f; a->min_lr_frac = 0.1f; a->weight_decay = 0.1f; a->grad_clip = 1.0f;
     a->beta1 = 0.9f; a->beta2 = 0.95f; a->init_std = 0.02f; a->seed = 1337;
     MoEConfig d = {0, 0, 4, 128, 4, 0, 8, 2, 0, 10000.0f, 1e-5f, 1e-2f, 1e-3f};
@@ -1913,6 +1988,8 @@ static void parse_args(Args* a, int argc, char** argv) {
         else if (!strcmp(f, "-ev")) a->eval_files = v;
         else if (!strcmp(f, "-ea")) a->acc_items = parse_int(f, v);
         else if (!strcmp(f, "-ex")) a->eval_only = parse_int(f, v);
+        else if (!strcmp(f, "-tn")) a->ttc_samples = parse_int(f, v);
+        else if (!strcmp(f, "-tt")) a->ttc_temp = parse_float(f, v);
         else if (!strcmp(f, "-fi")) a->fwd_in = v;
         else if (!strcmp(f, "-fo")) a->fwd_out = v;
         else { fprintf(stderr, "Error: unknown flag '%s' (-h lists them)\n", f); exit(EXIT_FAILURE); }
@@ -1931,7 +2008,46 @@ static void parse_args(Args* a, int argc, char** argv) {
     else if (a->beta1 < 0 || a->beta1 >= 1 || a->beta2 < 0 || a->beta2 >= 1) bad = "-b1/-b2 must be in [0, 1)";
     else if (a->resume && !a->out_dir) bad = "-y 1 needs -o (the directory holding the checkpoints)";
     else if ((a->fwd_in == NULL) != (a->fwd_out == NULL)) bad = "-fi and -fo go together";
+    else if (a->ttc_samples < 0 || a->ttc_samples > 1024) bad = "-tn (samples per item) must be in [0, 1024]";
+    else if (a->ttc_samples > 0 && !(a->ttc_temp > 0)) bad = "-tt (sampling temperature) must be positive";
     if (bad) { fprintf(stderr, "Error: %s\n", bad); exit(EXIT_FAILURE); }
+}
+
+// a checkpoint brings its own shape: any shape flag given must agree with it
+static void check_shape_flags(const MoEConfig* c, const Args* a, const char* ckpt) {
+    int have[9] = {c->V, c->T, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F};
+    int want[9] = {a->model.V, a->model.T, a->model.L, a->model.C, a->model.H, a->model.Hkv, a->model.E, a->model.K, a->model.F};
+    const char* flags[9] = {"-nv", "-t", "-nl", "-nc", "-nh", "-nkv", "-ne", "-nk", "-nf"};
+    for (int i = 0; i < 9; i++)
+        if (a->shape_given[i] && have[i] != want[i]) {
+            fprintf(stderr, "Error: checkpoint '%s' has %s %d but %s %d was given\n", ckpt, flags[i], have[i], flags[i], want[i]);
+            exit(EXIT_FAILURE);
+        }
+}
+
+// total and active parameters: active = all but the E-K experts a token does not use
+static void print_model_summary(const MoEConfig* c, size_t num_params) {
+    size_t active = num_params - (size_t)c->L * (c->E - c->K) * 3 * c->F * c->C;
+    printf("model: V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d | params %.3fM total, %.3fM active (sparsity %.3f)\n",
+           c->V, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F, num_params / 1e6, active / 1e6, 1.0 - (double)c->K / c->E);
+}
+
+// mkdir -p: create dir and any missing parents
+static void mkdir_p(const char* dir) {
+    size_t n = strlen(dir);
+    char* p = (char*)mallocCheck(n + 1);
+    memcpy(p, dir, n + 1);
+    for (size_t i = 1; i <= n; i++)
+        if (p[i] == '/' || p[i] == 0) {
+            char keep = p[i];
+            p[i] = 0;
+            if (mkdir(p, 0755) != 0 && errno != EEXIST) {
+                fprintf(stderr, "Error: cannot create output directory '%s' (flag -o): %s\n", p, strerror(errno));
+                exit(EXIT_FAILURE);
+            }
+            p[i] = keep;
+        }
+    free(p);
 }
 
 // the newest model_NNNNNNNN.bin in dir (NULL if none)
@@ -1988,6 +2104,22 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
         printf("task %-10s | loss %.4f bits/token %.4f bits/byte (%d items, %d answers cut at T) | accuracy %.4f (%d items, greedy)\n",
                sets[i].name, bpt, bpb, sets[i].n, trunc, acc, scored);
         if (logf) fprintf(logf, "step %d task %s bpt %.6f bpb %.6f acc %.6f n %d\n", step, sets[i].name, bpt, bpb, acc, scored);
+        if (a->ttc_samples > 0) {
+            int ns[16];
+            double maj[16], pass[16];
+            uint64_t rng = hash3(a->seed, (uint64_t)step, 0x77C + i); // its own stream: training is not affected
+            int nn = eval_test_time_compute(model, &sets[i], tk, eot, a->acc_items, a->ttc_samples, a->ttc_temp, &rng,
+                                            ns, maj, pass, &scored);
+            printf("task %-10s | test-time compute, %d items, temperature %.2f:", sets[i].name, scored, a->ttc_temp);
+            for (int j = 0; j < nn; j++) printf(" maj@%d %.3f", ns[j], maj[j]);
+            printf(" |");
+            for (int j = 0; j < nn; j++) printf(" pass@%d %.3f", ns[j], pass[j]);
+            printf("\n");
+            if (logf)
+                for (int j = 0; j < nn; j++)
+                    fprintf(logf, "step %d ttc %s n %d maj %.6f pass %.6f items %d temp %.3f\n", step, sets[i].name, ns[j],
+                            maj[j], pass[j], scored, a->ttc_temp);
+        }
     }
 }
 
@@ -2004,15 +2136,7 @@ int main(int argc, char** argv) {
     if (a.resume && !resume_path) printf("resume: no checkpoint in '%s' yet, starting fresh\n", a.out_dir);
     if (ckpt) {
         checkpoint_load(&model, ckpt, &st, resume_path != NULL);
-        const MoEConfig* c = &model.config;
-        int have[9] = {c->V, c->T, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F};
-        int want[9] = {a.model.V, a.model.T, a.model.L, a.model.C, a.model.H, a.model.Hkv, a.model.E, a.model.K, a.model.F};
-        const char* flags[9] = {"-nv", "-t", "-nl", "-nc", "-nh", "-nkv", "-ne", "-nk", "-nf"};
-        for (int i = 0; i < 9; i++)
-            if (a.shape_given[i] && have[i] != want[i]) {
-                fprintf(stderr, "Error: checkpoint '%s' has %s %d but %s %d was given\n", ckpt, flags[i], have[i], flags[i], want[i]);
-                exit(EXIT_FAILURE);
-            }
+        check_shape_flags(&model.config, &a, ckpt);
         if (!resume_path) { st.step = 0; st.pos = (DataPos){0, 0, 0}; st.rng = 0; st.seed = a.seed; }
         printf("loaded %s%s (step %d)\n", ckpt, resume_path ? " with optimizer state" : "", st.step);
     } else {
@@ -2029,9 +2153,7 @@ int main(int argc, char** argv) {
         fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
     if (a.fwd_in) return run_forward_only(&model, &a);
 
-    size_t active = model.num_params - (size_t)c->L * (c->E - c->K) * 3 * c->F * c->C;
-    printf("model: V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d | params %.3fM total, %.3fM active (sparsity %.3f)\n",
-           c->V, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F, model.num_params / 1e6, active / 1e6, 1.0 - (double)c->K / c->E);
+    print_model_summary(c, model.num_params);
     int nthreads = 1;
 #ifdef OMP
     nthreads = omp_get_max_threads();
@@ -2057,7 +2179,7 @@ int main(int argc, char** argv) {
     model_alloc_acts(&model, a.B, a.T);
     FILE* logf = NULL;
     if (a.out_dir) {
-        mkdir(a.out_dir, 0755);
+        mkdir_p(a.out_dir);
         char* lp = (char*)mallocCheck(strlen(a.out_dir) + 16);
         sprintf(lp, "%s/log.txt", a.out_dir);
         logf = fopenCheck(lp, "a"); // appends: an earlier run's log is never lost

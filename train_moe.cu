@@ -1823,6 +1823,10 @@ static int run_forward_only(Model* model, const Args* a) {
 int main(int argc, char** argv) {
     Args a;
     cpu::parse_args(&a, argc, argv);
+    if (a.eval_files || a.eval_only) {
+        fprintf(stderr, "Error: task eval (-ev, -ex) is in train_moe.c only so far; use ./train_moe on the checkpoint\n");
+        exit(EXIT_FAILURE);
+    }
     gpu_init();
     Tokenizer tk;
     tokenizer_init(&tk, a.tokenizer);
@@ -1834,15 +1838,7 @@ int main(int argc, char** argv) {
     if (a.resume && !resume_path) printf("resume: no checkpoint in '%s' yet, starting fresh\n", a.out_dir);
     if (ckpt) {
         checkpoint_load(&model, ckpt, &st, resume_path != NULL);
-        const MoEConfig* c = &model.config;
-        int have[9] = {c->V, c->T, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F};
-        int want[9] = {a.model.V, a.model.T, a.model.L, a.model.C, a.model.H, a.model.Hkv, a.model.E, a.model.K, a.model.F};
-        const char* flags[9] = {"-nv", "-t", "-nl", "-nc", "-nh", "-nkv", "-ne", "-nk", "-nf"};
-        for (int i = 0; i < 9; i++)
-            if (a.shape_given[i] && have[i] != want[i]) {
-                fprintf(stderr, "Error: checkpoint '%s' has %s %d but %s %d was given\n", ckpt, flags[i], have[i], flags[i], want[i]);
-                exit(EXIT_FAILURE);
-            }
+        cpu::check_shape_flags(&model.config, &a, ckpt);
         if (!resume_path) { st.step = 0; st.pos = (DataPos){0, 0, 0}; st.rng = 0; st.seed = a.seed; }
         printf("loaded %s%s (step %d)\n", ckpt, resume_path ? " with optimizer state" : "", st.step);
     } else {
@@ -1859,9 +1855,7 @@ int main(int argc, char** argv) {
         fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
     if (a.fwd_in) return run_forward_only(&model, &a);
 
-    size_t active = model.num_params - (size_t)c->L * (c->E - c->K) * 3 * c->F * c->C;
-    printf("model: V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d | params %.3fM total, %.3fM active (sparsity %.3f)\n",
-           c->V, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F, model.num_params / 1e6, active / 1e6, 1.0 - (double)c->K / c->E);
+    cpu::print_model_summary(c, model.num_params);
     printf("train: B=%d T=%d grad_accum=%d steps=%d lr=%g warmup=%d min_lr=%g wd=%g clip=%g precision=%s\n",
            a.B, a.T, a.grad_accum, a.steps, a.lr, a.warmup, a.lr * a.min_lr_frac, a.weight_decay, a.grad_clip, PRECISION_NAME);
 
