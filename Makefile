@@ -38,6 +38,7 @@ ref:
 test: test_moe train_moe ref
 	$(MAKE) --no-print-directory cuda-check
 	$(MAKE) --no-print-directory test-hf
+	python3 scripts/test_sweep.py
 	./test_moe dev/ref
 
 # HF interchange: export -> MixtralForCausalLM logits == train_moe's (where transformers is installed)

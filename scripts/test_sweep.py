@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""
+Quick test (< 1 minute) of the sweep planner and runner (scripts/sweep.py) and of scripts/plot.py.
+
+    python3 scripts/test_sweep.py                  # uses ./train_moe when it exists
+    python3 scripts/test_sweep.py --trainer PATH   # another trainer binary
+
+Checks: parameter counts against the README's default model; every family of every config in
+scripts/sweep_configs/ gets equal compute (6 N tokens within one step's rounding of the budget);
+bad configs (K > E, C % H, KF % K, an unknown field) are rejected with a message naming the run and
+the field and exit status 2, before anything runs; --dry-run plans the smoke sweep. With a trainer:
+the smoke sweep runs end to end into a temporary directory, results.csv has a finished row per
+run, the counts agree with the trainer's, a rerun retrains nothing, an interrupted run resumes from
+its checkpoint to the same final checkpoint bit for bit, --collect --csv writes a copy, and plot.py
+makes its PNGs (or, without matplotlib, says how to install it). Prints 'N passed, M failed'.
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import sweep  # noqa: E402
+
+passed, failed = 0, 0
+
+
+def check(cond, what, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+        print(f"ok   {what}")
+    else:
+        failed += 1
+        print(f"FAIL {what}" + (f"\n     {detail}" if detail else ""))
+    return cond
+
+
+def run_sweep(*args, timeout=120):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sweep.py"), *args], cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_counts():
+    # README: the default model (L=4 C=128 H=4 E=8 K=2 F=256, V=4096) has 4.46M total, 2.10M active
+    c = sweep.count_params(4096, 4, 128, 4, 4, 8, 2, 256)
+    check(round(c["total_params"] / 1e6, 2) == 4.46 and round(c["active_params"] / 1e6, 2) == 2.10,
+          "parameter counts match the README's default model (4.46M total, 2.10M active)", str(c))
+    check(c["active_nonembed_params"] == c["active_params"] - 2 * 4096 * 128, "non-embedding = active - 2 V C")
+
+
+def test_equal_compute():
+    for path in sorted(glob.glob(os.path.join(HERE, "sweep_configs", "*.json"))):
+        cfg = sweep.load_config(path)
+        try:
+            runs, fams = sweep.plan_sweep(cfg, check_files=False)
+        except sweep.ConfigError as e:
+            check(False, f"{os.path.basename(path)} plans", str(e))
+            continue
+        budget = cfg["budget_flops"]
+        by = {r["name"]: r for r in runs}
+        for fam in fams:
+            rs = [by[n] for n in fam["runs"]]
+            # each run: 6 N tokens within half a step of the budget; the family: within one step of each other
+            tps = cfg["B"] * cfg["T"] * cfg.get("grad_accum", 1)
+            ok = all(abs(6 * r["flops_N"] * r["tokens"] - budget) <= 6 * r["flops_N"] * tps / 2 + 1 for r in rs)
+            fl = [r["flops"] for r in rs]
+            spread = max(fl) / min(fl) - 1
+            tol = max(1.0 / min(r["steps"] for r in rs), 1e-9)
+            check(ok and spread <= tol and len(rs) >= 1,
+                  f"{os.path.basename(path)} family {fam['name']}: equal compute ({len(rs)} runs, "
+                  f"6ND spread {spread:.2e} <= 1 step {tol:.2e})",
+                  "; ".join(f"{r['name']}: {r['flops']:.4e}" for r in rs))
+            if fam["kind"] == "E" or fam["kind"] == "K":
+                act = {r["active_params"] - r["L"] * r["E"] * r["C"] for r in rs}  # active minus the router
+                check(len(act) == 1, f"{os.path.basename(path)} family {fam['name']}: fixed active params "
+                      f"(router aside)", str(sorted(act)))
+        if os.path.basename(path) == "cpu_mini.json":
+            check(len(runs) >= 12, f"cpu_mini has at least 12 models ({len(runs)})")
+
+
+def test_bad_configs(tmp):
+    smoke = sweep.load_config(os.path.join(HERE, "sweep_configs", "smoke.json"))
+    bad = dict(smoke, name="bad")
+    bad["families"] = [{"name": "A", "K": 8, "F": 32, "E": [1, 4, 16]},
+                       {"name": "t", "E": 8, "KF": 100, "K": [1, 3]},
+                       {"name": "h", "C": 30, "H": 4, "E": [2], "K": 1, "F": 8, "colour": 1}]
+    p = os.path.join(tmp, "bad.json")
+    with open(p, "w") as f:
+        json.dump(bad, f)
+    root = os.path.join(tmp, "badroot")
+    rc, out, err = run_sweep(p, "--root", root)
+    check(rc == 2, "K > E config: exit status 2", f"rc={rc} stderr={err[-500:]}")
+    check("run A/E=4" in err and "field 'K'" in err and "K=8 > E=4" in err,
+          "K > E: the message names the run, the field and the values", err[-800:])
+    check("KF=100 is not divisible by K=3" in err, "KF % K is reported", err[-800:])
+    check("C=30 is not divisible by H=4" in err, "C % H is reported", err[-800:])
+    check("unknown field(s) ['colour']" in err, "an unknown family field is reported", err[-800:])
+    check(not os.path.exists(root), "nothing ran or was created for a bad config")
+    rc, out, err = run_sweep(p, "--dry-run", "--root", root)
+    check(rc == 2, "--dry-run also rejects it")
+
+
+def test_dry_run(cfgpath, root):
+    rc, out, err = run_sweep(cfgpath, "--dry-run", "--root", root)
+    names = [ln.split()[0] for ln in out.splitlines() if ln.startswith("L1-C32")]
+    check(rc == 0 and len(names) == 3 and out.count("  new") == 3 and "-x 7" in out,
+          "--dry-run plans the smoke sweep (3 runs, commands)", out[-1500:] + err[-500:])
+    check(not os.path.exists(os.path.join(root, "smoke")), "--dry-run writes nothing")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end(cfgpath, root, trainer, tmp):
+    sd = os.path.join(root, "smoke")
+    rc, out, err = run_sweep(cfgpath, "--root", root, "--trainer", trainer, "--progress", "0.5")
+    check(rc == 0, "smoke sweep runs end to end", (out + err)[-2000:])
+    res = os.path.join(sd, "results.csv")
+    if not check(os.path.exists(res), "results.csv written"):
+        return
+    rows = read_csv(res)
+    check(len(rows) == 3 and all(r["status"] == "done" for r in rows), "results.csv: a finished row per run",
+          str([(r["name"], r["status"]) for r in rows]))
+    need = ["total_params", "active_params", "sparsity", "tpp", "tokens", "train_loss", "val_loss",
+            "mem_bpt", "mem_bpb", "mem_acc", "reason_bpt", "reason_bpb", "reason_acc",
+            "mem_maj1", "mem_pass2", "reason_maj2", "reason_pass1"]
+    missing = [(r["name"], k) for r in rows for k in need if r.get(k) in (None, "")]
+    check(not missing, "results.csv has every metric column filled (test-time compute included)", str(missing[:5]))
+    infos = [json.load(open(os.path.join(sd, r["name"], "run.json"))) for r in rows]
+    check(all("count_mismatch" not in i for i in infos), "planned param counts equal the trainer's 'model:' line",
+          str([i.get("count_mismatch") for i in infos]))
+    dense = [r for r in rows if r["E"] == "1"]
+    check(len(dense) == 1 and float(dense[0]["sparsity"]) == 0.0, "the dense run has sparsity 0")
+
+    # a rerun retrains nothing
+    files = sorted(glob.glob(os.path.join(sd, "*", "model_*.bin")) + glob.glob(os.path.join(sd, "*", "log.txt")))
+    before = {p: (os.path.getmtime(p), os.path.getsize(p)) for p in files}
+    rc, out, err = run_sweep(cfgpath, "--root", root, "--trainer", trainer)
+    after = {p: (os.path.getmtime(p), os.path.getsize(p)) for p in files}
+    check(rc == 0 and "3 already finished, 0 to run" in out and before == after,
+          "a rerun retrains nothing (checkpoints and logs untouched)", out[-800:])
+
+    # an interrupted run resumes from its checkpoint, bit for bit
+    run0 = sorted(r["name"] for r in rows)[0]
+    rd = os.path.join(sd, run0)
+    steps = int(next(r for r in rows if r["name"] == run0)["steps"])
+    final = os.path.join(rd, f"model_{steps:08d}.bin")
+    cks = sweep.ckpt_steps(rd)
+    if check(len(cks) >= 2, f"smoke keeps its intermediate checkpoint ({cks})"):
+        h = sha(final)
+        mid = cks[-2]
+        os.remove(final)
+        with open(os.path.join(rd, "log.txt")) as f:  # the log of a run killed one step after the checkpoint
+            keep = [ln for ln in f if int(ln.split()[1]) <= mid + 1]
+        with open(os.path.join(rd, "log.txt"), "w") as f:
+            f.writelines(keep)
+        rc, out, err = run_sweep(cfgpath, "--root", root, "--trainer", trainer)
+        check(rc == 0 and f"resuming at step {mid}" in out and "2 already finished, 1 to run" in out,
+              f"an interrupted run resumes at its checkpoint (step {mid})", (out + err)[-1500:])
+        check(os.path.exists(final) and sha(final) == h, "the resumed run's final checkpoint is bit-identical")
+        rows2 = read_csv(res)
+        r2 = next(r for r in rows2 if r["name"] == run0)
+        r1 = next(r for r in rows if r["name"] == run0)
+        check(r2["status"] == "done" and r2["val_loss"] == r1["val_loss"] and r2["train_loss"] == r1["train_loss"],
+              "after the resume the CSV row is the same (the log's rewound steps are replaced)",
+              f"{r1['val_loss']} {r2['val_loss']} {r1['train_loss']} {r2['train_loss']}")
+
+    copy = os.path.join(tmp, "copy", "r.csv")
+    rc, out, err = run_sweep(cfgpath, "--root", root, "--collect", "--csv", copy)
+    check(rc == 0 and os.path.exists(copy) and read_csv(copy) == read_csv(res), "--collect --csv writes a copy")
+
+    # a changed config does not mix into existing runs
+    cfg = sweep.load_config(cfgpath)
+    cfg["lr"] = 1e-3
+    p = os.path.join(tmp, "smoke_lr.json")
+    with open(p, "w") as f:
+        json.dump(cfg, f)
+    rc, out, err = run_sweep(p, "--root", root, "--trainer", trainer)
+    check(rc == 2 and "holds a run with other arguments" in err, "a changed config is refused for existing run dirs",
+          (out + err)[-600:])
+
+    # plots
+    figs = os.path.join(tmp, "figs")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), res, "--out", figs], cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    try:
+        import matplotlib  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    if have:
+        pngs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(figs, "*.png")))
+        want = {"vs_total_params.png", "vs_tpp.png", "curves.png"}
+        check(r.returncode == 0 and want <= set(pngs) and any(p.startswith("expert_load_") for p in pngs),
+              f"plot.py writes its PNGs ({', '.join(pngs)})", r.stderr[-1500:])
+    else:
+        check(r.returncode == 2 and "pip install matplotlib" in r.stderr, "without matplotlib plot.py says how to install it",
+              r.stderr[-500:])
+
+
+def main():
+    ap = argparse.ArgumentParser(description="quick test of scripts/sweep.py and scripts/plot.py")
+    ap.add_argument("--trainer", default=os.path.join(ROOT, "train_moe"))
+    args = ap.parse_args()
+    cfgpath = os.path.join(HERE, "sweep_configs", "smoke.json")
+    test_counts()
+    test_equal_compute()
+    with tempfile.TemporaryDirectory(prefix="test_sweep_") as tmp:
+        root = os.path.join(tmp, "sweeps")
+        test_bad_configs(tmp)
+        test_dry_run(cfgpath, root)
+        if os.path.isfile(args.trainer) and os.access(args.trainer, os.X_OK):
+            test_end_to_end(cfgpath, root, os.path.abspath(args.trainer), tmp)
+        else:
+            print(f"SKIP end-to-end: no trainer at {args.trainer} (make train_moe)")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
