@@ -11,6 +11,16 @@ Like llm.c's test_gpt2.c it reuses the program itself: nothing of the trainer is
 static int n_pass = 0, n_fail = 0;
 #define CHECK(cond, ...) do { if (cond) n_pass++; else { n_fail++; printf("  FAIL: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
 
+// a reference configuration: its initial model and its debug state
+static void load_reference(const char* dir, const char* name, Model* model, DebugState* d) {
+    char path[1024];
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    checkpoint_load(model, path, &st, 0);
+    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
+    debug_read(d, path, &model->config, model->num_params);
+}
+
 // one optimizer step on one batch, the way main() takes it (without accumulation); returns the norm
 static float train_step(Model* model, const int* x, const int* y, int B, int T, int step, int steps, int warmup,
                         float lr, float min_lr, float b1, float b2, float eps, float wd, float clip) {
@@ -27,15 +37,10 @@ static float train_step(Model* model, const int* x, const int* y, int B, int T, 
 // 1. one configuration against its PyTorch debug state
 
 static void test_reference(const char* dir, const char* name) {
-    char path[1024];
     Model model;
-    TrainState st;
-    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
-    checkpoint_load(&model, path, &st, 0);
-    const MoEConfig* c = &model.config;
     DebugState d;
-    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
-    debug_read(&d, path, &model.config, model.num_params);
+    load_reference(dir, name, &model, &d);
+    const MoEConfig* c = &model.config;
     int N = d.B * d.T, L = c->L, K = c->K, E = c->E;
     printf("[%s] V=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d B=%d T=%d\n", name, c->V, L, c->C, c->H, c->Hkv, E, K, c->F, d.B, d.T);
 
@@ -121,14 +126,9 @@ static void test_topk_ties(void) {
 // gradient accumulation: two micro-batches with dloss = 1/2 each add up to the gradient of their mean
 // loss; on the same batch twice that is the single-batch gradient
 static void test_grad_accumulation(const char* dir, const char* name) {
-    char path[1024];
     Model model;
-    TrainState st;
-    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
-    checkpoint_load(&model, path, &st, 0);
     DebugState d;
-    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
-    debug_read(&d, path, &model.config, model.num_params);
+    load_reference(dir, name, &model, &d);
     model_zero_grad(&model);
     for (int micro = 0; micro < 2; micro++) {
         model_forward(&model, d.x, d.y, d.B, d.T);
@@ -149,14 +149,9 @@ static void test_grad_accumulation(const char* dir, const char* name) {
 
 // greedy decoding with the KV cache == greedy decoding by a full forward over the whole sequence
 static void test_kv_cache(const char* dir, const char* name) {
-    char path[1024];
     Model model;
-    TrainState st;
-    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
-    checkpoint_load(&model, path, &st, 0);
     DebugState d;
-    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
-    debug_read(&d, path, &model.config, model.num_params);
+    load_reference(dir, name, &model, &d);
     model_alloc_acts(&model, 1, d.T);
     Tokenizer none;
     memset(&none, 0, sizeof none);
@@ -216,14 +211,10 @@ static int files_equal(const char* a, const char* b) {
 }
 
 static void test_checkpoint_roundtrip(const char* dir, const char* name, const char* tmpdir) {
-    char path[1024], ck[1024];
+    char ck[1024];
     Model a, b;
-    TrainState st;
-    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
-    checkpoint_load(&a, path, &st, 0);
     DebugState d;
-    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
-    debug_read(&d, path, &a.config, a.num_params);
+    load_reference(dir, name, &a, &d);
     for (int s = 0; s < 3; s++)
         train_step(&a, d.x, d.y, d.B, d.T, s, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
     TrainState now = {3, {1, 2, 3}, 0x123456789abcdefull, 42};
