@@ -196,20 +196,6 @@ static void test_answers(void) {
 // ----------------------------------------------------------------------------
 // 2b. checkpoint save -> load -> the same next step, bit for bit
 
-static int files_equal(const char* a, const char* b) {
-    FILE* fa = fopen(a, "rb");
-    FILE* fb = fopen(b, "rb");
-    int eq = fa && fb;
-    while (eq) {
-        int ca = fgetc(fa), cb = fgetc(fb);
-        if (ca != cb) eq = 0;
-        if (ca == EOF || cb == EOF) break;
-    }
-    if (fa) fclose(fa);
-    if (fb) fclose(fb);
-    return eq;
-}
-
 static void test_checkpoint_roundtrip(const char* dir, const char* name, const char* tmpdir) {
     char ck[1024];
     Model a, b;
@@ -240,18 +226,6 @@ static void test_checkpoint_roundtrip(const char* dir, const char* name, const c
 // ----------------------------------------------------------------------------
 // 3. the trainer binary: exact resume, the uint32 shard layout, and bad input
 
-static void write_shard(const char* path, const int* toks, int n, int u32) {
-    int h[256] = {0};
-    h[0] = u32 ? SHARD_MAGIC_U32 : SHARD_MAGIC_U16; h[1] = u32 ? 7 : 1; h[2] = n;
-    FILE* fp = fopenCheck(path, "wb");
-    fwrite(h, sizeof(int), 256, fp);
-    for (int i = 0; i < n; i++) {
-        if (u32) { uint32_t t = (uint32_t)toks[i]; fwrite(&t, 4, 1, fp); }
-        else { uint16_t t = (uint16_t)toks[i]; fwrite(&t, 2, 1, fp); }
-    }
-    fclose(fp);
-}
-
 static void copy_file(const char* src, const char* dst) {
     FILE* in = fopenCheck(src, "rb");
     FILE* out = fopenCheck(dst, "wb");
@@ -260,24 +234,6 @@ static void copy_file(const char* src, const char* dst) {
     while ((n = fread(buf, 1, sizeof buf, in)) > 0) fwrite(buf, 1, n, out);
     fclose(in);
     fclose(out);
-}
-
-// run a shell command; returns its exit status and leaves its output in *out (malloc'd)
-static int run_cmd(const char* cmd, char** out) {
-    char full[16384];
-    snprintf(full, sizeof full, "%s 2>&1", cmd);
-    FILE* p = popen(full, "r");
-    size_t cap = 1 << 16, len = 0;
-    char* buf = (char*)mallocCheck(cap);
-    size_t n;
-    while (p && (n = fread(buf + len, 1, cap - len - 1, p)) > 0) {
-        len += n;
-        if (len + 1 == cap) { cap *= 2; buf = (char*)realloc(buf, cap); }
-    }
-    buf[len] = 0;
-    int status = p ? pclose(p) : -1;
-    *out = buf;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 static void expect_error(const char* what, const char* args, const char* needle, const char* keep) {

@@ -36,6 +36,7 @@ static int n_pass = 0, n_fail = 0;
 #endif
 
 using cpu::DebugState; using cpu::debug_read; using cpu::debug_free;
+using cpu::files_equal; using cpu::run_cmd;
 
 // one optimizer step on one batch, the way main() takes it (without accumulation); returns the norm
 static float train_step(Model* model, const int* x, const int* y, int B, int T, int step, int steps, int warmup,
@@ -208,20 +209,6 @@ static void test_reference(const char* dir, const char* name) {
 // ----------------------------------------------------------------------------
 // 2. checkpoints: GPU <-> CPU interchange, and save -> load -> the same next steps, bit for bit
 
-static int files_equal(const char* a, const char* b) {
-    FILE* fa = fopen(a, "rb");
-    FILE* fb = fopen(b, "rb");
-    int eq = fa && fb;
-    while (eq) {
-        int ca = fgetc(fa), cb = fgetc(fb);
-        if (ca != cb) eq = 0;
-        if (ca == EOF || cb == EOF) break;
-    }
-    if (fa) fclose(fa);
-    if (fb) fclose(fb);
-    return eq;
-}
-
 static int same_bits(const float* a, const float* b, size_t n) { return memcmp(a, b, n * sizeof(float)) == 0; }
 
 #ifdef PRECISION_BF16
@@ -350,33 +337,6 @@ static void test_determinism_and_resume(const char* dir, const char* name, const
 // ----------------------------------------------------------------------------
 // 3. the trainer binary: exact resume, run-to-run determinism, and CPU <-> GPU checkpoints
 
-static void write_shard(const char* path, const int* toks, int n) {
-    int h[256] = {0};
-    h[0] = SHARD_MAGIC_U16; h[1] = 1; h[2] = n;
-    FILE* fp = fopenCheck(path, "wb");
-    fwrite(h, sizeof(int), 256, fp);
-    for (int i = 0; i < n; i++) { uint16_t t = (uint16_t)toks[i]; fwrite(&t, 2, 1, fp); }
-    fclose(fp);
-}
-
-// run a shell command; returns its exit status and leaves its output in *out (malloc'd)
-static int run_cmd(const char* cmd, char** out) {
-    char full[16384];
-    snprintf(full, sizeof full, "%s 2>&1", cmd);
-    FILE* p = popen(full, "r");
-    size_t cap = 1 << 16, len = 0;
-    char* buf = (char*)mallocCheck(cap);
-    size_t n;
-    while (p && (n = fread(buf + len, 1, cap - len - 1, p)) > 0) {
-        len += n;
-        if (len + 1 == cap) { cap *= 2; buf = (char*)realloc(buf, cap); }
-    }
-    buf[len] = 0;
-    int status = p ? pclose(p) : -1;
-    *out = buf;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 static void test_trainer_binary(const char* tmp, const char* trainer) {
     char cmd[8192], a8[1024], b8[1024], c8[1024], b4[1024], train[1024], val[1024], path[1024];
     char* out;
@@ -390,8 +350,8 @@ static void test_trainer_binary(const char* tmp, const char* trainer) {
     for (int i = 0; i < n; i++) toks[i] = (i % 41 == 0) ? (int)(cpu::rng_u64(&rng) % 200) : (toks[i ? i - 1 : 0] * 7 + 3) % 200;
     snprintf(train, sizeof train, "%s/tr_000.bin", tmp);
     snprintf(val, sizeof val, "%s/va_000.bin", tmp);
-    write_shard(train, toks, n);
-    write_shard(val, toks, 3000);
+    cpu::write_shard(train, toks, n, 0);
+    cpu::write_shard(val, toks, 3000, 0);
     const char* common = "-nv 200 -nl 2 -nc 32 -nh 4 -nkv 2 -ne 4 -nk 2 -nf 48 -b 4 -t 32 -x 8 -u 2 -l 3e-3 -v 4 -m 2 -s 4 -g 8 -k none";
     // straight 8 steps, twice (two processes), and 4 + resume + 4
     snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -o %s/straight", trainer, train, val, common, tmp);

@@ -22,6 +22,9 @@ Build: make train_moe          Run: ./train_moe -h
 #include <unistd.h>
 #include <sys/stat.h>
 #include <dirent.h>
+#ifdef TESTING
+#include <sys/wait.h>
+#endif
 #ifdef OMP
 #include <omp.h>
 #endif
@@ -1856,6 +1859,51 @@ void debug_read(DebugState* d, const char* path, const MoEConfig* c, size_t num_
 void debug_free(DebugState* d) {
     free(d->x); free(d->y); free(d->experts); free(d->logits); free(d->aux); free(d->zl);
     free(d->grads); free(d->losses); free(d->norms);
+}
+
+// files and commands, for the tests of both trainers
+int files_equal(const char* a, const char* b) {
+    FILE* fa = fopen(a, "rb");
+    FILE* fb = fopen(b, "rb");
+    int eq = fa && fb;
+    while (eq) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        if (ca != cb) eq = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return eq;
+}
+
+void write_shard(const char* path, const int* toks, int n, int u32) {
+    int h[256] = {0};
+    h[0] = u32 ? SHARD_MAGIC_U32 : SHARD_MAGIC_U16; h[1] = u32 ? 7 : 1; h[2] = n;
+    FILE* fp = fopenCheck(path, "wb");
+    fwrite(h, sizeof(int), 256, fp);
+    for (int i = 0; i < n; i++) {
+        if (u32) { uint32_t t = (uint32_t)toks[i]; fwrite(&t, 4, 1, fp); }
+        else { uint16_t t = (uint16_t)toks[i]; fwrite(&t, 2, 1, fp); }
+    }
+    fclose(fp);
+}
+
+// run a shell command; returns its exit status and leaves its output in *out (malloc'd)
+int run_cmd(const char* cmd, char** out) {
+    char full[16384];
+    snprintf(full, sizeof full, "%s 2>&1", cmd);
+    FILE* p = popen(full, "r");
+    size_t cap = 1 << 16, len = 0;
+    char* buf = (char*)mallocCheck(cap);
+    size_t n;
+    while (p && (n = fread(buf + len, 1, cap - len - 1, p)) > 0) {
+        len += n;
+        if (len + 1 == cap) { cap *= 2; buf = (char*)realloc(buf, cap); }
+    }
+    buf[len] = 0;
+    int status = p ? pclose(p) : -1;
+    *out = buf;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 #endif
 

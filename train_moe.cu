@@ -35,6 +35,9 @@ Build: make train_moe_cu  (PRECISION=FP32 for the fp32 build)       Run: ./train
 #include <unistd.h>
 #include <sys/stat.h>
 #include <dirent.h>
+#ifdef TESTING
+#include <sys/wait.h> // train_moe.c's test helpers (included below inside namespace cpu)
+#endif
 #ifdef OMP
 #include <omp.h>
 #endif
