@@ -335,6 +335,136 @@ static void test_determinism_and_resume(const char* dir, const char* name, const
 }
 
 // ----------------------------------------------------------------------------
+// 2c. task eval on the GPU against train_moe.c's: task loss, KV-cached greedy decoding (R = 1 and a
+// batch of rows), the accuracy and test-time-compute plumbing
+
+#ifdef PRECISION_BF16
+#define DECODE_MARGIN 5e-2f // a GPU token may differ from the CPU's argmax only where the CPU's logits
+#else                       // of the two are this close (a near-tie)
+#define DECODE_MARGIN 1e-4f
+#endif
+
+// the GPU decoded out[0..n) after prompt[0..plen): at every position the CPU model, run over the same
+// prefix, must pick the same token or one whose logit is within DECODE_MARGIN of it. Returns the
+// number of near-tie disagreements, or -1 on a real one (*worst gets the largest margin seen).
+static int check_decode(cpu::Model* cm, const int* prompt, int plen, const int* out, int n, float* worst) {
+    int V = cm->config.V, seq[256], ties = 0;
+    memcpy(seq, prompt, plen * sizeof(int));
+    memcpy(seq + plen, out, n * sizeof(int));
+    for (int t = 0; t < n; t++) {
+        cpu::model_forward(cm, seq, NULL, 1, plen + t);
+        const float* l = cm->logits + (size_t)(plen + t - 1) * V;
+        int best = 0;
+        for (int i = 1; i < V; i++) if (l[i] > l[best]) best = i;
+        if (out[t] < 0 || out[t] >= V) return -1;
+        if (best == out[t]) continue;
+        float margin = l[best] - l[out[t]];
+        if (margin > *worst) *worst = margin;
+        if (margin > DECODE_MARGIN) return -1;
+        ties++;
+    }
+    return ties;
+}
+
+static void test_task_eval(const char* dir, const char* name) {
+    char path[1024];
+    Model g;
+    cpu::Model cm;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    checkpoint_load(&g, path, &st, 0);
+    cpu::checkpoint_load(&cm, path, &st, 0);
+    int V = g.config.V, T = g.config.T, B = 4, nitems = 6, alen = 3;
+    model_alloc_acts(&g, B, T);
+    cpu::model_alloc_acts(&cm, B, T);
+    // a tokenizer whose token i reads "<i>", and items cut from a fixed token stream
+    Tokenizer tk = {V, -1, (char**)mallocCheck(V * sizeof(char*)), 1};
+    for (int i = 0; i < V; i++) { tk.tokens[i] = (char*)mallocCheck(16); snprintf(tk.tokens[i], 16, "<%d>", i); }
+    EvalSet es;
+    memset(&es, 0, sizeof es);
+    strcpy(es.name, "synthetic");
+    es.n = nitems; es.kind = TASK_MEMORIZATION; es.max_prompt = 4; es.max_answer = alen;
+    es.plen = (int*)mallocCheck(nitems * sizeof(int));
+    es.alen = (int*)mallocCheck(nitems * sizeof(int));
+    es.toks = (int**)mallocCheck(nitems * sizeof(int*));
+    es.ref = (char**)mallocCheck(nitems * sizeof(char*));
+    uint64_t rng = 42;
+    for (int i = 0; i < nitems; i++) {
+        es.plen[i] = 2 + i % 3; es.alen[i] = alen;
+        es.toks[i] = (int*)mallocCheck((es.plen[i] + alen) * sizeof(int));
+        for (int j = 0; j < es.plen[i] + alen; j++) es.toks[i][j] = (int)(rng_f32(&rng) * V) % V;
+    }
+    // task loss
+    double gbpt, gbpb, cbpt, cbpb;
+    int gtr, ctr;
+    eval_task_loss(&g, &es, &tk, B, T, -1 + V, &gbpt, &gbpb, &gtr);
+    cpu::eval_task_loss(&cm, &es, &tk, B, T, -1 + V, &cbpt, &cbpb, &ctr);
+    float rel = (float)fabs(gbpt - cbpt) / (float)cbpt, relb = (float)fabs(gbpb - cbpb) / (float)cbpb;
+    float tol = XFER_TOL / 2.0f;
+    CHECK(rel <= tol && relb <= tol && gtr == ctr, "[%s] task loss: GPU %.6f bits/token %.6f bits/byte, CPU %.6f %.6f",
+          name, gbpt, gbpb, cbpt, cbpb);
+    printf("[%s] task loss GPU %.6f vs CPU %.6f bits/token (relative %.1e), %.6f vs %.6f bits/byte\n", name, gbpt, cbpt,
+           rel, gbpb, cbpb);
+    // greedy decoding, one row: against the CPU, position by position; the CPU's own answers become
+    // the references, so the GPU's accuracy must be the share of items it decodes exactly alike
+    int gout[64], cout_[64], lens[8], exact = 0, ties = 0, bad = 0;
+    float worst = 0.0f;
+    size_t cap = 256;
+    char* text = (char*)mallocCheck(cap);
+    for (int i = 0; i < nitems; i++) {
+        int max_new = alen + 8, plen = es.plen[i], want = max_new < T - plen ? max_new : T - plen;
+        generate_answers(&g, es.toks[i], plen, 1, max_new, -1, 1, &tk, gout, lens, 0.0f, NULL);
+        int cn = cpu::generate_answer(&cm, es.toks[i], plen, max_new, -1, 1, &tk, cout_, 0.0f, NULL);
+        int t = check_decode(&cm, es.toks[i], plen, gout, lens[0], &worst);
+        if (t < 0 || lens[0] != want || cn != want) bad++; else ties += t;
+        exact += lens[0] == cn && memcmp(gout, cout_, cn * sizeof(int)) == 0;
+        cpu::tokens_text(&tk, cout_, cn, &text, &cap);
+        es.ref[i] = (char*)mallocCheck(strlen(text) + 1);
+        strcpy(es.ref[i], text);
+    }
+    CHECK(bad == 0, "[%s] GPU greedy decoding disagrees with the CPU beyond near-ties (or stops early) on %d items "
+          "(largest margin %.2e)", name, bad, worst);
+    int scored;
+    double gacc = eval_task_accuracy(&g, &es, &tk, -1, 0, &scored);
+    double cacc = cpu::eval_task_accuracy(&cm, &es, &tk, -1, 0, &scored);
+    CHECK(cacc == 1.0 && gacc == (double)exact / nitems, "[%s] accuracy: CPU %.3f (expected 1), GPU %.3f (expected %.3f)",
+          name, cacc, gacc, (double)exact / nitems);
+    printf("[%s] greedy KV-cached decoding: %d/%d items identical to the CPU, %d near-tie tokens (largest margin %.1e), "
+           "accuracy GPU %.3f CPU %.3f\n", name, exact, nitems, ties, worst, gacc, cacc);
+    // a batch of rows: greedy rows all follow the CPU; sampled rows are reproducible from the seed
+    int R = B, rows[4 * 64], rows2[4 * 64], lens2[8], max_new = alen + 8;
+    bad = 0;
+    for (int i = 0; i < nitems; i++) {
+        generate_answers(&g, es.toks[i], es.plen[i], R, max_new, -1, 1, &tk, rows, lens, 0.0f, NULL);
+        for (int r = 0; r < R; r++) bad += check_decode(&cm, es.toks[i], es.plen[i], rows + r * max_new, lens[r], &worst) < 0;
+    }
+    CHECK(bad == 0, "[%s] batched greedy decoding (%d rows): %d rows disagree with the CPU", name, R, bad);
+    uint64_t r1 = 7, r2 = 7;
+    generate_answers(&g, es.toks[0], es.plen[0], R, max_new, -1, 1, &tk, rows, lens, 1.0f, &r1);
+    generate_answers(&g, es.toks[0], es.plen[0], R, max_new, -1, 1, &tk, rows2, lens2, 1.0f, &r2);
+    int same = r1 == r2;
+    for (int r = 0; r < R; r++)
+        same &= lens[r] == lens2[r] && memcmp(rows + r * max_new, rows2 + r * max_new, lens[r] * sizeof(int)) == 0;
+    CHECK(same, "[%s] sampled batch decoding is not reproducible from its seed", name);
+    // test-time compute: 8 samples per item, decoded B = 4 rows at a time
+    int ns[16];
+    double maj[16], pass[16];
+    uint64_t rt = 99;
+    int nn = eval_test_time_compute(&g, &es, &tk, -1, 0, 8, 0.8f, &rt, ns, maj, pass, &scored);
+    int sane = nn == 4 && scored == nitems && fabs(maj[0] - pass[0]) < 1e-12;
+    for (int j = 0; j < nn; j++) sane &= maj[j] >= 0 && maj[j] <= pass[j] + 1e-12 && pass[j] <= 1 && (j == 0 || pass[j] >= pass[j - 1]);
+    CHECK(sane, "[%s] test-time compute: maj/pass@n out of order", name);
+    printf("[%s] batched decoding (%d rows) follows the CPU: %s; sampled rows reproducible: %s; maj@8 %.3f pass@8 %.3f\n",
+           name, R, bad ? "NO" : "yes", same ? "yes" : "NO", maj[nn - 1], pass[nn - 1]);
+    free(text);
+    for (int i = 0; i < V; i++) free(tk.tokens[i]);
+    free(tk.tokens);
+    cpu::evalset_free(&es);
+    cpu::model_free(&cm);
+    model_free(&g);
+}
+
+// ----------------------------------------------------------------------------
 // 3. the trainer binary: exact resume, run-to-run determinism, and CPU <-> GPU checkpoints
 
 static void test_trainer_binary(const char* tmp, const char* trainer) {
@@ -422,6 +552,8 @@ int main(int argc, char** argv) {
     if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
     test_checkpoint_interchange(dir, first, tmp);
     test_determinism_and_resume(dir, first, tmp);
+    test_task_eval(dir, "gqa");
+    test_task_eval(dir, "mqa");
     test_trainer_binary(tmp, trainer);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);

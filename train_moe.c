@@ -1504,9 +1504,51 @@ void evalset_free(EvalSet* es) {
     free(es->plen); free(es->alen); free(es->toks); free(es->ref);
 }
 
+// the eval files of a comma-separated list (NULL: none); *nsets gets their number
+EvalSet* evalsets_load(const char* list, int V, int T, int* nsets) {
+    EvalSet* sets = NULL;
+    *nsets = 0;
+    if (!list) return NULL;
+    char* copy = (char*)mallocCheck(strlen(list) + 1);
+    strcpy(copy, list);
+    for (char* f = strtok(copy, ","); f; f = strtok(NULL, ",")) {
+        sets = (EvalSet*)realloc(sets, (*nsets + 1) * sizeof(EvalSet));
+        evalset_load(&sets[(*nsets)++], f, V, T);
+    }
+    free(copy);
+    return sets;
+}
+
 // task loss: the NLL of the answer tokens given the prompt, in bits per answer token and per answer
 // byte (the tokenizer's bytes). Items go B at a time, each in its own row of T tokens; an answer that
 // runs past T is scored on the tokens that fit (counted in *truncated).
+// The two steps both trainers share: rows x[B,T], y[B,T] for items i0..i0+B (targets -1 outside the
+// answers; returns how many answers were cut at T), then the sum of one batch's per-token losses.
+int task_loss_batch(const EvalSet* es, int i0, int B, int T, int eot, int* x, int* y) {
+    int truncated = 0;
+    for (int b = 0; b < B; b++) {
+        int i = i0 + b, len = 0, plen = 0;
+        if (i < es->n) {
+            len = es->plen[i] + es->alen[i];
+            plen = es->plen[i];
+            if (len > T + 1) { len = T + 1; truncated++; }
+        }
+        for (int t = 0; t < T; t++) {
+            x[b * T + t] = t < len ? es->toks[i][t] : eot;
+            y[b * T + t] = (t + 1 < len && t + 1 >= plen) ? es->toks[i][t + 1] : -1;
+        }
+    }
+    return truncated;
+}
+void task_loss_add(const int* y, const float* losses, int N, const Tokenizer* tk, double* nll, long* ntok, long* nbytes) {
+    for (int n = 0; n < N; n++)
+        if (y[n] >= 0) {
+            *nll += losses[n];
+            (*ntok)++;
+            *nbytes += tk->ok ? (long)strlen(tk->tokens[y[n]]) : 0;
+        }
+}
+
 void eval_task_loss(Model* model, const EvalSet* es, const Tokenizer* tk, int B, int T, int eot,
                     double* bits_per_token, double* bits_per_byte, int* truncated) {
     int* x = (int*)mallocCheck((size_t)B * T * sizeof(int));
@@ -1515,29 +1557,28 @@ void eval_task_loss(Model* model, const EvalSet* es, const Tokenizer* tk, int B,
     long ntok = 0, nbytes = 0;
     *truncated = 0;
     for (int i0 = 0; i0 < es->n; i0 += B) {
-        for (int b = 0; b < B; b++) {
-            int i = i0 + b, len = 0;
-            if (i < es->n) {
-                len = es->plen[i] + es->alen[i];
-                if (len > T + 1) { len = T + 1; (*truncated)++; }
-            }
-            for (int t = 0; t < T; t++) {
-                x[b * T + t] = t < len ? es->toks[i][t] : eot;
-                y[b * T + t] = (t + 1 < len && t + 1 >= es->plen[i < es->n ? i : 0] && i < es->n) ? es->toks[i][t + 1] : -1;
-            }
-        }
+        *truncated += task_loss_batch(es, i0, B, T, eot, x, y);
         model_forward(model, x, y, B, T);
-        for (int n = 0; n < B * T; n++)
-            if (y[n] >= 0) {
-                nll += model->losses[n];
-                ntok++;
-                nbytes += tk->ok ? (long)strlen(tk->tokens[y[n]]) : 0;
-            }
+        task_loss_add(y, model->losses, B * T, tk, &nll, &ntok, &nbytes);
     }
     *bits_per_token = ntok ? nll / ntok / log(2.0) : NAN;
     *bits_per_byte = nbytes ? nll / nbytes / log(2.0) : NAN;
     free(x);
     free(y);
+}
+
+// the next token from one row of logits: the argmax (lowest id on ties) if temperature <= 0, else a
+// sample from softmax(logits / temperature) drawn with *rng; probs is V floats of scratch
+int pick_token(const float* logits, int V, float temperature, uint64_t* rng, float* probs) {
+    int next = 0;
+    for (int i = 1; i < V; i++) if (logits[i] > logits[next]) next = i;
+    if (temperature > 0) {
+        for (int i = 0; i < V; i++) probs[i] = vexpf((logits[i] - logits[next]) / temperature);
+        float inv = 1.0f / vsum(probs, V);
+        for (int i = 0; i < V; i++) probs[i] *= inv;
+        next = sample_mult(probs, V, rng_f32(rng));
+    }
+    return next;
 }
 
 // decoding with a KV cache: greedy (temperature <= 0) or sampled at a temperature with *rng.
@@ -1568,14 +1609,7 @@ int generate_answer(Model* model, const int* prompt, int plen, int max_new, int 
     int next = 0, n = 0, pos = plen;
     const float* last = model->logits + (size_t)(plen - 1) * V;
     for (;;) {
-        next = 0;
-        for (int i = 1; i < V; i++) if (last[i] > last[next]) next = i; // argmax, lowest id on ties
-        if (temperature > 0) { // sample from softmax(logits / temperature)
-            for (int i = 0; i < V; i++) probs[i] = vexpf((last[i] - last[next]) / temperature);
-            float inv = 1.0f / vsum(probs, V);
-            for (int i = 0; i < V; i++) probs[i] *= inv;
-            next = sample_mult(probs, V, rng_f32(rng));
-        }
+        next = pick_token(last, V, temperature, rng, probs);
         if (next == stop_token) break;
         out[n++] = next;
         if (stop_newline && tk->ok && strchr(tk->tokens[next], '\n')) break;
@@ -1725,15 +1759,30 @@ int majority_index(char* const* ans, int n) {
 // test-time compute: nsamples answers per item at a temperature; for n = 1, 2, 4, ... nsamples,
 // maj[j] = accuracy of the majority answer of the first n samples (ties: the answer seen first),
 // pass[j] = share of items where one of the first n samples is right. Returns how many n were scored.
+// ttc_begin sets up ns, maj and pass; ttc_tally adds one item's samples (both trainers use them).
+int ttc_begin(int nsamples, int* ns, double* maj, double* pass) {
+    int nn = 0;
+    for (int n = 1; n <= nsamples; n *= 2) { ns[nn] = n; maj[nn] = pass[nn] = 0.0; nn++; }
+    return nn;
+}
+void ttc_tally(char* const* ans, const int* right, const int* ns, int nn, double* maj, double* pass) {
+    for (int j = 0; j < nn; j++) {
+        int n = ns[j], best = majority_index(ans, n), any = 0;
+        for (int s = 0; s < n; s++) any |= right[s];
+        maj[j] += best >= 0 && right[best];
+        pass[j] += any;
+    }
+}
+
 int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk, int eot, int max_items, int nsamples,
                            float temperature, uint64_t* rng, int* ns, double* maj, double* pass, int* scored) {
-    int items = (max_items > 0 && max_items < es->n) ? max_items : es->n, nn = 0;
-    for (int n = 1; n <= nsamples; n *= 2) { ns[nn] = n; maj[nn] = pass[nn] = 0.0; nn++; }
+    int items = (max_items > 0 && max_items < es->n) ? max_items : es->n;
+    int nn = ttc_begin(nsamples, ns, maj, pass);
     int* out = (int*)mallocCheck((size_t)(es->max_answer + 8) * sizeof(int));
     size_t cap = 1024;
     char* text = (char*)mallocCheck(cap);
-    char** ans = (char**)mallocCheck((size_t)nsamples * sizeof(char*));
-    int* right = (int*)mallocCheck((size_t)nsamples * sizeof(int));
+    char** ans = (char**)callocCheck(nsamples, sizeof(char*));
+    int* right = (int*)callocCheck(nsamples, sizeof(int));
     for (int i = 0; i < items; i++) {
         for (int s = 0; s < nsamples; s++) {
             int k = generate_answer(model, es->toks[i], es->plen[i], es->max_answer + 8, eot,
@@ -1743,18 +1792,33 @@ int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
             extract_answer(text, es->kind, ans[s]);
             right[s] = answer_correct(ans[s], es->ref[i], es->kind);
         }
-        for (int j = 0; j < nn; j++) {
-            int n = ns[j], best = majority_index(ans, n), any = 0;
-            for (int s = 0; s < n; s++) any |= right[s];
-            maj[j] += best >= 0 && right[best];
-            pass[j] += any;
-        }
+        ttc_tally(ans, right, ns, nn, maj, pass);
         for (int s = 0; s < nsamples; s++) free(ans[s]);
     }
     for (int j = 0; j < nn; j++) { maj[j] /= items; pass[j] /= items; }
     free(out); free(text); free(ans); free(right);
     *scored = items;
     return nn;
+}
+
+// one eval file's results on the console and in the log (both trainers)
+void report_task_eval(FILE* logf, int step, const EvalSet* es, double bpt, double bpb, int truncated, double acc,
+                      int scored) {
+    printf("task %-10s | loss %.4f bits/token %.4f bits/byte (%d items, %d answers cut at T) | accuracy %.4f (%d items, greedy)\n",
+           es->name, bpt, bpb, es->n, truncated, acc, scored);
+    if (logf) fprintf(logf, "step %d task %s bpt %.6f bpb %.6f acc %.6f n %d\n", step, es->name, bpt, bpb, acc, scored);
+}
+void report_ttc(FILE* logf, int step, const EvalSet* es, int nn, const int* ns, const double* maj, const double* pass,
+                int scored, float temperature) {
+    printf("task %-10s | test-time compute, %d items, temperature %.2f:", es->name, scored, temperature);
+    for (int j = 0; j < nn; j++) printf(" maj@%d %.3f", ns[j], maj[j]);
+    printf(" |");
+    for (int j = 0; j < nn; j++) printf(" pass@%d %.3f", ns[j], pass[j]);
+    printf("\n");
+    if (logf)
+        for (int j = 0; j < nn; j++)
+            fprintf(logf, "step %d ttc %s n %d maj %.6f pass %.6f items %d temp %.3f\n", step, es->name, ns[j], maj[j],
+                    pass[j], scored, temperature);
 }
 
 // ----------------------------------------------------------------------------
@@ -2141,7 +2205,8 @@ static int run_forward_only(Model* model, const Args* a) {
     return 0;
 }
 
-// every -ev file: task loss (bits/token, bits/byte) and greedy accuracy, on the console and in the log
+// every -ev file: task loss (bits/token, bits/byte) and greedy accuracy, then (-tn) test-time compute,
+// on the console and in the log
 static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokenizer* tk, int eot, const Args* a,
                            FILE* logf, int step) {
     for (int i = 0; i < nsets; i++) {
@@ -2149,24 +2214,14 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
         int trunc, scored;
         eval_task_loss(model, &sets[i], tk, a->B, a->T, eot, &bpt, &bpb, &trunc);
         double acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
-        printf("task %-10s | loss %.4f bits/token %.4f bits/byte (%d items, %d answers cut at T) | accuracy %.4f (%d items, greedy)\n",
-               sets[i].name, bpt, bpb, sets[i].n, trunc, acc, scored);
-        if (logf) fprintf(logf, "step %d task %s bpt %.6f bpb %.6f acc %.6f n %d\n", step, sets[i].name, bpt, bpb, acc, scored);
+        report_task_eval(logf, step, &sets[i], bpt, bpb, trunc, acc, scored);
         if (a->ttc_samples > 0) {
             int ns[16];
             double maj[16], pass[16];
             uint64_t rng = hash3(a->seed, (uint64_t)step, 0x77C + i); // its own stream: training is not affected
             int nn = eval_test_time_compute(model, &sets[i], tk, eot, a->acc_items, a->ttc_samples, a->ttc_temp, &rng,
                                             ns, maj, pass, &scored);
-            printf("task %-10s | test-time compute, %d items, temperature %.2f:", sets[i].name, scored, a->ttc_temp);
-            for (int j = 0; j < nn; j++) printf(" maj@%d %.3f", ns[j], maj[j]);
-            printf(" |");
-            for (int j = 0; j < nn; j++) printf(" pass@%d %.3f", ns[j], pass[j]);
-            printf("\n");
-            if (logf)
-                for (int j = 0; j < nn; j++)
-                    fprintf(logf, "step %d ttc %s n %d maj %.6f pass %.6f items %d temp %.3f\n", step, sets[i].name, ns[j],
-                            maj[j], pass[j], scored, a->ttc_temp);
+            report_ttc(logf, step, &sets[i], nn, ns, maj, pass, scored, a->ttc_temp);
         }
     }
 }
@@ -2209,17 +2264,8 @@ int main(int argc, char** argv) {
     printf("train: B=%d T=%d grad_accum=%d steps=%d lr=%g warmup=%d min_lr=%g wd=%g clip=%g threads=%d\n",
            a.B, a.T, a.grad_accum, a.steps, a.lr, a.warmup, a.lr * a.min_lr_frac, a.weight_decay, a.grad_clip, nthreads);
 
-    EvalSet* sets = NULL;
     int nsets = 0;
-    if (a.eval_files) { // comma-separated paths
-        char* list = (char*)mallocCheck(strlen(a.eval_files) + 1);
-        strcpy(list, a.eval_files);
-        for (char* f = strtok(list, ","); f; f = strtok(NULL, ",")) {
-            sets = (EvalSet*)realloc(sets, (nsets + 1) * sizeof(EvalSet));
-            evalset_load(&sets[nsets++], f, c->V, a.T);
-        }
-        free(list);
-    }
+    EvalSet* sets = evalsets_load(a.eval_files, c->V, a.T, &nsets);
     DataLoader train, val;
     loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
     loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);

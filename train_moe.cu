@@ -1209,6 +1209,7 @@ typedef struct {
     int *enc_work, *enc_work_d;
     GemmGroup group;
     float* loss_terms_d; // device: ce, aux[L], zl[L]
+    floatX *kcache, *vcache; // decoding: the KV cache, L x maxB x maxT x Hkv*D each (allocated on first use)
     // results of the last forward (host)
     const int* inputs;
     const int* targets;
@@ -1383,6 +1384,7 @@ void model_free(Model* model) {
     cuda_free(model->params_memory);
 #endif
     cuda_free(model->loss_terms_d);
+    cuda_free(model->kcache); cuda_free(model->vcache);
     group_free(&model->group);
     free(model->aux); free(model->zl);
 }
@@ -1739,6 +1741,218 @@ void print_router_stats(const Model* model, FILE* logfile, int step) {
 }
 
 // ----------------------------------------------------------------------------
+// task eval: task loss, greedy accuracy and test-time compute on -ev files (train_moe.c's eval section:
+// the file reader, the batch layout, answer matching, majority vote and the reports are its functions)
+
+using cpu::EvalSet; using cpu::TASK_MEMORIZATION;
+
+// task loss in bits per answer token and per answer byte: train_moe.c's rows, the per-token losses
+// read back from the GPU
+void eval_task_loss(Model* model, const EvalSet* es, const Tokenizer* tk, int B, int T, int eot,
+                    double* bits_per_token, double* bits_per_byte, int* truncated) {
+    int* x = (int*)mallocCheck((size_t)B * T * sizeof(int));
+    int* y = (int*)mallocCheck((size_t)B * T * sizeof(int));
+    float* losses = (float*)mallocCheck((size_t)B * T * sizeof(float));
+    double nll = 0.0;
+    long ntok = 0, nbytes = 0;
+    *truncated = 0;
+    for (int i0 = 0; i0 < es->n; i0 += B) {
+        *truncated += cpu::task_loss_batch(es, i0, B, T, eot, x, y);
+        model_forward(model, x, y, B, T);
+        cudaCheck(cudaMemcpy(losses, model->losses, (size_t)B * T * sizeof(float), cudaMemcpyDeviceToHost));
+        cpu::task_loss_add(y, losses, B * T, tk, &nll, &ntok, &nbytes);
+    }
+    *bits_per_token = ntok ? nll / ntok / log(2.0) : NAN;
+    *bits_per_byte = nbytes ? nll / nbytes / log(2.0) : NAN;
+    free(x); free(y); free(losses);
+}
+
+// one new query per row against that row's KV cache (positions 0..pos): q[R,H*D] -> out[R,H*D];
+// cache [R][maxT][Hkv*D]. One block of ATT_DEC_THREADS per (row, head): a warp per key scores it,
+// the block takes max and sum, then thread i accumulates output dim i over the keys in order.
+#define ATT_DEC_THREADS 128
+__global__ void attention_decode_kernel(floatX* out, const floatX* q, const floatX* kc, const floatX* vc, int pos,
+                                        int maxT, int H, int Hkv, int D) {
+    extern __shared__ float score[]; // maxT
+    __shared__ float red[ATT_DEC_THREADS];
+    int r = blockIdx.x / H, h = blockIdx.x % H, KD = Hkv * D;
+    const floatX* qr = q + (size_t)r * H * D + (size_t)h * D;
+    const floatX* kr = kc + (size_t)r * maxT * KD + (size_t)(h / (H / Hkv)) * D;
+    const floatX* vr = vc + (size_t)r * maxT * KD + (size_t)(h / (H / Hkv)) * D;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int t = warp; t <= pos; t += ATT_DEC_THREADS / 32) {
+        float s = 0.0f;
+        for (int i = lane; i < D; i += 32) s += tof(qr[i]) * tof(kr[(size_t)t * KD + i]);
+        s = warp_sum(s);
+        if (lane == 0) score[t] = s / sqrtf((float)D);
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int t = threadIdx.x; t <= pos; t += ATT_DEC_THREADS) mx = fmaxf(mx, score[t]);
+    mx = block_max(mx, red);
+    float sum = 0.0f;
+    for (int t = threadIdx.x; t <= pos; t += ATT_DEC_THREADS) sum += expf(score[t] - mx);
+    sum = block_sum(sum, red);
+    for (int i = threadIdx.x; i < D; i += ATT_DEC_THREADS) {
+        float o = 0.0f;
+        for (int t = 0; t <= pos; t++) o += expf(score[t] - mx) * tof(vr[(size_t)t * KD + i]);
+        out[(size_t)r * H * D + (size_t)h * D + i] = tox(o / sum);
+    }
+}
+
+// row r's new k (or v) [R][KD] into the cache [R][maxT][KD] at position pos
+static void cache_put(floatX* cache, const floatX* x, int R, int maxT, int KD, int pos) {
+    cudaCheck(cudaMemcpy2D(cache + (size_t)pos * KD, (size_t)maxT * KD * sizeof(floatX), x, (size_t)KD * sizeof(floatX),
+                           (size_t)KD * sizeof(floatX), R, cudaMemcpyDeviceToDevice));
+}
+
+// one new token per row (toks[R], host) at position pos through every layer, attending to the KV
+// cache, which gets the token's k and v; logits [R,V] land in model->logits. Layer 0's activation
+// buffers are the scratch, as in train_moe.c's generate_answer.
+static void decode_step(Model* model, const int* toks, int R, int pos) {
+    const MoEConfig* c = &model->config;
+    int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
+    int HD = H * D, KD = Hkv * D, maxB = model->maxB, maxT = model->maxT;
+    cudaCheck(cudaMemcpy(model->inputs_d, toks, R * sizeof(int), cudaMemcpyHostToDevice));
+    ParamTensors p = model->params;
+    ActTensors a = model->acts;
+    floatX* h = a.resid; // R x C, the residual stream of the new tokens
+    const float* fc = model->freqs_cos + (size_t)pos * (D / 2);
+    const float* fs = model->freqs_sin + (size_t)pos * (D / 2);
+    encoder_forward(h, model->inputs_d, p.wte, R, C);
+    for (int l = 0; l < L; l++) {
+        floatX* kl = model->kcache + (size_t)l * maxB * maxT * KD;
+        floatX* vl = model->vcache + (size_t)l * maxB * maxT * KD;
+        rmsnorm_forward(a.a, a.a_rstd, h, p.attn_norm + (size_t)l * C, R, C, c->eps);
+        matmul_forward(a.q, a.a, p.wq + (size_t)l * HD * C, R, C, HD);
+        matmul_forward(a.k, a.a, p.wk + (size_t)l * KD * C, R, C, KD);
+        matmul_forward(a.v, a.a, p.wv + (size_t)l * KD * C, R, C, KD);
+        rope_apply(a.q, fc, fs, R, 1, H, D, +1); // T = 1: every row at position pos
+        rope_apply(a.k, fc, fs, R, 1, Hkv, D, +1);
+        cache_put(kl, a.k, R, maxT, KD, pos);
+        cache_put(vl, a.v, R, maxT, KD, pos);
+        attention_decode_kernel<<<R * H, ATT_DEC_THREADS, maxT * sizeof(float)>>>(a.atty, a.q, kl, vl, pos, maxT, H, Hkv, D);
+        cudaCheck(cudaGetLastError());
+        matmul_forward(a.resid_mid, a.atty, p.wo + (size_t)l * C * HD, R, HD, C);
+        residual_forward(a.resid_mid, a.resid_mid, h, (size_t)R * C);
+        rmsnorm_forward(a.m, a.m_rstd, a.resid_mid, p.moe_norm + (size_t)l * C, R, C, c->eps);
+        router_forward(a.z, a.lse, a.m, p.wr + (size_t)l * E * C, R, C, E);
+        topk_forward(model->topi, a.gate, a.z, R, E, K);
+        permute_plan(model->counts, model->offs, model->row_of, model->tok_of, model->plan_hist, model->offs_h,
+                     model->topi, R, E, K);
+        permute_forward(a.xe, a.m, model->tok_of, R * K, C);
+        experts_forward(a.ye, a.h1, a.h3, a.act, a.xe, p.w1 + (size_t)l * E * F * C, p.w3 + (size_t)l * E * F * C,
+                        p.w2 + (size_t)l * E * C * F, model->offs_h, E, C, F, &model->group);
+        unpermute_forward(h, a.resid_mid, a.ye, a.gate, model->row_of, R, K, C);
+    }
+    rmsnorm_forward(a.xf, model->f_rstd, h, p.final_norm, R, C, c->eps);
+    matmul_forward(model->logits, a.xf, p.lm_head, R, C, V);
+}
+
+// decoding with a KV cache on the GPU, R <= maxB rows that continue one prompt together (the samples
+// of one item): greedy (temperature <= 0) or sampled at a temperature with *rng, drawn row by row at
+// each position. Prefill: one forward over R copies of the prompt, whose per-layer k and v (after
+// RoPE) become the cache. A row stops as train_moe.c's generate_answer does (stop_token, a newline
+// if stop_newline, max_new tokens); finished rows ride along until all are done. Row r's tokens go to
+// out[r * max_new ...], their number to lens[r].
+void generate_answers(Model* model, const int* prompt, int plen, int R, int max_new, int stop_token, int stop_newline,
+                      const Tokenizer* tk, int* out, int* lens, float temperature, uint64_t* rng) {
+    const MoEConfig* c = &model->config;
+    int L = c->L, V = c->V, KD = c->Hkv * (c->C / c->H), maxB = model->maxB, maxT = model->maxT;
+    if (R > maxB) { fprintf(stderr, "Error: generate_answers: %d rows, more than B=%d\n", R, maxB); exit(EXIT_FAILURE); }
+    int stride = max_new;
+    if (plen + max_new > maxT) max_new = maxT - plen;
+    for (int r = 0; r < R; r++) lens[r] = 0;
+    if (max_new <= 0) return;
+    size_t cache = (size_t)L * maxB * maxT * KD;
+    if (!model->kcache) {
+        model->kcache = (floatX*)cudaMallocCheck(cache * sizeof(floatX));
+        model->vcache = (floatX*)cudaMallocCheck(cache * sizeof(floatX));
+    }
+    int* toks = (int*)mallocCheck((size_t)R * plen * sizeof(int));
+    for (int r = 0; r < R; r++) memcpy(toks + (size_t)r * plen, prompt, plen * sizeof(int));
+    model_forward(model, toks, NULL, R, plen);
+    for (int l = 0; l < L; l++) // prefill k, v [R*plen][KD] -> rows of the cache [R][maxT][KD]
+        for (int kv = 0; kv < 2; kv++) {
+            floatX* dst = (kv ? model->vcache : model->kcache) + (size_t)l * maxB * maxT * KD;
+            const floatX* src = (kv ? model->acts.v : model->acts.k) + (size_t)l * R * plen * KD;
+            cudaCheck(cudaMemcpy2D(dst, (size_t)maxT * KD * sizeof(floatX), src, (size_t)plen * KD * sizeof(floatX),
+                                   (size_t)plen * KD * sizeof(floatX), R, cudaMemcpyDeviceToDevice));
+        }
+    float* logits = (float*)mallocCheck((size_t)R * V * sizeof(float));
+    float* probs = (float*)mallocCheck((size_t)V * sizeof(float));
+    int* done = (int*)callocCheck(R, sizeof(int));
+    int* next = (int*)mallocCheck(R * sizeof(int));
+    for (int r = 0; r < R; r++) model_logits_to_host(model, logits + (size_t)r * V, (size_t)r * plen + plen - 1, 1);
+    for (int pos = plen;; pos++) {
+        int active = 0;
+        for (int r = 0; r < R; r++) {
+            next[r] = 0; // what a finished row feeds (ignored)
+            if (done[r]) continue;
+            int t = cpu::pick_token(logits + (size_t)r * V, V, temperature, rng, probs);
+            if (t == stop_token) { done[r] = 1; continue; }
+            out[(size_t)r * stride + lens[r]++] = t;
+            if ((stop_newline && tk->ok && strchr(tk->tokens[t], '\n')) || lens[r] == max_new) { done[r] = 1; continue; }
+            next[r] = t;
+            active++;
+        }
+        if (!active) break;
+        decode_step(model, next, R, pos);
+        model_logits_to_host(model, logits, 0, R);
+    }
+    free(toks); free(logits); free(probs); free(done); free(next);
+}
+
+// greedy accuracy over the first max_items items (all if max_items <= 0)
+double eval_task_accuracy(Model* model, const EvalSet* es, const Tokenizer* tk, int eot, int max_items, int* scored) {
+    int n = (max_items > 0 && max_items < es->n) ? max_items : es->n, correct = 0, len;
+    int* out = (int*)mallocCheck((size_t)(es->max_answer + 8) * sizeof(int));
+    size_t cap = 1024;
+    char* text = (char*)mallocCheck(cap);
+    for (int i = 0; i < n; i++) {
+        generate_answers(model, es->toks[i], es->plen[i], 1, es->max_answer + 8, eot, es->kind == TASK_MEMORIZATION,
+                         tk, out, &len, 0.0f, NULL);
+        correct += cpu::answer_matches(cpu::tokens_text(tk, out, len, &text, &cap), es->ref[i], es->kind);
+    }
+    free(out); free(text);
+    *scored = n;
+    return n ? (double)correct / n : NAN;
+}
+
+// test-time compute (train_moe.c's definitions of maj@n and pass@n): an item's nsamples answers are
+// decoded together, up to B rows at a time
+int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk, int eot, int max_items, int nsamples,
+                           float temperature, uint64_t* rng, int* ns, double* maj, double* pass, int* scored) {
+    int items = (max_items > 0 && max_items < es->n) ? max_items : es->n, max_new = es->max_answer + 8;
+    int nn = cpu::ttc_begin(nsamples, ns, maj, pass), rows = nsamples < model->maxB ? nsamples : model->maxB;
+    int* out = (int*)mallocCheck((size_t)rows * max_new * sizeof(int));
+    int* lens = (int*)mallocCheck(rows * sizeof(int));
+    size_t cap = 1024;
+    char* text = (char*)mallocCheck(cap);
+    char** ans = (char**)callocCheck(nsamples, sizeof(char*));
+    int* right = (int*)callocCheck(nsamples, sizeof(int));
+    for (int i = 0; i < items; i++) {
+        for (int s0 = 0; s0 < nsamples; s0 += rows) {
+            int R = nsamples - s0 < rows ? nsamples - s0 : rows;
+            generate_answers(model, es->toks[i], es->plen[i], R, max_new, eot, es->kind == TASK_MEMORIZATION, tk, out,
+                             lens, temperature, rng);
+            for (int r = 0; r < R; r++) {
+                cpu::tokens_text(tk, out + (size_t)r * max_new, lens[r], &text, &cap);
+                ans[s0 + r] = (char*)mallocCheck(strlen(text) + 1);
+                cpu::extract_answer(text, es->kind, ans[s0 + r]);
+                right[s0 + r] = cpu::answer_correct(ans[s0 + r], es->ref[i], es->kind);
+            }
+        }
+        cpu::ttc_tally(ans, right, ns, nn, maj, pass);
+        for (int s = 0; s < nsamples; s++) free(ans[s]);
+    }
+    for (int j = 0; j < nn; j++) { maj[j] /= items; pass[j] /= items; }
+    free(out); free(lens); free(text); free(ans); free(right);
+    *scored = items;
+    return nn;
+}
+
+// ----------------------------------------------------------------------------
 // throughput: model FLOPs utilisation and the device
 
 // Training FLOPs per token, the 6N rule over the matmul weights one token passes through, plus attention:
@@ -1823,13 +2037,26 @@ static int run_forward_only(Model* model, const Args* a) {
     return 0;
 }
 
+// every -ev file: task loss and greedy accuracy, then (-tn) test-time compute (train_moe.c's run_task_evals)
+static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokenizer* tk, int eot, const Args* a,
+                           FILE* logf, int step) {
+    for (int i = 0; i < nsets; i++) {
+        double bpt, bpb, maj[16], pass[16];
+        int trunc, scored, ns[16];
+        eval_task_loss(model, &sets[i], tk, a->B, a->T, eot, &bpt, &bpb, &trunc);
+        double acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
+        cpu::report_task_eval(logf, step, &sets[i], bpt, bpb, trunc, acc, scored);
+        if (a->ttc_samples <= 0) continue;
+        uint64_t rng = hash3(a->seed, (uint64_t)step, 0x77C + i); // its own stream: training is not affected
+        int nn = eval_test_time_compute(model, &sets[i], tk, eot, a->acc_items, a->ttc_samples, a->ttc_temp, &rng, ns,
+                                        maj, pass, &scored);
+        cpu::report_ttc(logf, step, &sets[i], nn, ns, maj, pass, scored, a->ttc_temp);
+    }
+}
+
 int main(int argc, char** argv) {
     Args a;
     cpu::parse_args(&a, argc, argv);
-    if (a.eval_files || a.eval_only) {
-        fprintf(stderr, "Error: task eval (-ev, -ex) is in train_moe.c only so far; use ./train_moe on the checkpoint\n");
-        exit(EXIT_FAILURE);
-    }
     gpu_init();
     Tokenizer tk;
     tokenizer_init(&tk, a.tokenizer);
@@ -1862,6 +2089,8 @@ int main(int argc, char** argv) {
     printf("train: B=%d T=%d grad_accum=%d steps=%d lr=%g warmup=%d min_lr=%g wd=%g clip=%g precision=%s\n",
            a.B, a.T, a.grad_accum, a.steps, a.lr, a.warmup, a.lr * a.min_lr_frac, a.weight_decay, a.grad_clip, PRECISION_NAME);
 
+    int nsets = 0;
+    EvalSet* sets = cpu::evalsets_load(a.eval_files, c->V, a.T, &nsets);
     DataLoader train, val;
     loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
     loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
@@ -1871,13 +2100,18 @@ int main(int argc, char** argv) {
            gpu_bytes_allocated / (1024.0 * 1024.0), gpu_mem_sample());
     FILE* logf = NULL;
     if (a.out_dir) {
-        mkdir(a.out_dir, 0755);
+        cpu::mkdir_p(a.out_dir);
         char* lp = (char*)mallocCheck(strlen(a.out_dir) + 16);
         sprintf(lp, "%s/log.txt", a.out_dir);
         logf = fopenCheck(lp, "a"); // appends: an earlier run's log is never lost
         free(lp);
     }
     int eot = tk.ok ? tk.eot : 0;
+    if (a.eval_only) {
+        printf("val loss %.4f\n", eval_val_loss(&model, &val, a.val_batches));
+        run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, st.step);
+        return 0;
+    }
     double tokens_per_step = (double)a.B * a.T * a.grad_accum;
     double flops_per_step = tokens_per_step * flops_per_token(c, a.T), peak = peak_flops();
     for (int step = st.step; step < a.steps; step++) {
@@ -1912,6 +2146,7 @@ int main(int argc, char** argv) {
             float vl = eval_val_loss(&model, &val, a.val_batches);
             printf("val loss %.4f\n", vl);
             if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
+            run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, step + 1);
         }
         if (a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last)) {
             printf("--- sample ---\n");
@@ -1930,6 +2165,8 @@ int main(int argc, char** argv) {
     }
     printf("peak gpu memory %.0f MiB\n", gpu_mem_peak_mib);
     if (logf) fclose(logf);
+    for (int i = 0; i < nsets; i++) cpu::evalset_free(&sets[i]);
+    free(sets);
     loader_free(&train);
     loader_free(&val);
     tokenizer_free(&tk);

@@ -352,7 +352,7 @@ def moe_layer(m, z, w1, w3, w2, K):
     idx = route(z, K)                                   # N x K
     gates = torch.softmax(z.gather(1, idx), dim=1)      # N x K, softmax over the chosen logits
     slot_e = idx.reshape(-1)                            # N*K slots
-    slot_t = torch.arange(N).repeat_interleave(K)       # token of each slot
+    slot_t = torch.arange(N, device=m.device).repeat_interleave(K)  # token of each slot
     slot_g = gates.reshape(-1)
     perm = torch.sort(slot_e, stable=True).indices      # slots grouped by expert
     counts = torch.bincount(slot_e, minlength=E)
@@ -379,8 +379,10 @@ def forward(cfg, p, x, y):
     D = C // H
     eps = cfg["eps"]
     dtype = p["wte"].dtype
-    cos, sin = rope_tables(T, D, cfg["theta"], dtype)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    dev = p["wte"].device                                            # cpu: .to(dev) is a no-op
+    cos, sin = rope_tables(T, D, cfg["theta"], dtype)                 # built on the cpu in float64
+    cos, sin = cos.to(dev), sin.to(dev)
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
 
     h = p["wte"][x.reshape(-1)]                                      # N x C
     aux, zl, experts, counts, zs = [], [], [], [], []
