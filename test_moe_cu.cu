@@ -454,6 +454,16 @@ static void test_task_eval(const char* dir, const char* name) {
     int sane = nn == 4 && scored == nitems && fabs(maj[0] - pass[0]) < 1e-12;
     for (int j = 0; j < nn; j++) sane &= maj[j] >= 0 && maj[j] <= pass[j] + 1e-12 && pass[j] <= 1 && (j == 0 || pass[j] >= pass[j - 1]);
     CHECK(sane, "[%s] test-time compute: maj/pass@n out of order", name);
+#ifndef PRECISION_BF16
+    // at a vanishing temperature every sample is the greedy answer, so maj@n = pass@n = the greedy
+    // accuracy for every n (bf16 logits can tie exactly, so only the fp32 build asserts this)
+    double maj0[16], pass0[16];
+    nn = eval_test_time_compute(&g, &es, &tk, -1, 0, 8, 1e-6f, &rt, ns, maj0, pass0, &scored);
+    int greedy_like = 1;
+    for (int j = 0; j < nn; j++) greedy_like &= maj0[j] == gacc && pass0[j] == gacc;
+    CHECK(greedy_like, "[%s] test-time compute at temperature 1e-6: maj@8 %.3f pass@8 %.3f, greedy accuracy %.3f",
+          name, maj0[nn - 1], pass0[nn - 1], gacc);
+#endif
     printf("[%s] batched decoding (%d rows) follows the CPU: %s; sampled rows reproducible: %s; maj@8 %.3f pass@8 %.3f\n",
            name, R, bad ? "NO" : "yes", same ? "yes" : "NO", maj[nn - 1], pass[nn - 1]);
     free(text);
