@@ -536,8 +536,41 @@ static void test_trainer_binary(const char* tmp, const char* trainer) {
         CHECK(ok5, "the CPU trainer could not resume the GPU trainer's checkpoint (exit %d)", rc5);
         CHECK(ok6, "the GPU trainer could not resume the CPU trainer's checkpoint (exit %d)", rc6);
         printf("[trainer] CPU resumes a GPU checkpoint: %s; GPU resumes a CPU checkpoint: %s\n", ok5 ? "yes" : "NO", ok6 ? "yes" : "NO");
+        // task eval through both binaries on the same checkpoint: the same task loss, and the GPU
+        // trainer's eval-only path prints its test-time compute
+        EvalSet es;
+        memset(&es, 0, sizeof es);
+        strcpy(es.name, "synth");
+        es.n = 10; es.kind = TASK_MEMORIZATION;
+        es.plen = (int*)mallocCheck(es.n * sizeof(int)); es.alen = (int*)mallocCheck(es.n * sizeof(int));
+        es.toks = (int**)mallocCheck(es.n * sizeof(int*)); es.ref = (char**)mallocCheck(es.n * sizeof(char*));
+        for (int i = 0; i < es.n; i++) {
+            es.plen[i] = 3 + i; es.alen[i] = 2 + i % 3;
+            es.toks[i] = toks + 100 * i;
+            es.ref[i] = (char*)"x";
+        }
+        snprintf(path, sizeof path, "%s/synth_eval.bin", tmp);
+        cpu::write_eval(path, &es, 200);
+        free(es.plen); free(es.alen); free(es.toks); free(es.ref);
+        double loss[2] = {-1, -1};
+        int ttc_line = 0, rc[2];
+        for (int side = 0; side < 2; side++) {
+            snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -e %s -ex 1 -ev %s -ea 4 -tn 4", side ? trainer : "./train_moe",
+                     train, val, common, a8, path);
+            rc[side] = run_cmd(cmd, &out);
+            const char* at = strstr(out, "task synth      | loss ");
+            if (at) loss[side] = atof(at + strlen("task synth      | loss "));
+            if (side) ttc_line = strstr(out, "task synth      | test-time compute, 4 items") != NULL;
+            if (rc[side] != 0 || !at) printf("%s\n", out);
+            free(out);
+        }
+        int ok7 = rc[0] == 0 && rc[1] == 0 && loss[0] > 0 && fabs(loss[1] - loss[0]) <= XFER_TOL * loss[0] + 1e-4 && ttc_line;
+        CHECK(ok7, "-ex 1 -ev: task loss CPU %.4f GPU %.4f (exit codes %d %d, test-time compute line %d)", loss[0], loss[1],
+              rc[0], rc[1], ttc_line);
+        printf("[trainer] -ex 1 -ev on the step-8 checkpoint: task loss CPU %.4f GPU %.4f bits/token, GPU test-time compute: %s\n",
+               loss[0], loss[1], ttc_line ? "yes" : "NO");
     } else {
-        printf("[trainer] ./train_moe not built: CPU <-> GPU trainer interchange skipped\n");
+        printf("[trainer] ./train_moe not built: CPU <-> GPU trainer interchange and task eval skipped\n");
     }
     free(toks);
 }

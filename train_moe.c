@@ -1952,6 +1952,30 @@ void write_shard(const char* path, const int* toks, int n, int u32) {
     fclose(fp);
 }
 
+// an eval file (the layout evalset_load reads) of es's items, for a model with vocabulary V
+void write_eval(const char* path, const EvalSet* es, int V) {
+    int h[256] = {0};
+    h[0] = EVAL_MAGIC; h[1] = 1; h[2] = es->n; h[6] = V; h[8] = es->kind;
+    for (int i = 0; i < es->n; i++) {
+        int rl = (int)strlen(es->ref[i]);
+        if (es->plen[i] > h[3]) h[3] = es->plen[i];
+        if (es->alen[i] > h[4]) h[4] = es->alen[i];
+        if (rl > h[5]) h[5] = rl;
+        h[9] += es->plen[i]; h[10] += es->alen[i]; h[11] += rl;
+    }
+    memcpy((char*)h + 64, es->name, strlen(es->name) < 63 ? strlen(es->name) : 63);
+    FILE* fp = fopenCheck(path, "wb");
+    fwrite(h, sizeof(int), 256, fp);
+    for (int i = 0; i < es->n; i++) {
+        int len[2] = {es->plen[i], es->alen[i]}, rl = (int)strlen(es->ref[i]);
+        fwrite(len, sizeof(int), 2, fp);
+        fwrite(es->toks[i], sizeof(int), len[0] + len[1], fp);
+        fwrite(&rl, sizeof(int), 1, fp);
+        fwrite(es->ref[i], 1, rl, fp);
+    }
+    fclose(fp);
+}
+
 // run a shell command; returns its exit status and leaves its output in *out (malloc'd)
 int run_cmd(const char* cmd, char** out) {
     char full[16384];
