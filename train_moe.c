@@ -1774,6 +1774,16 @@ void ttc_tally(char* const* ans, const int* right, const int* ns, int nn, double
     }
 }
 
+// the normalised answer (malloc'd) in the tokens out[0..k) generated for item i, and whether it is right
+char* sample_answer(const Tokenizer* tk, const int* out, int k, const EvalSet* es, int i, char** text, size_t* cap,
+                    int* right) {
+    tokens_text(tk, out, k, text, cap);
+    char* ans = (char*)mallocCheck(strlen(*text) + 1);
+    extract_answer(*text, es->kind, ans);
+    *right = answer_correct(ans, es->ref[i], es->kind);
+    return ans;
+}
+
 int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk, int eot, int max_items, int nsamples,
                            float temperature, uint64_t* rng, int* ns, double* maj, double* pass, int* scored) {
     int items = (max_items > 0 && max_items < es->n) ? max_items : es->n;
@@ -1787,10 +1797,7 @@ int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
         for (int s = 0; s < nsamples; s++) {
             int k = generate_answer(model, es->toks[i], es->plen[i], es->max_answer + 8, eot,
                                     es->kind == TASK_MEMORIZATION, tk, out, temperature, rng);
-            tokens_text(tk, out, k, &text, &cap);
-            ans[s] = (char*)mallocCheck(strlen(text) + 1);
-            extract_answer(text, es->kind, ans[s]);
-            right[s] = answer_correct(ans[s], es->ref[i], es->kind);
+            ans[s] = sample_answer(tk, out, k, es, i, &text, &cap, &right[s]);
         }
         ttc_tally(ans, right, ns, nn, maj, pass);
         for (int s = 0; s < nsamples; s++) free(ans[s]);

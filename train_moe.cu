@@ -1791,19 +1791,20 @@ __global__ void attention_decode_kernel(floatX* out, const floatX* q, const floa
     for (int t = threadIdx.x; t <= pos; t += ATT_DEC_THREADS) mx = fmaxf(mx, score[t]);
     mx = block_max(mx, red);
     float sum = 0.0f;
-    for (int t = threadIdx.x; t <= pos; t += ATT_DEC_THREADS) sum += expf(score[t] - mx);
-    sum = block_sum(sum, red);
+    for (int t = threadIdx.x; t <= pos; t += ATT_DEC_THREADS) { score[t] = expf(score[t] - mx); sum += score[t]; }
+    sum = block_sum(sum, red); // (its barrier also publishes the exponentials)
     for (int i = threadIdx.x; i < D; i += ATT_DEC_THREADS) {
         float o = 0.0f;
-        for (int t = 0; t <= pos; t++) o += expf(score[t] - mx) * tof(vr[(size_t)t * KD + i]);
+        for (int t = 0; t <= pos; t++) o += score[t] * tof(vr[(size_t)t * KD + i]);
         out[(size_t)r * H * D + (size_t)h * D + i] = tox(o / sum);
     }
 }
 
-// row r's new k (or v) [R][KD] into the cache [R][maxT][KD] at position pos
-static void cache_put(floatX* cache, const floatX* x, int R, int maxT, int KD, int pos) {
-    cudaCheck(cudaMemcpy2D(cache + (size_t)pos * KD, (size_t)maxT * KD * sizeof(floatX), x, (size_t)KD * sizeof(floatX),
-                           (size_t)KD * sizeof(floatX), R, cudaMemcpyDeviceToDevice));
+// k (or v) of len positions per row, x[R][len][KD], into the cache [R][maxT][KD] at positions pos..
+static void cache_put(floatX* cache, const floatX* x, int R, int len, int maxT, int KD, int pos) {
+    size_t row = (size_t)len * KD * sizeof(floatX);
+    cudaCheck(cudaMemcpy2D(cache + (size_t)pos * KD, (size_t)maxT * KD * sizeof(floatX), x, row, row, R,
+                           cudaMemcpyDeviceToDevice));
 }
 
 // one new token per row (toks[R], host) at position pos through every layer, attending to the KV
@@ -1829,8 +1830,8 @@ static void decode_step(Model* model, const int* toks, int R, int pos) {
         matmul_forward(a.v, a.a, p.wv + (size_t)l * KD * C, R, C, KD);
         rope_apply(a.q, fc, fs, R, 1, H, D, +1); // T = 1: every row at position pos
         rope_apply(a.k, fc, fs, R, 1, Hkv, D, +1);
-        cache_put(kl, a.k, R, maxT, KD, pos);
-        cache_put(vl, a.v, R, maxT, KD, pos);
+        cache_put(kl, a.k, R, 1, maxT, KD, pos);
+        cache_put(vl, a.v, R, 1, maxT, KD, pos);
         attention_decode_kernel<<<R * H, ATT_DEC_THREADS, maxT * sizeof(float)>>>(a.atty, a.q, kl, vl, pos, maxT, H, Hkv, D);
         cudaCheck(cudaGetLastError());
         matmul_forward(a.resid_mid, a.atty, p.wo + (size_t)l * C * HD, R, HD, C);
@@ -1872,13 +1873,11 @@ void generate_answers(Model* model, const int* prompt, int plen, int R, int max_
     int* toks = (int*)mallocCheck((size_t)R * plen * sizeof(int));
     for (int r = 0; r < R; r++) memcpy(toks + (size_t)r * plen, prompt, plen * sizeof(int));
     model_forward(model, toks, NULL, R, plen);
-    for (int l = 0; l < L; l++) // prefill k, v [R*plen][KD] -> rows of the cache [R][maxT][KD]
-        for (int kv = 0; kv < 2; kv++) {
-            floatX* dst = (kv ? model->vcache : model->kcache) + (size_t)l * maxB * maxT * KD;
-            const floatX* src = (kv ? model->acts.v : model->acts.k) + (size_t)l * R * plen * KD;
-            cudaCheck(cudaMemcpy2D(dst, (size_t)maxT * KD * sizeof(floatX), src, (size_t)plen * KD * sizeof(floatX),
-                                   (size_t)plen * KD * sizeof(floatX), R, cudaMemcpyDeviceToDevice));
-        }
+    for (int l = 0; l < L; l++) { // the prefill's k, v [R][plen][KD] become positions 0..plen-1 of the cache
+        size_t at = (size_t)l * maxB * maxT * KD, act = (size_t)l * R * plen * KD;
+        cache_put(model->kcache + at, model->acts.k + act, R, plen, maxT, KD, 0);
+        cache_put(model->vcache + at, model->acts.v + act, R, plen, maxT, KD, 0);
+    }
     float* logits = (float*)mallocCheck((size_t)R * V * sizeof(float));
     float* probs = (float*)mallocCheck((size_t)V * sizeof(float));
     int* done = (int*)callocCheck(R, sizeof(int));
@@ -1936,12 +1935,8 @@ int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
             int R = nsamples - s0 < rows ? nsamples - s0 : rows;
             generate_answers(model, es->toks[i], es->plen[i], R, max_new, eot, es->kind == TASK_MEMORIZATION, tk, out,
                              lens, temperature, rng);
-            for (int r = 0; r < R; r++) {
-                cpu::tokens_text(tk, out + (size_t)r * max_new, lens[r], &text, &cap);
-                ans[s0 + r] = (char*)mallocCheck(strlen(text) + 1);
-                cpu::extract_answer(text, es->kind, ans[s0 + r]);
-                right[s0 + r] = cpu::answer_correct(ans[s0 + r], es->ref[i], es->kind);
-            }
+            for (int r = 0; r < R; r++)
+                ans[s0 + r] = cpu::sample_answer(tk, out + (size_t)r * max_new, lens[r], es, i, &text, &cap, &right[s0 + r]);
         }
         cpu::ttc_tally(ans, right, ns, nn, maj, pass);
         for (int s = 0; s < nsamples; s++) free(ans[s]);
