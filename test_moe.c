@@ -123,6 +123,24 @@ static void test_topk_ties(void) {
     printf("[topk] ties go to the lower expert index: %s\n", ok ? "yes" : "NO");
 }
 
+// non-finite router logits: NaN counts as -inf (a real expert index is always chosen) and every
+// token whose logits are not all finite is counted, for router_check's error
+static void test_topk_nonfinite(void) {
+    const float z[3 * 4] = {NAN, NAN, NAN, NAN,   1, NAN, 2, 0,   INFINITY, 0, -1, 3};
+    int topi[3 * 2];
+    float gate[3 * 2];
+    int bad = topk_forward(topi, gate, z, 3, 4, 2);
+    int in_range = 1;
+    for (int i = 0; i < 6; i++) in_range &= topi[i] >= 0 && topi[i] < 4;
+    int distinct = topi[0] != topi[1] && topi[2] != topi[3] && topi[4] != topi[5];
+    CHECK(bad == 3 && in_range && distinct && topi[2] == 2 && topi[3] == 0 && topi[4] == 0,
+          "top-k on non-finite logits: %d tokens flagged (want 3), indices %d %d | %d %d | %d %d", bad, topi[0], topi[1],
+          topi[2], topi[3], topi[4], topi[5]);
+    const float fine[4] = {0.5f, -2.0f, 1e30f, 3.0f};
+    CHECK(topk_forward(topi, gate, fine, 1, 4, 2) == 0, "top-k flags finite logits as non-finite");
+    printf("[topk] NaN/Inf router logits: %d of 3 tokens flagged, every index in range: %s\n", bad, in_range ? "yes" : "NO");
+}
+
 // gradient accumulation: two micro-batches with dloss = 1/2 each add up to the gradient of their mean
 // loss; on the same batch twice that is the single-batch gradient
 static void test_grad_accumulation(const char* dir, const char* name) {
@@ -392,6 +410,7 @@ int main(int argc, char** argv) {
     char tmp[] = "/tmp/test_moe_XXXXXX";
     if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
     test_topk_ties();
+    test_topk_nonfinite();
     test_answers();
     test_grad_accumulation(dir, "gqa");
     test_kv_cache(dir, "mqa");

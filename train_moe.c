@@ -480,18 +480,27 @@ void router_forward(float* z, float* lse, const float* m, const float* wr, int N
 
 // the K largest logits of each token (larger first; equal logits: lower expert index first),
 // and the gates: softmax over those K logits only
-void topk_forward(int* topi, float* gate, const float* z, int N, int E, int K) {
-    #pragma omp parallel for
+// the K largest router logits of each token (ties to the lower index) and their gates (softmax over
+// those K). A NaN logit counts as -inf, so an index is always chosen; returns the number of tokens
+// whose logits are not all finite, which the caller turns into an error (router_check).
+int topk_forward(int* topi, float* gate, const float* z, int N, int E, int K) {
+    int nonfinite = 0;
+    #pragma omp parallel for reduction(+:nonfinite)
     for (int n = 0; n < N; n++) {
         const float* zn = z + (size_t)n * E;
         int* ti = topi + (size_t)n * K;
+        int finite = 1;
+        for (int e = 0; e < E; e++) finite &= isfinite(zn[e]) != 0;
+        nonfinite += !finite;
         for (int j = 0; j < K; j++) { // selection: j-th pass takes the best expert not yet taken
             int best = -1;
+            float bestz = 0.0f;
             for (int e = 0; e < E; e++) {
                 int taken = 0;
                 for (int jj = 0; jj < j; jj++) if (ti[jj] == e) { taken = 1; break; }
                 if (taken) continue;
-                if (best < 0 || zn[e] > zn[best]) best = e; // strict '>' keeps the lower index on ties
+                float ze = isnan(zn[e]) ? -INFINITY : zn[e];
+                if (best < 0 || ze > bestz) { best = e; bestz = ze; } // strict '>' keeps the lower index on ties
             }
             ti[j] = best;
         }
@@ -500,6 +509,7 @@ void topk_forward(int* topi, float* gate, const float* z, int N, int E, int K) {
         for (int j = 0; j < K; j++) { g[j] = expf(zn[ti[j]] - mx); s += g[j]; }
         for (int j = 0; j < K; j++) g[j] /= s;
     }
+    return nonfinite;
 }
 
 // group the N*K token slots by expert (counting sort: within an expert, by token order).
@@ -777,6 +787,7 @@ typedef struct {
     const int* targets;
     float ce, loss;
     float *aux, *zl; // L each
+    int step;        // the step being trained (1-based, as printed), for error messages; -1: none
 } Model;
 
 static void model_config_check(const MoEConfig* c, const char* where) {
@@ -811,6 +822,7 @@ void model_build(Model* model, const MoEConfig* config) {
     point_params(&model->v_state, model->v_memory, model->param_sizes);
     model->aux = (float*)callocCheck(config->L, sizeof(float));
     model->zl = (float*)callocCheck(config->L, sizeof(float));
+    model->step = -1;
 }
 
 // Megatron's init: every matrix ~ N(0, std), wo and w2 ~ N(0, std/sqrt(2L)), norm weights 1
@@ -894,6 +906,15 @@ void model_free(Model* model) {
 
 // forward pass on inputs[B,T]; with targets (may be NULL) it computes ce, aux, zl and loss.
 // Buffers are laid out for (B,T) of this call, so any B*T <= maxB*maxT with T <= maxT works.
+// stop on non-finite router logits: training on them would only spread NaN (model->step says when)
+void router_check(const Model* model, int layer, int nonfinite, int N) {
+    if (nonfinite == 0) return;
+    if (model->step >= 0) fprintf(stderr, "Error: step %d, layer %d: non-finite router logits (NaN or Inf) for %d of %d tokens\n",
+                                  model->step, layer, nonfinite, N);
+    else fprintf(stderr, "Error: layer %d: non-finite router logits (NaN or Inf) for %d of %d tokens\n", layer, nonfinite, N);
+    exit(EXIT_FAILURE);
+}
+
 void model_forward(Model* model, const int* inputs, const int* targets, int B, int T) {
     const MoEConfig* c = &model->config;
     int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
@@ -957,7 +978,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         // MoE block: router -> topk -> permute -> experts -> unpermute
         rmsnorm_forward(m, a.m_rstd + (size_t)l * N, res_mid, p.moe_norm + (size_t)l * C, N, C, c->eps);
         router_forward(z, lse, m, wr, N, C, E);
-        topk_forward(topi, gate, z, N, E, K);
+        router_check(model, l, topk_forward(topi, gate, z, N, E, K), N);
         permute_plan(counts, offs, row_of, tok_of, topi, N, E, K);
         permute_forward(xe, m, tok_of, NK, C);
         experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs, E, C, F);
@@ -1643,7 +1664,7 @@ int generate_answer(Model* model, const int* prompt, int plen, int max_new, int 
             for (int i = 0; i < C; i++) a.resid_mid[i] += h[i];
             rmsnorm_forward(a.m, a.m_rstd, a.resid_mid, p.moe_norm + (size_t)l * C, 1, C, c->eps);
             router_forward(a.z, a.lse, a.m, p.wr + (size_t)l * E * C, 1, C, E);
-            topk_forward(model->topi, a.gate, a.z, 1, E, K);
+            router_check(model, l, topk_forward(model->topi, a.gate, a.z, 1, E, K), 1);
             permute_plan(model->counts, model->offs, model->row_of, model->tok_of, model->topi, 1, E, K);
             permute_forward(a.xe, a.m, model->tok_of, K, C);
             experts_forward(a.ye, a.h1, a.h3, a.act, a.xe, p.w1 + (size_t)l * E * F * C, p.w3 + (size_t)l * E * F * C,
@@ -2321,6 +2342,7 @@ int main(int argc, char** argv) {
         double t0 = now_ms();
         model_zero_grad(&model);
         double loss = 0, ce = 0, aux = 0, zl = 0;
+        model.step = step + 1; // as the step line counts
         for (int micro = 0; micro < a.grad_accum; micro++) {
             loader_next_batch(&train);
             model_forward(&model, train.inputs, train.targets, a.B, a.T);
