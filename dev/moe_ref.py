@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-PyTorch reference of the model contract (the MoE spec; README "File formats").
+PyTorch reference of the model contract (dev/MODEL.md; file layouts in README "File formats").
 
 For each small test configuration NAME it writes into OUTDIR (default dev/ref/):
 

@@ -11,11 +11,11 @@ Compute. Every run gets the same training compute C = 6 * N * D (the config's `b
 is the number of training tokens and N is, by default, the ACTIVE NON-EMBEDDING parameter count: what
 one token passes through, minus the token embedding (V x C) and the LM head (V x C). This is the
 paper's convention (arXiv 2508.18672 counts active non-embedding parameters; Kaplan et al.'s N). With
-`"flops_params": "active"` N counts the embedding and the head too (`moe_spec.md`'s "active params").
+`"flops_params": "active"` N counts the embedding and the head too (`dev/MODEL.md`'s "active params").
 Attention's T-dependent FLOPs are left out either way. So D = budget / (6 N), steps = round(D / (B*T*ga))
 and every run in the sweep has the same 6*N*D up to the rounding of one step (the plan prints the
 actual figure). Total params, active params, sparsity (1 - K/E) and TPP (tokens / total params)
-follow `moe_spec.md`'s "Counting"; total params are checked against the trainer's own "model:" line.
+follow `dev/MODEL.md`'s "Counting"; total params are checked against the trainer's own "model:" line.
 
 The config (JSON; `scripts/sweep_configs/README.md` documents every field) gives the budget, the
 data, B, T, the LR schedule, the eval files, the default model shape, and a list of families:
@@ -94,7 +94,7 @@ class ConfigError(Exception):
 
 
 def count_params(V, L, C, H, Hkv, E, K, F):
-    """Parameter counts by moe_spec.md's layout (wte, norms, attention, router, experts, head)."""
+    """Parameter counts by dev/MODEL.md's layout (wte, norms, attention, router, experts, head)."""
     D = C // H
     attn = L * (H * D * C + 2 * Hkv * D * C + C * H * D)
     norms = 2 * L * C + C

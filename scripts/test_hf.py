@@ -11,7 +11,7 @@ Otherwise every check below must pass (exit 1 on the first failure):
   an independent writer and carrying optimizer state that the export must ignore:
     - export -> from_pretrained(float32, eager): no missing/unexpected/mismatched keys, no loading
       warnings, every loaded weight equal to ours
-    - HF logits vs an independent float64 torch forward of moe_spec.md          (max |diff| <= 1e-4)
+    - HF logits vs an independent float64 torch forward of dev/MODEL.md         (max |diff| <= 1e-4)
     - HF logits vs the C trainer (./train_moe -e CKPT -b B -t T -fi TOK -fo LOGITS) (max |diff| <= 1e-4)
     - import(export(ckpt)) reproduces header and parameters bit for bit; sharded and bf16 exports
   for HF's own randomly initialised tiny Mixtral (GQA, E=4, K=2), saved with save_pretrained:
@@ -107,7 +107,7 @@ def random_params(cfg, rng, std=0.1):
 
 
 # ---------------------------------------------------------------------------------------------
-# independent forward of moe_spec.md (float64 torch)
+# independent forward of dev/MODEL.md (float64 torch)
 
 def ref_forward(cfg, P, tokens):
     import torch
