@@ -2,7 +2,9 @@
 CC ?= gcc
 CFLAGS = -O3 -Wall -Wextra -Wno-unused-parameter -Wno-unused-function
 LDLIBS = -lm
-PYTHON_REF ?= $(shell [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import torch" 2>/dev/null && echo /usr/bin/python3 || echo python3)
+# the Python of the tests and the reference: .venv/ (git ignores it), made once by dev/setup_venv.sh
+VENV ?= .venv
+PY = $(VENV)/bin/python
 
 # -march=native where the compiler takes it
 ifeq ($(shell $(CC) -march=native -x c -c /dev/null -o /dev/null 2>/dev/null && echo ok),ok)
@@ -17,7 +19,7 @@ else
   $(info OpenMP not found: building single-threaded)
 endif
 
-.PHONY: all train test test-hf ref cuda-check clean
+.PHONY: all train test venv test-hf ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check clean
 
 all: train_moe test_moe
 
@@ -31,20 +33,48 @@ test_moe: test_moe.c train_moe.c
 train: train_moe
 	./train_moe -o out/default
 
-# the PyTorch reference states that test_moe checks against (never stale: rebuilt every time)
-ref:
-	$(PYTHON_REF) dev/moe_ref.py --outdir dev/ref
-
-test: test_moe train_moe ref
+# everything: the Python environment (first time only), the CUDA compile check, the HF interchange,
+# the sweep scripts and figures, the C suite against PyTorch, the C suite again under ASan+UBSan, and
+# a short run of every fuzz harness
+test: venv test_moe train_moe ref
 	$(MAKE) --no-print-directory cuda-check
 	$(MAKE) --no-print-directory test-hf
-	python3 scripts/test_sweep.py
+	$(PY) scripts/test_sweep.py --require-all
 	./test_moe dev/ref
+	$(MAKE) --no-print-directory test-sanitize
+	$(MAKE) --no-print-directory fuzz-smoke
 
-# HF interchange: export -> MixtralForCausalLM logits == train_moe's (where transformers is installed)
-test-hf: train_moe
-	@if python3 -c "import transformers, torch" 2>/dev/null; then python3 scripts/test_hf.py --require-c; \
-	else echo "SKIP test-hf: transformers is not installed (pip install transformers safetensors torch)"; fi
+venv:
+	@dev/setup_venv.sh
+
+# the PyTorch reference states that test_moe checks against (never stale: rebuilt every time)
+ref: venv
+	$(PY) dev/moe_ref.py --outdir dev/ref
+
+# HF interchange: export -> MixtralForCausalLM logits == train_moe's
+test-hf: venv train_moe
+	$(PY) scripts/test_hf.py --require-c --require-hf
+
+# the whole C suite, and every train_moe run it drives, built with AddressSanitizer (+ LeakSanitizer)
+# and UndefinedBehaviorSanitizer: a report in test_moe_san itself ends it with exit code 86 (ASan,
+# LSan) or 87 (UBSan); one in a train_moe_san run it drives is found in that run's output and fails
+# the suite (run_cmd in train_moe.c)
+SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+SAN_ENV = ASAN_OPTIONS=detect_leaks=1:exitcode=86 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=87
+train_moe_san: train_moe.c
+	$(CC) $(CFLAGS) $(SAN_FLAGS) $< $(LDLIBS) -o $@
+test_moe_san: test_moe.c train_moe.c
+	$(CC) $(CFLAGS) $(SAN_FLAGS) $< $(LDLIBS) -o $@
+test-sanitize: test_moe_san train_moe_san ref
+	$(SAN_ENV) ./test_moe_san dev/ref ./train_moe_san
+	@echo "test-sanitize: clean (no ASan, LSan or UBSan report from test_moe_san or the train_moe_san runs it drove)"
+
+# fuzzing of every file reader (dev/fuzz, libFuzzer): fuzz-smoke runs each harness FUZZ_SECONDS
+# (default 30) on its committed corpus; `make fuzz FUZZ_SECONDS=600` for a long run
+fuzz-smoke:
+	$(MAKE) --no-print-directory -C dev/fuzz smoke
+fuzz:
+	$(MAKE) --no-print-directory -C dev/fuzz run
 
 # CUDA: compile everything with warnings as errors wherever nvcc exists; run the GPU tests where a GPU exists
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
@@ -55,7 +85,12 @@ cuda-check:
 	     if nvidia-smi >/dev/null 2>&1; then $(MAKE) --no-print-directory -f dev/cuda_build.mk NVCC=$(NVCC) cuda-test; \
 	     else echo "no GPU here: CUDA code compiled, not run"; fi; fi
 
+# all CUDA verification and measurement in one command, on a machine with an NVIDIA GPU (dev/gpu_check.sh)
+gpu-check:
+	$(MAKE) --no-print-directory -f dev/cuda_build.mk gpu-check
+
 clean:
-	rm -f train_moe test_moe
+	rm -f train_moe test_moe train_moe_san test_moe_san
+	$(MAKE) --no-print-directory -C dev/fuzz clean
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk cuda-clean
 	$(MAKE) --no-print-directory -C dev/cuda clean

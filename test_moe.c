@@ -2,13 +2,15 @@
 Tests train_moe.c against the PyTorch reference (dev/moe_ref.py), then tests the trainer binary:
 checkpoint round trips, exact resume, and the errors on bad input.
     make test          (regenerates dev/ref with the PyTorch script, then runs ./test_moe dev/ref)
-    ./test_moe DIR     (DIR holds manifest.txt and NAME_model.bin / NAME_debug.bin per configuration)
+    ./test_moe DIR [TRAINER]   (DIR holds manifest.txt and NAME_model.bin / NAME_debug.bin per
+                               configuration; TRAINER is the train_moe binary to drive, ./train_moe)
 Like llm.c's test_gpt2.c it reuses the program itself: nothing of the trainer is copied here.
 */
 #define TESTING
 #include "train_moe.c"
 
 static int n_pass = 0, n_fail = 0;
+static const char* trainer = "./train_moe"; // the binary the trainer tests drive (argv[2])
 #define CHECK(cond, ...) do { if (cond) n_pass++; else { n_fail++; printf("  FAIL: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
 
 // a reference configuration: its initial model and its debug state
@@ -16,9 +18,9 @@ static void load_reference(const char* dir, const char* name, Model* model, Debu
     char path[1024];
     TrainState st;
     snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
-    checkpoint_load(model, path, &st, 0);
+    if (checkpoint_load(model, path, &st, 0) != 0) exit(EXIT_FAILURE);
     snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
-    debug_read(d, path, &model->config, model->num_params);
+    if (debug_read(d, path, &model->config, model->num_params) != 0) exit(EXIT_FAILURE);
 }
 
 // one optimizer step on one batch, the way main() takes it (without accumulation); returns the norm
@@ -225,7 +227,7 @@ static void test_checkpoint_roundtrip(const char* dir, const char* name, const c
     snprintf(ck, sizeof ck, "%s/roundtrip.bin", tmpdir);
     checkpoint_save(&a, ck, 1, &now);
     TrainState back;
-    checkpoint_load(&b, ck, &back, 1);
+    if (checkpoint_load(&b, ck, &back, 1) != 0) exit(EXIT_FAILURE);
     CHECK(back.step == 3 && back.pos.epoch == 1 && back.pos.shard == 2 && back.pos.sample == 3 &&
           back.rng == now.rng && back.seed == 42, "[%s] train state did not survive the checkpoint", name);
     train_step(&a, d.x, d.y, d.B, d.T, 3, 10, 2, 1e-3f, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
@@ -257,7 +259,7 @@ static void copy_file(const char* src, const char* dst) {
 static void expect_error(const char* what, const char* args, const char* needle, const char* keep) {
     char cmd[8192];
     char* out;
-    snprintf(cmd, sizeof cmd, "./train_moe %s", args);
+    snprintf(cmd, sizeof cmd, "%s %s", trainer, args);
     int rc = run_cmd(cmd, &out);
     int named = strstr(out, needle) != NULL;
     CHECK(rc != 0 && rc != 255 && named, "bad input '%s': exit %d, message %s '%s'; output:\n%s", what, rc,
@@ -288,14 +290,14 @@ static void test_trainer_binary(const char* tmp) {
     write_shard(val, toks, 3000, 0);
     const char* common = "-nv 200 -nl 2 -nc 32 -nh 4 -nkv 2 -ne 4 -nk 2 -nf 48 -b 4 -t 32 -x 8 -u 2 -l 3e-3 -v 4 -m 2 -s 4 -g 8 -k none";
     // straight 8 steps vs 4 + resume + 4
-    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -o %s/runs/straight", train, val, common, tmp); // -o makes missing parents
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -o %s/runs/straight", trainer, train, val, common, tmp); // -o makes missing parents
     int rc1 = run_cmd(cmd, &out); free(out);
-    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -n 4 -o %s/resumed", train, val, common, tmp);
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -n 4 -o %s/resumed", trainer, train, val, common, tmp);
     int rc2 = run_cmd(cmd, &out); free(out);
     snprintf(b8, sizeof b8, "%s/resumed/model_00000008.bin", tmp);
     snprintf(b4, sizeof b4, "%s/resumed/model_00000004.bin", tmp);
     remove(b8); // as if the run had died after step 4
-    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -n 4 -o %s/resumed -y 1", train, val, common, tmp);
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -n 4 -o %s/resumed -y 1", trainer, train, val, common, tmp);
     int rc3 = run_cmd(cmd, &out);
     int resumed_from_4 = strstr(out, "model_00000004.bin") != NULL;
     free(out);
@@ -304,7 +306,7 @@ static void test_trainer_binary(const char* tmp) {
     CHECK(same, "8 steps straight != 4 + resume + 4 (exit codes %d %d %d, resumed from step 4: %d)", rc1, rc2, rc3, resumed_from_4);
     printf("[trainer] 8 steps straight == 4 + resume + 4, bit for bit (weights, AdamW, data position, RNG): %s\n", same ? "yes" : "NO");
     // the uint32 shard layout trains to the same bits
-    snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -o %s/u32", train32, val, common, tmp);
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -o %s/u32", trainer, train32, val, common, tmp);
     int rc4 = run_cmd(cmd, &out); free(out);
     snprintf(path, sizeof path, "%s/u32/model_00000008.bin", tmp);
     same = rc4 == 0 && files_equal(a8, path);
@@ -390,11 +392,64 @@ static void test_trainer_binary(const char* tmp) {
     snprintf(args, sizeof args, "-i %s %s -y 1", train, base);
     expect_error("corrupt newest checkpoint", args, "model_00000099.bin' is 3000 bytes", keep);
     remove(bad);
+    // a checkpoint whose body holds a NaN: refused, naming the tensor
+    Model mk;
+    TrainState sk;
+    if (checkpoint_load(&mk, keep, &sk, 1) != 0) exit(EXIT_FAILURE);
+    snprintf(bad, sizeof bad, "%s/nan_ckpt.bin", tmp);
+    mk.params.w2[5] = NAN;
+    checkpoint_save(&mk, bad, 1, &sk);
+    snprintf(args, sizeof args, "-i %s -e %s %s", train, bad, base);
+    expect_error("NaN in a checkpoint body", args, "nan_ckpt.bin' holds parameter nan in tensor w2 (element 5)", keep);
+    mk.params.w2[5] = 0.0f;
+    // finite weights whose router logits overflow: the run stops naming step and layer
+    size_t per_layer = (size_t)mk.config.E * mk.config.C;
+    for (size_t i = 0; i < per_layer; i++) mk.params.wr[per_layer + i] = 3e38f; // layer 1 of 2
+    snprintf(bad, sizeof bad, "%s/inf_router.bin", tmp);
+    checkpoint_save(&mk, bad, 1, &sk);
+    snprintf(args, sizeof args, "-i %s -e %s %s", train, bad, base);
+    expect_error("overflowing router logits", args, "step 1, layer 1: non-finite router logits (NaN or Inf)", keep);
+    model_free(&mk);
+    // a tokenizer file that is cut short, and impossible loss coefficients
+    snprintf(bad, sizeof bad, "%s/tok_short.bin", tmp);
+    {
+        uint32_t th[256] = {20240328, 2, 200, 199};
+        FILE* fp = fopenCheck(bad, "wb");
+        fwrite(th, 4, 256, fp);
+        for (int i = 0; i < 150; i++) { unsigned char len = 1; fwrite(&len, 1, 1, fp); fputc('a' + i % 26, fp); }
+        fclose(fp);
+    }
+    snprintf(args, sizeof args, "-i %s %s -k %s", train, base, bad);
+    expect_error("truncated tokenizer", args, "tok_short.bin' is truncated", keep);
+    snprintf(args, sizeof args, "-i %s %s -ac -0.5", train, base);
+    expect_error("negative aux coefficient", args, "aux and z loss coefficients must be finite and >= 0", keep);
+    // a checkpoint write killed before its rename leaves NAME.tmp: resume removes it, names it, and
+    // resumes from the newest complete checkpoint, to the same bits as the straight run
+    char stale[512], done8[1100];
+    snprintf(stale, sizeof stale, "%s/stale", tmp);
+    mkdir(stale, 0755);
+    snprintf(path, sizeof path, "%s/model_00000004.bin", stale);
+    copy_file(keep, path);
+    snprintf(bad, sizeof bad, "%s/model_00000006.bin.tmp", stale);
+    copy_file(keep, bad);
+    if (truncate(bad, 2000) != 0) printf("  (truncate failed)\n");
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -n 4 -o %s -y 1", trainer, train, val, common, stale);
+    int rc5 = run_cmd(cmd, &out);
+    int named = strstr(out, "model_00000006.bin.tmp', left by a checkpoint write that did not finish") != NULL &&
+                strstr(out, "model_00000004.bin with optimizer state") != NULL;
+    snprintf(done8, sizeof done8, "%s/model_00000008.bin", stale);
+    same = rc5 == 0 && named && access(bad, F_OK) != 0 && files_equal(a8, done8);
+    CHECK(same, "resume beside a stale .tmp: exit %d, named %d, .tmp still there %d, final == straight %d:\n%s", rc5,
+          named, access(bad, F_OK) == 0, files_equal(a8, done8), out);
+    printf("[trainer] resume removes a partial model_*.bin.tmp, names it, and ends equal to the straight run: %s\n",
+           same ? "yes" : "NO");
+    free(out);
     free(toks);
 }
 
 int main(int argc, char** argv) {
     const char* dir = argc > 1 ? argv[1] : "dev/ref";
+    if (argc > 2) trainer = argv[2];
     char path[1024], name[256];
     snprintf(path, sizeof path, "%s/manifest.txt", dir);
     FILE* mf = fopenCheck(path, "r");
@@ -420,6 +475,7 @@ int main(int argc, char** argv) {
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     if (system(cmd) != 0) printf("(could not remove %s)\n", tmp);
+    CHECK(sanitizer_reports == 0, "%d trainer runs printed a sanitizer report (above)", sanitizer_reports);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }

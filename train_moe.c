@@ -2,7 +2,7 @@
 Mixture-of-experts language-model training in one C file: a Mixtral-style sparse Transformer
 (RMSNorm, RoPE attention with grouped-query heads, a top-k router over E SwiGLU experts), its
 hand-written backward pass, AdamW, the data loader, checkpoints and the eval loop.
-The math is the contract in moe_spec.md; dev/moe_ref.py is the independent PyTorch twin that
+The math is the contract in dev/MODEL.md; dev/moe_ref.py is the independent PyTorch twin that
 test_moe.c checks this file against, tensor by tensor.
 
 The MoE layer reads as a pipeline:  router -> topk -> permute -> experts -> unpermute
@@ -18,6 +18,7 @@ Build: make train_moe          Run: ./train_moe -h
 #include <math.h>
 #include <time.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <glob.h>
 #include <unistd.h>
 #include <sys/stat.h>
@@ -79,6 +80,31 @@ static void* calloc_check(size_t n, size_t size, const char* file, int line) {
     return p;
 }
 #define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
+
+// The file readers (shards, tokenizer, checkpoints, eval files, the test's debug state) report and
+// return instead of exiting: on bad bytes each prints "Error: ..." naming the file, frees what it
+// allocated and returns NULL or -1. The trainer then exits; the fuzz harnesses in dev/fuzz go on.
+static int read_error(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "Error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    return -1;
+}
+
+static FILE* fopen_report(const char* path) {
+    FILE* fp = fopen(path, "rb");
+    if (fp == NULL) read_error("cannot open '%s': %s", path, strerror(errno));
+    return fp;
+}
+
+static int fread_report(void* ptr, size_t size, size_t n, FILE* fp, const char* path) {
+    size_t got = fread(ptr, size, n, fp);
+    if (got == n) return 0;
+    return read_error("'%s' is truncated: wanted %zu items of %zu bytes, got %zu", path, n, size, got);
+}
 
 static long file_size(FILE* fp) {
     long here = ftell(fp);
@@ -790,18 +816,31 @@ typedef struct {
     int step;        // the step being trained (1-based, as printed), for error messages; -1: none
 } Model;
 
-static void model_config_check(const MoEConfig* c, const char* where) {
-    char msg[256];
+// what is wrong with a configuration (NULL: nothing); msg holds the text
+static const char* model_config_error(const MoEConfig* c, char* msg, size_t n) {
+    const int big = 1 << 24;
     msg[0] = 0;
     if (c->V <= 0 || c->T <= 0 || c->L <= 0 || c->C <= 0 || c->H <= 0 || c->Hkv <= 0 || c->E <= 0 || c->K <= 0 || c->F <= 0)
-        snprintf(msg, sizeof msg, "every size must be positive (V=%d T=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d)",
+        snprintf(msg, n, "every size must be positive (V=%d T=%d L=%d C=%d H=%d Hkv=%d E=%d K=%d F=%d)",
                  c->V, c->T, c->L, c->C, c->H, c->Hkv, c->E, c->K, c->F);
-    else if (c->K > c->E) snprintf(msg, sizeof msg, "K=%d experts per token exceeds E=%d experts (flags -nk, -ne)", c->K, c->E);
-    else if (c->C % c->H) snprintf(msg, sizeof msg, "C=%d is not divisible by H=%d heads (flags -nc, -nh)", c->C, c->H);
-    else if (c->H % c->Hkv) snprintf(msg, sizeof msg, "H=%d is not divisible by Hkv=%d kv heads (flags -nh, -nkv)", c->H, c->Hkv);
-    else if ((c->C / c->H) % 2) snprintf(msg, sizeof msg, "head size D=C/H=%d must be even for RoPE (flags -nc, -nh)", c->C / c->H);
-    else if (!(c->eps > 0) || !(c->theta > 0)) snprintf(msg, sizeof msg, "eps and theta must be positive");
-    if (msg[0]) { fprintf(stderr, "Error: %s: %s\n", where, msg); exit(EXIT_FAILURE); }
+    else if (c->V > big || c->T > big || c->L > big || c->C > big || c->E > big || c->F > big)
+        snprintf(msg, n, "a size above %d (V=%d T=%d L=%d C=%d E=%d F=%d)", big, c->V, c->T, c->L, c->C, c->E, c->F);
+    else if ((double)c->L * c->E * c->C * c->F * 3 + (double)c->V * c->C * 2 + (double)c->L * c->C * c->C * 4 > 1e12)
+        snprintf(msg, n, "more than 10^12 parameters (L=%d C=%d E=%d F=%d V=%d)", c->L, c->C, c->E, c->F, c->V);
+    else if (c->K > c->E) snprintf(msg, n, "K=%d experts per token exceeds E=%d experts (flags -nk, -ne)", c->K, c->E);
+    else if (c->C % c->H) snprintf(msg, n, "C=%d is not divisible by H=%d heads (flags -nc, -nh)", c->C, c->H);
+    else if (c->H % c->Hkv) snprintf(msg, n, "H=%d is not divisible by Hkv=%d kv heads (flags -nh, -nkv)", c->H, c->Hkv);
+    else if ((c->C / c->H) % 2) snprintf(msg, n, "head size D=C/H=%d must be even for RoPE (flags -nc, -nh)", c->C / c->H);
+    else if (!(c->eps > 0) || !(c->theta > 0) || !isfinite(c->eps) || !isfinite(c->theta))
+        snprintf(msg, n, "eps and theta must be positive and finite");
+    else if (!(c->aux_coef >= 0) || !(c->z_coef >= 0) || !isfinite(c->aux_coef) || !isfinite(c->z_coef))
+        snprintf(msg, n, "the aux and z loss coefficients must be finite and >= 0");
+    return msg[0] ? msg : NULL;
+}
+
+static void model_config_check(const MoEConfig* c, const char* where) {
+    char msg[256];
+    if (model_config_error(c, msg, sizeof msg)) { fprintf(stderr, "Error: %s: %s\n", where, msg); exit(EXIT_FAILURE); }
 }
 
 // allocate parameters, gradients and the optimizer state (zeros)
@@ -904,8 +943,6 @@ void model_free(Model* model) {
     free(model->aux); free(model->zl);
 }
 
-// forward pass on inputs[B,T]; with targets (may be NULL) it computes ce, aux, zl and loss.
-// Buffers are laid out for (B,T) of this call, so any B*T <= maxB*maxT with T <= maxT works.
 // stop on non-finite router logits: training on them would only spread NaN (model->step says when)
 void router_check(const Model* model, int layer, int nonfinite, int N) {
     if (nonfinite == 0) return;
@@ -915,6 +952,8 @@ void router_check(const Model* model, int layer, int nonfinite, int N) {
     exit(EXIT_FAILURE);
 }
 
+// forward pass on inputs[B,T]; with targets (may be NULL) it computes ce, aux, zl and loss.
+// Buffers are laid out for (B,T) of this call, so any B*T <= maxB*maxT with T <= maxT works.
 void model_forward(Model* model, const int* inputs, const int* targets, int B, int T) {
     const MoEConfig* c = &model->config;
     int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
@@ -1173,25 +1212,26 @@ void checkpoint_save(const Model* model, const char* path, int with_optimizer, c
     free(tmp);
 }
 
-// read a checkpoint's header and check it; fills the config and the train state
+// read a checkpoint's header and check it against the file's size; fills the config and the train
+// state and returns the file positioned at the parameters (NULL after an error message)
 static FILE* checkpoint_open(const char* path, MoEConfig* c, TrainState* st, int* has_opt) {
-    FILE* fp = fopenCheck(path, "rb");
+    FILE* fp = fopen_report(path);
+    if (!fp) return NULL;
     int header[256];
-    freadCheck(header, sizeof(int), 256, fp, path);
+    char msg[256];
+    if (fread_report(header, sizeof(int), 256, fp, path)) goto fail;
     if (header[0] != CKPT_MAGIC) {
-        fprintf(stderr, "Error: '%s' is not a moe checkpoint (magic %d, expected %d)\n", path, header[0], CKPT_MAGIC);
-        exit(EXIT_FAILURE);
+        read_error("'%s' is not a moe checkpoint (magic %d, expected %d)", path, header[0], CKPT_MAGIC);
+        goto fail;
     }
     if (header[1] != CKPT_VERSION) {
-        fprintf(stderr, "Error: '%s' has checkpoint version %d, this program reads version %d\n", path, header[1], CKPT_VERSION);
-        exit(EXIT_FAILURE);
+        read_error("'%s' has checkpoint version %d, this program reads version %d", path, header[1], CKPT_VERSION);
+        goto fail;
     }
     c->V = header[2]; c->T = header[3]; c->L = header[4]; c->C = header[5]; c->H = header[6];
     c->Hkv = header[7]; c->E = header[8]; c->K = header[9]; c->F = header[10];
     c->theta = i2f(header[11]); c->eps = i2f(header[12]); c->aux_coef = i2f(header[13]); c->z_coef = i2f(header[14]);
-    char where[1100];
-    snprintf(where, sizeof where, "checkpoint '%s'", path);
-    model_config_check(c, where);
+    if (model_config_error(c, msg, sizeof msg)) { read_error("checkpoint '%s': %s", path, msg); goto fail; }
     *has_opt = header[15];
     st->step = header[16];
     st->pos.epoch = header[17]; st->pos.shard = header[18]; st->pos.sample = header[19];
@@ -1201,35 +1241,67 @@ static FILE* checkpoint_open(const char* path, MoEConfig* c, TrainState* st, int
     size_t sizes[NUM_PARAM_TENSORS], n = 0;
     fill_param_sizes(sizes, c);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) n += sizes[i];
-    long expect = 1024 + (long)n * 4 * (*has_opt ? 3 : 1);
-    long actual = file_size(fp);
-    if (nparams != n || (*has_opt != 0 && *has_opt != 1) || st->step < 0) {
-        fprintf(stderr, "Error: '%s' header is inconsistent: it records %llu parameters, its shape needs %zu\n",
-                path, (unsigned long long)nparams, n);
-        exit(EXIT_FAILURE);
+    if (nparams != n || (*has_opt != 0 && *has_opt != 1) || st->step < 0 || st->pos.epoch < 0 || st->pos.shard < 0 ||
+        st->pos.sample < 0) {
+        read_error("'%s' header is inconsistent: it records %llu parameters (its shape needs %zu), optimizer flag %d, "
+                   "step %d, data position (%d, %d, %d)", path, (unsigned long long)nparams, n, *has_opt, st->step,
+                   st->pos.epoch, st->pos.shard, st->pos.sample);
+        goto fail;
     }
+    long expect = 1024 + (long)n * 4 * (*has_opt ? 3 : 1), actual = file_size(fp);
     if (actual != expect) {
-        fprintf(stderr, "Error: '%s' is %ld bytes but its header needs %ld (truncated or corrupt)\n", path, actual, expect);
-        exit(EXIT_FAILURE);
+        read_error("'%s' is %ld bytes but its header needs %ld (truncated or corrupt)", path, actual, expect);
+        goto fail;
     }
     return fp;
+fail:
+    fclose(fp);
+    return NULL;
 }
 
-// load a checkpoint into a fresh model; with_optimizer also loads m and v when present
-void checkpoint_load(Model* model, const char* path, TrainState* st, int with_optimizer) {
+// the index of the first non-finite value of x[n] (or of a negative one, with nonneg), -1 if none
+static long first_bad_value(const float* x, size_t n, int nonneg) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]) || (nonneg && x[i] < 0)) return (long)i;
+    return -1;
+}
+
+// a body value no training step can produce: NaN or Inf anywhere, or a negative second moment v
+static int checkpoint_check_values(const Model* model, const char* path, int with_optimizer) {
+    const float* blocks[3] = {model->params_memory, model->m_memory, model->v_memory};
+    const char* what[3] = {"parameter", "AdamW m", "AdamW v"};
+    for (int b = 0; b < (with_optimizer ? 3 : 1); b++) {
+        long i = first_bad_value(blocks[b], model->num_params, b == 2);
+        if (i < 0) continue;
+        int t = 0;
+        size_t off = 0;
+        while (off + model->param_sizes[t] <= (size_t)i) off += model->param_sizes[t++];
+        return read_error("'%s' holds %s %g in tensor %s (element %zu): corrupt", path, what[b], blocks[b][i],
+                          param_names[t], (size_t)i - off);
+    }
+    return 0;
+}
+
+// load a checkpoint into a fresh model; with_optimizer also loads m and v (the file must hold them).
+// Returns 0, or -1 after an error message with nothing left allocated.
+int checkpoint_load(Model* model, const char* path, TrainState* st, int with_optimizer) {
     MoEConfig c;
     int has_opt;
     FILE* fp = checkpoint_open(path, &c, st, &has_opt);
-    model_build(model, &c);
-    freadCheck(model->params_memory, sizeof(float), model->num_params, fp, path);
-    if (with_optimizer && has_opt) {
-        freadCheck(model->m_memory, sizeof(float), model->num_params, fp, path);
-        freadCheck(model->v_memory, sizeof(float), model->num_params, fp, path);
-    } else if (with_optimizer) {
-        fprintf(stderr, "Error: '%s' holds no optimizer state, so training cannot resume from it (use -e to start from its weights)\n", path);
-        exit(EXIT_FAILURE);
+    if (!fp) return -1;
+    if (with_optimizer && !has_opt) {
+        fclose(fp);
+        return read_error("'%s' holds no optimizer state, so training cannot resume from it (use -e to start from its weights)", path);
     }
+    model_build(model, &c);
+    int bad = fread_report(model->params_memory, sizeof(float), model->num_params, fp, path);
+    if (!bad && with_optimizer)
+        bad = fread_report(model->m_memory, sizeof(float), model->num_params, fp, path) ||
+              fread_report(model->v_memory, sizeof(float), model->num_params, fp, path);
     fclose(fp);
+    if (!bad) bad = checkpoint_check_values(model, path, with_optimizer);
+    if (bad) { model_free(model); return -1; }
+    return 0;
 }
 
 // ----------------------------------------------------------------------------
@@ -1257,48 +1329,51 @@ typedef struct {
 } DataLoader;
 
 // open a shard and check its header and exact size; returns the file positioned at the tokens
+// (NULL after an error message)
 static FILE* shard_open(const char* path, long* ntok_out, int* width_out) {
-    FILE* fp = fopenCheck(path, "rb");
+    FILE* fp = fopen_report(path);
+    if (!fp) return NULL;
     int header[256];
-    freadCheck(header, sizeof(int), 256, fp, path);
+    if (fread_report(header, sizeof(int), 256, fp, path)) { fclose(fp); return NULL; }
     int width;
     if (header[0] == SHARD_MAGIC_U16 && header[1] == 1) width = 2;
     else if (header[0] == SHARD_MAGIC_U32 && header[1] == 7) width = 4;
     else {
-        fprintf(stderr, "Error: '%s' is not a token shard (magic %d version %d; expected %d v1 or %d v7)\n",
-                path, header[0], header[1], SHARD_MAGIC_U16, SHARD_MAGIC_U32);
-        exit(EXIT_FAILURE);
+        read_error("'%s' is not a token shard (magic %d version %d; expected %d v1 or %d v7)",
+                   path, header[0], header[1], SHARD_MAGIC_U16, SHARD_MAGIC_U32);
+        fclose(fp);
+        return NULL;
     }
     long ntok = (long)(uint32_t)header[2];
     long expect = 1024 + ntok * width, actual = file_size(fp);
     if (actual != expect) {
-        fprintf(stderr, "Error: '%s' is %ld bytes but its header promises %ld tokens (%ld bytes): truncated or corrupt\n",
-                path, actual, ntok, expect);
-        exit(EXIT_FAILURE);
+        read_error("'%s' is %ld bytes but its header promises %ld tokens (%ld bytes): truncated or corrupt",
+                   path, actual, ntok, expect);
+        fclose(fp);
+        return NULL;
     }
     *ntok_out = ntok;
     *width_out = width;
     return fp;
 }
 
-// read a whole shard, checking every token id < V
+// read a whole shard, checking every token id < V (NULL after an error message)
 static int* shard_read(const char* path, int V, long* ntok_out) {
     long ntok;
     int width;
     FILE* fp = shard_open(path, &ntok, &width);
+    if (!fp) return NULL;
     int* tokens = (int*)mallocCheck((size_t)(ntok ? ntok : 1) * sizeof(int));
     void* raw = mallocCheck((size_t)(ntok ? ntok : 1) * width);
-    freadCheck(raw, width, ntok, fp, path);
+    int bad = fread_report(raw, width, ntok, fp, path);
     fclose(fp);
-    for (long i = 0; i < ntok; i++) {
+    for (long i = 0; i < ntok && !bad; i++) {
         long t = width == 2 ? ((uint16_t*)raw)[i] : (long)((uint32_t*)raw)[i];
-        if (t >= V) {
-            fprintf(stderr, "Error: '%s' token %ld is id %ld, outside the vocabulary (V=%d)\n", path, i, t, V);
-            exit(EXIT_FAILURE);
-        }
+        if (t >= V) bad = read_error("'%s' token %ld is id %ld, outside the vocabulary (V=%d)", path, i, t, V);
         tokens[i] = (int)t;
     }
     free(raw);
+    if (bad) { free(tokens); return NULL; }
     *ntok_out = ntok;
     return tokens;
 }
@@ -1309,6 +1384,7 @@ static void loader_load_shard(DataLoader* dl) {
     free(dl->tokens);
     free(dl->sample_order);
     dl->tokens = shard_read(dl->glob.gl_pathv[idx], dl->V, &dl->ntok);
+    if (!dl->tokens) exit(EXIT_FAILURE);
     dl->nsamples = dl->ntok > 1 ? (int)((dl->ntok - 1) / dl->T) : 0;
     dl->sample_order = (int*)mallocCheck((size_t)(dl->nsamples ? dl->nsamples : 1) * sizeof(int));
     if (dl->shuffle) random_permutation(dl->sample_order, dl->nsamples, hash3(dl->seed, dl->pos.epoch, idx + 1));
@@ -1337,7 +1413,9 @@ void loader_init(DataLoader* dl, const char* pattern, const char* flag, int B, i
     for (int i = 0; i < dl->nshards; i++) { // every header and size up front; token ids when a shard is read
         long n;
         int width;
-        fclose(shard_open(dl->glob.gl_pathv[i], &n, &width));
+        FILE* fp = shard_open(dl->glob.gl_pathv[i], &n, &width);
+        if (!fp) exit(EXIT_FAILURE);
+        fclose(fp);
         if (n > 1) total += (n - 1) / T;
     }
     if (total < B) {
@@ -1387,28 +1465,44 @@ void loader_free(DataLoader* dl) {
 
 typedef struct { int V, eot; char** tokens; int ok; } Tokenizer;
 
-void tokenizer_init(Tokenizer* tk, const char* path) {
+void tokenizer_free(Tokenizer* tk) {
+    for (int i = 0; i < tk->V && tk->tokens; i++) free(tk->tokens[i]);
+    free(tk->tokens);
+    memset(tk, 0, sizeof(*tk));
+}
+
+// read llm.c's tokenizer file: header (magic 20240328, version 2, V, eot), then per token a length
+// byte and its bytes, nothing after. No file: tk->ok = 0 and samples print ids. Returns 0, or -1
+// after an error message for a file that is there but wrong.
+int tokenizer_init(Tokenizer* tk, const char* path) {
     memset(tk, 0, sizeof(*tk));
     FILE* fp = fopen(path, "rb");
-    if (!fp) { fprintf(stderr, "note: no tokenizer at '%s': samples print token ids\n", path); return; }
+    if (!fp) { fprintf(stderr, "note: no tokenizer at '%s': samples print token ids\n", path); return 0; }
     uint32_t header[256];
-    freadCheck(header, sizeof(uint32_t), 256, fp, path);
-    if (header[0] != 20240328 || header[1] != 2) {
-        fprintf(stderr, "Error: '%s' is not a tokenizer file (magic %u version %u)\n", path, header[0], header[1]);
-        exit(EXIT_FAILURE);
+    long size = file_size(fp);
+    int bad = fread_report(header, sizeof(uint32_t), 256, fp, path);
+    if (!bad && (header[0] != 20240328 || header[1] != 2))
+        bad = read_error("'%s' is not a tokenizer file (magic %u version %u)", path, header[0], header[1]);
+    if (!bad && (header[2] == 0 || header[2] > (uint32_t)(size - 1024) || header[3] >= header[2]))
+        bad = read_error("'%s' header is inconsistent: V=%u, eot=%u for a file of %ld bytes", path, header[2], header[3], size);
+    if (!bad) {
+        tk->V = (int)header[2];
+        tk->eot = (int)header[3];
+        tk->tokens = (char**)callocCheck((size_t)tk->V, sizeof(char*));
     }
-    tk->V = (int)header[2];
-    tk->eot = (int)header[3];
-    tk->tokens = (char**)mallocCheck((size_t)tk->V * sizeof(char*));
-    for (int i = 0; i < tk->V; i++) {
+    for (int i = 0; i < tk->V && !bad; i++) {
         unsigned char len;
-        freadCheck(&len, 1, 1, fp, path);
+        bad = fread_report(&len, 1, 1, fp, path);
+        if (bad) break;
         tk->tokens[i] = (char*)mallocCheck(len + 1);
-        freadCheck(tk->tokens[i], 1, len, fp, path);
+        bad = fread_report(tk->tokens[i], 1, len, fp, path);
         tk->tokens[i][len] = 0;
     }
+    if (!bad && ftell(fp) != size) bad = read_error("'%s' has %ld bytes after its %d tokens: corrupt", path, size - ftell(fp), tk->V);
     fclose(fp);
+    if (bad) { tokenizer_free(tk); return -1; }
     tk->ok = 1;
+    return 0;
 }
 
 // print a token, skipping bytes that would garble a terminal
@@ -1418,11 +1512,6 @@ void tokenizer_print(const Tokenizer* tk, int id) {
         if (*s >= 32 || *s == '\n' || *s == '\t') putchar(*s);
 }
 
-void tokenizer_free(Tokenizer* tk) {
-    if (!tk->ok) return;
-    for (int i = 0; i < tk->V; i++) free(tk->tokens[i]);
-    free(tk->tokens);
-}
 
 // sample an index from probabilities (summing to 1) with a coin in [0,1)
 int sample_mult(const float* probs, int n, float coin) {
@@ -1471,58 +1560,78 @@ typedef struct {
     char** ref;         // per item: the reference answer(s), alternatives separated by '\n'
 } EvalSet;
 
-static void eval_bad(const char* path, const char* what, long item) {
-    if (item >= 0) fprintf(stderr, "Error: eval file '%s' item %ld: %s\n", path, item, what);
-    else fprintf(stderr, "Error: eval file '%s': %s\n", path, what);
-    exit(EXIT_FAILURE);
-}
-
-// read and check an eval file against the model's V and the sequence length T
-void evalset_load(EvalSet* es, const char* path, int V, int T) {
-    memset(es, 0, sizeof(*es));
-    FILE* fp = fopenCheck(path, "rb");
-    int h[256];
-    freadCheck(h, sizeof(int), 256, fp, path);
-    if (h[0] != EVAL_MAGIC || h[1] != 1) eval_bad(path, "not an eval file (bad magic or version)", -1);
-    memcpy(es->name, (char*)h + 64, 63);
-    es->n = h[2]; es->max_prompt = h[3]; es->max_answer = h[4]; es->kind = h[8];
-    long expect = 1024 + 12L * h[2] + 4L * ((long)h[9] + h[10]) + h[11];
-    if (h[2] <= 0 || h[9] < 0 || h[10] < 0 || h[11] < 0 || file_size(fp) != expect)
-        eval_bad(path, "its size does not match its header (truncated or corrupt)", -1);
-    if (h[6] > V) { char m[128]; snprintf(m, sizeof m, "built for V=%d, the model has V=%d", h[6], V); eval_bad(path, m, -1); }
-    es->plen = (int*)mallocCheck(es->n * sizeof(int));
-    es->alen = (int*)mallocCheck(es->n * sizeof(int));
-    es->toks = (int**)mallocCheck(es->n * sizeof(int*));
-    es->ref = (char**)mallocCheck(es->n * sizeof(char*));
-    long ptot = 0, atot = 0;
-    for (int i = 0; i < es->n; i++) {
-        int len[2], rl;
-        freadCheck(len, sizeof(int), 2, fp, path);
-        if (len[0] < 1 || len[1] < 1 || len[0] > h[3] || len[1] > h[4]) eval_bad(path, "lengths disagree with the header", i);
-        if (len[0] > T) {
-            char m[160];
-            snprintf(m, sizeof m, "prompt of %d tokens is longer than the sequence length T=%d (flag -t)", len[0], T);
-            eval_bad(path, m, i);
-        }
-        es->plen[i] = len[0]; es->alen[i] = len[1];
-        es->toks[i] = (int*)mallocCheck((size_t)(len[0] + len[1]) * sizeof(int));
-        freadCheck(es->toks[i], sizeof(int), len[0] + len[1], fp, path);
-        for (int j = 0; j < len[0] + len[1]; j++)
-            if (es->toks[i][j] < 0 || es->toks[i][j] >= V) eval_bad(path, "token id outside the vocabulary", i);
-        freadCheck(&rl, sizeof(int), 1, fp, path);
-        if (rl < 1 || rl > h[5]) eval_bad(path, "reference length disagrees with the header", i);
-        es->ref[i] = (char*)mallocCheck(rl + 1);
-        freadCheck(es->ref[i], 1, rl, fp, path);
-        es->ref[i][rl] = 0;
-        ptot += len[0]; atot += len[1];
-    }
-    if (ptot != h[9] || atot != h[10]) eval_bad(path, "token totals disagree with the header", -1);
-    fclose(fp);
+static int eval_bad(const char* path, const char* what, long item) {
+    if (item >= 0) return read_error("eval file '%s' item %ld: %s", path, item, what);
+    return read_error("eval file '%s': %s", path, what);
 }
 
 void evalset_free(EvalSet* es) {
-    for (int i = 0; i < es->n; i++) { free(es->toks[i]); free(es->ref[i]); }
+    for (int i = 0; i < es->n && es->toks; i++) { free(es->toks[i]); free(es->ref[i]); }
     free(es->plen); free(es->alen); free(es->toks); free(es->ref);
+    memset(es, 0, sizeof(*es));
+}
+
+// read and check an eval file against the model's V and the sequence length T. Every length is
+// checked against the header's totals before anything is allocated for it, and the totals against
+// the file's size. Returns 0, or -1 after an error message with nothing left allocated.
+int evalset_load(EvalSet* es, const char* path, int V, int T) {
+    memset(es, 0, sizeof(*es));
+    FILE* fp = fopen_report(path);
+    if (!fp) return -1;
+    int h[256];
+    char m[160];
+    int bad = fread_report(h, sizeof(int), 256, fp, path);
+    if (!bad && (h[0] != EVAL_MAGIC || h[1] != 1)) bad = eval_bad(path, "not an eval file (bad magic or version)", -1);
+    if (!bad) {
+        long expect = 1024 + 12L * h[2] + 4L * ((long)h[9] + h[10]) + h[11];
+        if (h[2] <= 0 || h[9] < 0 || h[10] < 0 || h[11] < 0 || file_size(fp) != expect)
+            bad = eval_bad(path, "its size does not match its header (truncated or corrupt)", -1);
+    }
+    if (!bad && h[6] > V) {
+        snprintf(m, sizeof m, "built for V=%d, the model has V=%d", h[6], V);
+        bad = eval_bad(path, m, -1);
+    }
+    if (!bad && h[8] != TASK_MEMORIZATION && h[8] != TASK_REASONING) {
+        snprintf(m, sizeof m, "task kind %d is neither %d (memorization) nor %d (reasoning)", h[8], TASK_MEMORIZATION,
+                 TASK_REASONING);
+        bad = eval_bad(path, m, -1);
+    }
+    if (bad) { fclose(fp); return -1; }
+    memcpy(es->name, (char*)h + 64, 63);
+    es->n = h[2]; es->max_prompt = h[3]; es->max_answer = h[4]; es->kind = h[8];
+    es->plen = (int*)callocCheck(es->n, sizeof(int));
+    es->alen = (int*)callocCheck(es->n, sizeof(int));
+    es->toks = (int**)callocCheck(es->n, sizeof(int*));
+    es->ref = (char**)callocCheck(es->n, sizeof(char*));
+    long ptot = 0, atot = 0, rtot = 0;
+    for (int i = 0; i < es->n && !bad; i++) {
+        int len[2], rl;
+        if ((bad = fread_report(len, sizeof(int), 2, fp, path))) break;
+        if (len[0] < 1 || len[1] < 1 || len[0] > h[3] || len[1] > h[4] || ptot + len[0] > h[9] || atot + len[1] > h[10]) {
+            bad = eval_bad(path, "lengths disagree with the header", i);
+            break;
+        }
+        if (len[0] > T) {
+            snprintf(m, sizeof m, "prompt of %d tokens is longer than the sequence length T=%d (flag -t)", len[0], T);
+            bad = eval_bad(path, m, i);
+            break;
+        }
+        es->plen[i] = len[0]; es->alen[i] = len[1];
+        es->toks[i] = (int*)mallocCheck((size_t)(len[0] + len[1]) * sizeof(int));
+        if ((bad = fread_report(es->toks[i], sizeof(int), len[0] + len[1], fp, path))) break;
+        for (int j = 0; j < len[0] + len[1] && !bad; j++)
+            if (es->toks[i][j] < 0 || es->toks[i][j] >= V) bad = eval_bad(path, "token id outside the vocabulary", i);
+        if (bad || (bad = fread_report(&rl, sizeof(int), 1, fp, path))) break;
+        if (rl < 1 || rl > h[5] || rtot + rl > h[11]) { bad = eval_bad(path, "reference length disagrees with the header", i); break; }
+        es->ref[i] = (char*)mallocCheck(rl + 1);
+        if ((bad = fread_report(es->ref[i], 1, rl, fp, path))) break;
+        es->ref[i][rl] = 0;
+        ptot += len[0]; atot += len[1]; rtot += rl;
+    }
+    if (!bad && (ptot != h[9] || atot != h[10])) bad = eval_bad(path, "token totals disagree with the header", -1);
+    fclose(fp);
+    if (bad) { evalset_free(es); return -1; }
+    return 0;
 }
 
 // the eval files of a comma-separated list (NULL: none); *nsets gets their number
@@ -1534,7 +1643,9 @@ EvalSet* evalsets_load(const char* list, int V, int T, int* nsets) {
     strcpy(copy, list);
     for (char* f = strtok(copy, ","); f; f = strtok(NULL, ",")) {
         sets = (EvalSet*)realloc(sets, (*nsets + 1) * sizeof(EvalSet));
-        evalset_load(&sets[(*nsets)++], f, V, T);
+        if (!sets) { fprintf(stderr, "Error: out of memory reading eval files\n"); exit(EXIT_FAILURE); }
+        if (evalset_load(&sets[*nsets], f, V, T) != 0) exit(EXIT_FAILURE);
+        (*nsets)++;
     }
     free(copy);
     return sets;
@@ -1914,14 +2025,37 @@ typedef struct {
     float ce, loss;
 } DebugState;
 
-void debug_read(DebugState* d, const char* path, const MoEConfig* c, size_t num_params) {
-    FILE* fp = fopenCheck(path, "rb");
+void debug_free(DebugState* d) {
+    free(d->x); free(d->y); free(d->experts); free(d->logits); free(d->aux); free(d->zl);
+    free(d->grads); free(d->losses); free(d->norms);
+    memset(d, 0, sizeof(*d));
+}
+
+// read a debug state for a model of config c with num_params parameters. The sizes its header
+// gives are checked against the file's size before anything is allocated. Returns 0, or -1 after
+// an error message with nothing left allocated.
+int debug_read(DebugState* d, const char* path, const MoEConfig* c, size_t num_params) {
+    memset(d, 0, sizeof(*d));
+    FILE* fp = fopen_report(path);
+    if (!fp) return -1;
     int h[256];
-    freadCheck(h, sizeof(int), 256, fp, path);
-    if (h[0] != DEBUG_MAGIC || h[1] != 1) { fprintf(stderr, "Error: '%s' is not a debug state\n", path); exit(EXIT_FAILURE); }
+    long size = file_size(fp);
+    int bad = fread_report(h, sizeof(int), 256, fp, path);
+    if (!bad && (h[0] != DEBUG_MAGIC || h[1] != 1)) bad = read_error("'%s' is not a debug state", path);
+    if (bad) { fclose(fp); return -1; }
     d->B = h[2]; d->T = h[3]; d->nsteps = h[4];
     d->lr = i2f(h[5]); d->beta1 = i2f(h[6]); d->beta2 = i2f(h[7]); d->eps = i2f(h[8]);
     d->weight_decay = i2f(h[9]); d->grad_clip = i2f(h[10]); d->warmup = h[11]; d->min_lr = i2f(h[12]);
+    // x, y, logits, ce, aux, zl, loss, experts, grads, losses, norms: 4 bytes each
+    double words = 2.0 * d->B * d->T + (double)d->B * d->T * c->V + 2 + 2.0 * c->L + (double)c->L * d->B * d->T * c->K +
+                   (double)num_params + 2.0 * d->nsteps;
+    if (d->B <= 0 || d->T <= 0 || d->nsteps < 0 || d->T > c->T || 1024 + 4 * words != (double)size) {
+        read_error("'%s' is %ld bytes, which does not fit its header (B=%d T=%d steps=%d) and the model (T=%d)", path, size,
+                   d->B, d->T, d->nsteps, c->T);
+        fclose(fp);
+        memset(d, 0, sizeof(*d));
+        return -1;
+    }
     size_t N = (size_t)d->B * d->T;
     d->x = (int*)mallocCheck(N * sizeof(int));
     d->y = (int*)mallocCheck(N * sizeof(int));
@@ -1932,25 +2066,20 @@ void debug_read(DebugState* d, const char* path, const MoEConfig* c, size_t num_
     d->grads = (float*)mallocCheck(num_params * sizeof(float));
     d->losses = (float*)mallocCheck(d->nsteps * sizeof(float));
     d->norms = (float*)mallocCheck(d->nsteps * sizeof(float));
-    freadCheck(d->x, sizeof(int), N, fp, path);
-    freadCheck(d->y, sizeof(int), N, fp, path);
-    freadCheck(d->logits, sizeof(float), N * c->V, fp, path);
-    freadCheck(&d->ce, sizeof(float), 1, fp, path);
-    freadCheck(d->aux, sizeof(float), c->L, fp, path);
-    freadCheck(d->zl, sizeof(float), c->L, fp, path);
-    freadCheck(&d->loss, sizeof(float), 1, fp, path);
-    freadCheck(d->experts, sizeof(int), (size_t)c->L * N * c->K, fp, path);
-    freadCheck(d->grads, sizeof(float), num_params, fp, path);
-    freadCheck(d->losses, sizeof(float), d->nsteps, fp, path);
-    freadCheck(d->norms, sizeof(float), d->nsteps, fp, path);
-    char extra;
-    if (fread(&extra, 1, 1, fp) != 0) { fprintf(stderr, "Error: '%s' is longer than its layout\n", path); exit(EXIT_FAILURE); }
+    bad = fread_report(d->x, sizeof(int), N, fp, path) || fread_report(d->y, sizeof(int), N, fp, path) ||
+          fread_report(d->logits, sizeof(float), N * c->V, fp, path) || fread_report(&d->ce, sizeof(float), 1, fp, path) ||
+          fread_report(d->aux, sizeof(float), c->L, fp, path) || fread_report(d->zl, sizeof(float), c->L, fp, path) ||
+          fread_report(&d->loss, sizeof(float), 1, fp, path) ||
+          fread_report(d->experts, sizeof(int), (size_t)c->L * N * c->K, fp, path) ||
+          fread_report(d->grads, sizeof(float), num_params, fp, path) ||
+          fread_report(d->losses, sizeof(float), d->nsteps, fp, path) ||
+          fread_report(d->norms, sizeof(float), d->nsteps, fp, path);
     fclose(fp);
-}
-
-void debug_free(DebugState* d) {
-    free(d->x); free(d->y); free(d->experts); free(d->logits); free(d->aux); free(d->zl);
-    free(d->grads); free(d->losses); free(d->norms);
+    for (size_t i = 0; i < N && !bad; i++)
+        if (d->x[i] < 0 || d->x[i] >= c->V || d->y[i] < -1 || d->y[i] >= c->V)
+            bad = read_error("'%s' batch position %zu holds token %d / target %d, outside V=%d", path, i, d->x[i], d->y[i], c->V);
+    if (bad) { debug_free(d); return -1; }
+    return 0;
 }
 
 // files and commands, for the tests of both trainers
@@ -2005,6 +2134,10 @@ void write_eval(const char* path, const EvalSet* es, int V) {
 }
 
 // run a shell command; returns its exit status and leaves its output in *out (malloc'd)
+// run a command, its stdout and stderr into *out (malloc'd); returns its exit status (-1: killed).
+// A sanitizer report in the output (the sanitized test builds drive sanitized trainers) is counted
+// in sanitizer_reports and printed, so the test can fail on it whatever the exit status was.
+int sanitizer_reports = 0;
 int run_cmd(const char* cmd, char** out) {
     char full[16384];
     snprintf(full, sizeof full, "%s 2>&1", cmd);
@@ -2019,6 +2152,13 @@ int run_cmd(const char* cmd, char** out) {
     buf[len] = 0;
     int status = p ? pclose(p) : -1;
     *out = buf;
+    const char* marks[] = {"runtime error:", "ERROR: AddressSanitizer", "ERROR: LeakSanitizer"};
+    for (int i = 0; i < 3; i++)
+        if (strstr(buf, marks[i])) {
+            sanitizer_reports++;
+            printf("SANITIZER REPORT from: %s\n%s\n", cmd, strstr(buf, marks[i]));
+            break;
+        }
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 #endif
@@ -2214,8 +2354,10 @@ static void mkdir_p(const char* dir) {
     free(p);
 }
 
-// the newest model_NNNNNNNN.bin in dir (NULL if none)
-static char* latest_checkpoint(const char* dir) {
+// resuming in dir: the newest model_NNNNNNNN.bin (NULL if none). A model_NNNNNNNN.bin.tmp is a
+// checkpoint write that was killed before its rename (the .bin it would have replaced is intact):
+// it is removed, and named.
+static char* resume_checkpoint(const char* dir) {
     DIR* d = opendir(dir);
     if (!d) return NULL;
     int best = -1;
@@ -2223,9 +2365,16 @@ static char* latest_checkpoint(const char* dir) {
     while ((ent = readdir(d)) != NULL) {
         int step;
         char tail[8];
-        if (sscanf(ent->d_name, "model_%8d.bi%1s", &step, tail) == 2 && strcmp(tail, "n") == 0 &&
-            strlen(ent->d_name) == 18 && step > best)
-            best = step;
+        if (sscanf(ent->d_name, "model_%8d.bi%5s", &step, tail) != 2) continue;
+        size_t len = strlen(ent->d_name);
+        if (strcmp(tail, "n") == 0 && len == 18 && step > best) best = step;
+        if (strcmp(tail, "n.tmp") == 0 && len == 22) {
+            char* tmp = (char*)mallocCheck(strlen(dir) + len + 2);
+            sprintf(tmp, "%s/%s", dir, ent->d_name);
+            if (remove(tmp) == 0) printf("resume: removed '%s', left by a checkpoint write that did not finish\n", tmp);
+            else fprintf(stderr, "warning: cannot remove the partial checkpoint '%s': %s\n", tmp, strerror(errno));
+            free(tmp);
+        }
     }
     closedir(d);
     if (best < 0) return NULL;
@@ -2282,15 +2431,15 @@ int main(int argc, char** argv) {
     Args a;
     parse_args(&a, argc, argv);
     Tokenizer tk;
-    tokenizer_init(&tk, a.tokenizer);
+    if (tokenizer_init(&tk, a.tokenizer) != 0) exit(EXIT_FAILURE);
     // the model: from a checkpoint (-e or -y) or a random init
     Model model;
     TrainState st = {0, {0, 0, 0}, 0, a.seed};
-    char* resume_path = a.resume ? latest_checkpoint(a.out_dir) : NULL;
+    char* resume_path = a.resume ? resume_checkpoint(a.out_dir) : NULL;
     const char* ckpt = resume_path ? resume_path : a.init_ckpt;
     if (a.resume && !resume_path) printf("resume: no checkpoint in '%s' yet, starting fresh\n", a.out_dir);
     if (ckpt) {
-        checkpoint_load(&model, ckpt, &st, resume_path != NULL);
+        if (checkpoint_load(&model, ckpt, &st, resume_path != NULL) != 0) exit(EXIT_FAILURE);
         check_shape_flags(&model.config, &a, ckpt);
         if (!resume_path) { st.step = 0; st.pos = (DataPos){0, 0, 0}; st.rng = 0; st.seed = a.seed; }
         printf("loaded %s%s (step %d)\n", ckpt, resume_path ? " with optimizer state" : "", st.step);

@@ -166,9 +166,14 @@ class Fail(Exception):
     pass
 
 
+passed = 0
+
+
 def check(cond, msg):
+    global passed
     if not cond:
         raise Fail(msg)
+    passed += 1
     print(f"  ok  {msg}")
 
 
@@ -471,12 +476,17 @@ def main():
     ap.add_argument("--require-c", action="store_true", help="fail if the C trainer binary is missing")
     ap.add_argument("--c-bin", default=os.path.join(ROOT, "train_moe"), help="C trainer binary (default ./train_moe)")
     ap.add_argument("--keep", default=None, help="work in this directory and keep it")
+    ap.add_argument("--require-hf", action="store_true", help="fail (instead of SKIP) if transformers/torch do not import")
     args = ap.parse_args()
     try:
         import torch
         import transformers
         from transformers import MixtralForCausalLM  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
+        if args.require_hf:
+            print(f"FAIL: test_hf.py --require-hf: transformers/torch not importable ({type(e).__name__}: {e})")
+            print("0 passed, 1 failed")
+            return 1
         print(f"SKIP: test_hf.py: transformers/torch not importable ({type(e).__name__}: {e})")
         return 0
     transformers.utils.logging.disable_progress_bar()
@@ -497,6 +507,7 @@ def main():
     except Fail as e:
         print(f"FAIL: {e}")
         print(f"(work files kept in {work})")
+        print(f"{passed} passed, 1 failed")
         return 1
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -506,6 +517,7 @@ def main():
     else:
         print(f"NOTE: C trainer {args.c_bin} not found: C logits NOT compared (use --require-c to make this a failure)")
         print("PASS (export/import/HF checks only)")
+    print(f"{passed} passed, 0 failed")
     return 0
 
 
