@@ -69,10 +69,11 @@ test-sanitize: test_moe_san train_moe_san ref
 	$(SAN_ENV) ./test_moe_san dev/ref ./train_moe_san
 	@echo "test-sanitize: clean (no ASan, LSan or UBSan report from test_moe_san or the train_moe_san runs it drove)"
 
-# fuzzing of every file reader (dev/fuzz, libFuzzer): fuzz-smoke runs each harness FUZZ_SECONDS
-# (default 30) on its committed corpus; `make fuzz FUZZ_SECONDS=600` for a long run
+# fuzzing of every file reader (dev/fuzz): fuzz-smoke replays the committed corpus and regression
+# inputs under ASan+UBSan, then runs each libFuzzer harness FUZZ_SECONDS (default 30);
+# `make fuzz FUZZ_SECONDS=600` for a long run (dev/fuzz/Makefile)
 fuzz-smoke:
-	$(MAKE) --no-print-directory -C dev/fuzz smoke
+	$(MAKE) --no-print-directory -C dev/fuzz replay smoke
 fuzz:
 	$(MAKE) --no-print-directory -C dev/fuzz run
 

@@ -143,6 +143,27 @@ static void test_topk_nonfinite(void) {
     printf("[topk] NaN/Inf router logits: %d of 3 tokens flagged, every index in range: %s\n", bad, in_range ? "yes" : "NO");
 }
 
+// a model may have a larger V than its tokenizer (the trainer warns): decoding and byte counts skip
+// ids the tokenizer lacks instead of reading past its table (found by dev/fuzz/fuzz_tokenizer.c)
+static void test_tokenizer_ids_beyond_v(void) {
+    char a[] = "ab", b[] = "c", c[] = "\n";
+    char* pieces[3] = {a, b, c};
+    Tokenizer tk = {3, 2, pieces, 1};
+    int ids[5] = {0, 7, -1, 1, 3};
+    size_t cap = 2;
+    char* text = (char*)mallocCheck(cap);
+    tokens_text(&tk, ids, 5, &text, &cap);
+    int y[4] = {0, 5, -1, 2};
+    float losses[4] = {1, 1, 1, 1};
+    double nll = 0;
+    long ntok = 0, nbytes = 0;
+    task_loss_add(y, losses, 4, &tk, &nll, &ntok, &nbytes);
+    int ok = strcmp(text, "abc") == 0 && ntok == 3 && nbytes == 3;
+    CHECK(ok, "ids beyond the tokenizer's V: text '%s' (want 'abc'), %ld tokens %ld bytes (want 3, 3)", text, ntok, nbytes);
+    printf("[tokenizer] ids beyond its V are skipped when decoding and counting bytes: %s\n", ok ? "yes" : "NO");
+    free(text);
+}
+
 // gradient accumulation: two micro-batches with dloss = 1/2 each add up to the gradient of their mean
 // loss; on the same batch twice that is the single-batch gradient
 static void test_grad_accumulation(const char* dir, const char* name) {
@@ -466,6 +487,7 @@ int main(int argc, char** argv) {
     if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
     test_topk_ties();
     test_topk_nonfinite();
+    test_tokenizer_ids_beyond_v();
     test_answers();
     test_grad_accumulation(dir, "gqa");
     test_kv_cache(dir, "mqa");

@@ -1505,10 +1505,17 @@ int tokenizer_init(Tokenizer* tk, const char* path) {
     return 0;
 }
 
+// the bytes of token id; NULL for an id the tokenizer lacks (a model may have a larger V than its
+// tokenizer: the trainer only warns) or when there is no tokenizer
+const char* tokenizer_piece(const Tokenizer* tk, int id) {
+    return tk->ok && id >= 0 && id < tk->V ? tk->tokens[id] : NULL;
+}
+
 // print a token, skipping bytes that would garble a terminal
 void tokenizer_print(const Tokenizer* tk, int id) {
-    if (!tk->ok || id < 0 || id >= tk->V) { printf("<%d>", id); return; }
-    for (const unsigned char* s = (const unsigned char*)tk->tokens[id]; *s; s++)
+    const char* piece = tokenizer_piece(tk, id);
+    if (!piece) { printf("<%d>", id); return; }
+    for (const unsigned char* s = (const unsigned char*)piece; *s; s++)
         if (*s >= 32 || *s == '\n' || *s == '\t') putchar(*s);
 }
 
@@ -1677,7 +1684,7 @@ void task_loss_add(const int* y, const float* losses, int N, const Tokenizer* tk
         if (y[n] >= 0) {
             *nll += losses[n];
             (*ntok)++;
-            *nbytes += tk->ok ? (long)strlen(tk->tokens[y[n]]) : 0;
+            *nbytes += tokenizer_piece(tk, y[n]) ? (long)strlen(tokenizer_piece(tk, y[n])) : 0;
         }
 }
 
@@ -1744,7 +1751,7 @@ int generate_answer(Model* model, const int* prompt, int plen, int max_new, int 
         next = pick_token(last, V, temperature, rng, probs);
         if (next == stop_token) break;
         out[n++] = next;
-        if (stop_newline && tk->ok && strchr(tk->tokens[next], '\n')) break;
+        if (stop_newline && tokenizer_piece(tk, next) && strchr(tokenizer_piece(tk, next), '\n')) break;
         if (n == max_new) break;
         // the new token through every layer at position pos
         encoder_forward(h, &next, p.wte, 1, C);
@@ -1850,10 +1857,12 @@ int answer_matches(const char* generated, const char* ref, int kind) {
 static char* tokens_text(const Tokenizer* tk, const int* out, int k, char** buf, size_t* cap) {
     size_t len = 0;
     (*buf)[0] = 0;
-    for (int j = 0; j < k && tk->ok; j++) {
-        size_t tl = strlen(tk->tokens[out[j]]);
+    for (int j = 0; j < k; j++) {
+        const char* piece = tokenizer_piece(tk, out[j]);
+        if (!piece) continue;
+        size_t tl = strlen(piece);
         if (len + tl + 1 > *cap) { *cap = 2 * (len + tl + 1); *buf = (char*)realloc(*buf, *cap); }
-        memcpy(*buf + len, tk->tokens[out[j]], tl + 1);
+        memcpy(*buf + len, piece, tl + 1);
         len += tl;
     }
     return *buf;
