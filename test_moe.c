@@ -334,6 +334,25 @@ static void test_trainer_binary(const char* tmp) {
     CHECK(same, "uint32 shards (magic %d) do not train like the same uint16 shards", SHARD_MAGIC_U32);
     printf("[trainer] uint32 shards train to the same bits as uint16 shards: %s\n", same ? "yes" : "NO");
 
+    // -pf: the phase table every 4 steps (its rows, and shares that add up to the step)
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -pf 4", trainer, train, val, common);
+    int rc6 = run_cmd(cmd, &out);
+    int tables = 0, rows = 0;
+    double share = 0;
+    for (char* q = strstr(out, "phases (ms per step"); q; q = strstr(q + 1, "phases (ms per step")) tables++;
+    char* first = strstr(out, "phases (ms per step");
+    for (char* line = first ? strchr(first, '\n') : NULL; line && rows < NUM_PHASES + 1; line = strchr(line + 1, '\n')) {
+        double ms, pct; // a row: name (no digits), ms, share%
+        if (sscanf(line + 1, " %*[^0-9\n]%lf %lf%%", &ms, &pct) != 2) break;
+        share += pct;
+        rows++;
+    }
+    int ok = rc6 == 0 && tables == 2 && rows == NUM_PHASES + 1 && fabs(share - 100.0) < 0.5;
+    CHECK(ok, "-pf 4 over 8 steps: exit %d, %d tables (want 2), %d rows (want %d), shares add to %.2f%%:\n%s", rc6, tables,
+          rows, NUM_PHASES + 1, share, out);
+    printf("[trainer] -pf 4: %d phase tables of %d rows, shares adding to %.1f%%\n", tables, rows, share);
+    free(out);
+
     // bad input: each exits non-zero naming the problem, and the checkpoint in -o stays intact
     char keep[1024], backup[1100], bad[1024], args[6144];
     snprintf(keep, sizeof keep, "%s/resumed/model_00000004.bin", tmp);
@@ -444,6 +463,8 @@ static void test_trainer_binary(const char* tmp) {
     expect_error("truncated tokenizer", args, "tok_short.bin' is truncated", keep);
     snprintf(args, sizeof args, "-i %s %s -ac -0.5", train, base);
     expect_error("negative aux coefficient", args, "aux and z loss coefficients must be finite and >= 0", keep);
+    snprintf(args, sizeof args, "-i %s %s -pf -1", train, base);
+    expect_error("negative -pf", args, "-pf (profile every N steps) must be >= 0", keep);
     // a checkpoint write killed before its rename leaves NAME.tmp: resume removes it, names it, and
     // resumes from the newest complete checkpoint, to the same bits as the straight run
     char stale[512], done8[1100];

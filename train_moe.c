@@ -147,6 +147,19 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
+// per-phase step time (-pf N): phase_mark(ph) adds the time since the previous mark to phase ph.
+// The marks sit between the calls of model_forward, model_backward and the optimizer (outside any
+// parallel region), so a step reads as a table: where an MoE step goes.
+enum { PH_NONE = -1, PH_EMBED, PH_ATTN_FWD, PH_ATTN_BWD, PH_ROUTE_FWD, PH_ROUTE_BWD, PH_EXPERTS_FWD, PH_EXPERTS_BWD,
+       PH_UNPERM_FWD, PH_UNPERM_BWD, PH_CLASSIFIER_FWD, PH_CLASSIFIER_BWD, PH_OPTIMIZER, NUM_PHASES };
+static struct { int on; double last; double ms[NUM_PHASES]; } phase_clock;
+static void phase_mark(int ph) {
+    if (!phase_clock.on) return;
+    double t = now_ms();
+    if (ph >= 0) phase_clock.ms[ph] += t - phase_clock.last;
+    phase_clock.last = t;
+}
+
 // dot product with 16 running partial sums: the compiler turns it into vector code (a plain
 // `s += a[i]*b[i]` is a serial chain it may not reorder). Fixed order, so deterministic.
 static inline float vdot(const float* a, const float* b, int n) {
@@ -971,7 +984,9 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
     model->B = B; model->T = T; model->inputs = inputs; model->targets = targets;
     ParamTensors p = model->params;
     ActTensors a = model->acts;
+    phase_mark(PH_NONE);
     encoder_forward(a.resid, inputs, p.wte, N, C);
+    phase_mark(PH_EMBED);
     for (int l = 0; l < L; l++) {
         // seek to layer l's parameters and activations
         const float* wq = p.wq + (size_t)l * HD * C;
@@ -1014,15 +1029,20 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         attention_forward(atty, att, q, k, v, B, T, H, Hkv, D);
         matmul_forward(res_mid, atty, wo, N, HD, C);
         for (size_t i = 0; i < (size_t)N * C; i++) res_mid[i] += res[i];
+        phase_mark(PH_ATTN_FWD);
         // MoE block: router -> topk -> permute -> experts -> unpermute
         rmsnorm_forward(m, a.m_rstd + (size_t)l * N, res_mid, p.moe_norm + (size_t)l * C, N, C, c->eps);
         router_forward(z, lse, m, wr, N, C, E);
         router_check(model, l, topk_forward(topi, gate, z, N, E, K), N);
         permute_plan(counts, offs, row_of, tok_of, topi, N, E, K);
         permute_forward(xe, m, tok_of, NK, C);
+        phase_mark(PH_ROUTE_FWD);
         experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs, E, C, F);
+        phase_mark(PH_EXPERTS_FWD);
         unpermute_forward(res + (size_t)N * C, res_mid, ye, gate, row_of, N, K, C);
+        phase_mark(PH_UNPERM_FWD);
         router_losses(&model->aux[l], &model->zl[l], z, lse, counts, N, E, K);
+        phase_mark(PH_ROUTE_FWD);
     }
     rmsnorm_forward(a.xf, model->f_rstd, a.resid + (size_t)L * N * C, p.final_norm, N, C, c->eps);
     matmul_forward(model->logits, a.xf, p.lm_head, N, C, V);
@@ -1037,6 +1057,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         for (int l = 0; l < L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
         model->loss = (float)loss;
     }
+    phase_mark(PH_CLASSIFIER_FWD);
 }
 
 void model_zero_grad(Model* model) { memset(model->grads_memory, 0, model->num_params * sizeof(float)); }
@@ -1050,12 +1071,14 @@ void model_backward(Model* model, float dloss) {
     ParamTensors p = model->params, g = model->grads;
     ActTensors a = model->acts;
     // classifier and final norm
+    phase_mark(PH_NONE);
     crossentropy_backward(model->dlogits, model->targets, dloss, N, V); // the probs of the forward, in place
     memset(model->dbuf, 0, (size_t)N * C * sizeof(float));
     matmul_backward(model->dbuf, g.lm_head, model->dlogits, a.xf, p.lm_head, N, C, V);
     memset(model->dres, 0, (size_t)N * C * sizeof(float));
     rmsnorm_backward(model->dres, g.final_norm, model->dbuf, a.resid + (size_t)L * N * C, p.final_norm,
                      model->f_rstd, N, C);
+    phase_mark(PH_CLASSIFIER_BWD);
     float* dres = model->dres; // gradient of the residual stream, flowing down
     for (int l = L - 1; l >= 0; l--) {
         const float* wq = p.wq + (size_t)l * HD * C;
@@ -1077,9 +1100,11 @@ void model_backward(Model* model, float dloss) {
         const float* xe = a.xe + (size_t)l * NK * C;
         // MoE block, in reverse: unpermute -> experts -> permute -> topk/router
         unpermute_backward(model->dye, model->dgate, dres, a.ye + (size_t)l * NK * C, gate, row_of, N, K, C);
+        phase_mark(PH_UNPERM_BWD);
         experts_backward(model->dxe, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
                          model->dye, xe, a.h1 + (size_t)l * NK * F, a.h3 + (size_t)l * NK * F,
                          a.act + (size_t)l * NK * F, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs, E, C, F);
+        phase_mark(PH_EXPERTS_BWD);
         float* dm = model->dbuf;
         memset(dm, 0, (size_t)N * C * sizeof(float));
         permute_backward(dm, model->dxe, row_of, N, K, C);
@@ -1089,6 +1114,7 @@ void model_backward(Model* model, float dloss) {
         // dres already holds the gradient through the MoE residual connection
         rmsnorm_backward(dres, g.moe_norm + (size_t)l * C, dm, res_mid, p.moe_norm + (size_t)l * C,
                          a.m_rstd + (size_t)l * N, N, C);
+        phase_mark(PH_ROUTE_BWD);
         // attention block
         memset(model->datty, 0, (size_t)N * HD * sizeof(float));
         matmul_backward(model->datty, g.wo + (size_t)l * C * HD, dres, a.atty + (size_t)l * N * HD, wo, N, HD, C);
@@ -1105,8 +1131,10 @@ void model_backward(Model* model, float dloss) {
         matmul_backward(da, g.wv + (size_t)l * KD * C, model->dv, an, wv, N, C, KD);
         rmsnorm_backward(dres, g.attn_norm + (size_t)l * C, da, res, p.attn_norm + (size_t)l * C,
                          a.a_rstd + (size_t)l * N, N, C);
+        phase_mark(PH_ATTN_BWD);
     }
     encoder_backward(g.wte, dres, model->inputs, N, C);
+    phase_mark(PH_EMBED);
 }
 
 // ----------------------------------------------------------------------------
@@ -2182,6 +2210,7 @@ typedef struct {
     int resume, B, T, steps, grad_accum, warmup, val_every, val_batches, sample_every, gen_len, ckpt_every, shuffle;
     int acc_items, eval_only, ttc_samples;
     float ttc_temp;
+    int profile_every;   // -pf: the per-phase time table every N steps (0: off)
     float lr, min_lr_frac, weight_decay, grad_clip, beta1, beta2, init_std;
     uint64_t seed;
     MoEConfig model;     // shape for a random init
@@ -2216,6 +2245,8 @@ static void usage(void) {
 "  -ex 1: evaluate the model (-e or -y) on the val set and the -ev files, then exit\n"
 "  -tn N test-time compute: N samples per item (majority vote and pass@n, n = 1, 2, 4 .. N; default 0 = off)\n"
 "  -tt temperature of those samples (default 0.8)\n"
+"  -pf N: a table of where the step time goes (embedding, attention, router, experts, unpermute,\n"
+"        classifier, optimizer, rest), averaged over every N training steps (default 0 = off)\n"
 "model shape (random init; a checkpoint brings its own):\n"
 "  -nv V vocab (default: the tokenizer's, else 4096)  -nl L layers (4)  -nc C width (128)\n"
 "  -nh H heads (4)  -nkv Hkv kv heads (default H)  -ne E experts (8)  -nk K top-k (2)\n"
@@ -2302,6 +2333,7 @@ static void parse_args(Args* a, int argc, char** argv) {
         else if (!strcmp(f, "-ea")) a->acc_items = parse_int(f, v);
         else if (!strcmp(f, "-ex")) a->eval_only = parse_int(f, v);
         else if (!strcmp(f, "-tn")) a->ttc_samples = parse_int(f, v);
+        else if (!strcmp(f, "-pf")) a->profile_every = parse_int(f, v);
         else if (!strcmp(f, "-tt")) a->ttc_temp = parse_float(f, v);
         else if (!strcmp(f, "-fi")) a->fwd_in = v;
         else if (!strcmp(f, "-fo")) a->fwd_out = v;
@@ -2322,6 +2354,7 @@ static void parse_args(Args* a, int argc, char** argv) {
     else if (a->resume && !a->out_dir) bad = "-y 1 needs -o (the directory holding the checkpoints)";
     else if ((a->fwd_in == NULL) != (a->fwd_out == NULL)) bad = "-fi and -fo go together";
     else if (a->ttc_samples < 0 || a->ttc_samples > 1024) bad = "-tn (samples per item) must be in [0, 1024]";
+    else if (a->profile_every < 0) bad = "-pf (profile every N steps) must be >= 0";
     else if (a->ttc_samples > 0 && !(a->ttc_temp > 0)) bad = "-tt (sampling temperature) must be positive";
     if (bad) { fprintf(stderr, "Error: %s\n", bad); exit(EXIT_FAILURE); }
 }
@@ -2436,6 +2469,26 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
     }
 }
 
+// -pf: the phase table of the last n steps (step_ms: their whole time), to stdout and the log; resets
+static void print_phase_table(FILE* logf, int step, int n, double step_ms) {
+    static const char* phase_names[NUM_PHASES] = {
+        "embedding (fwd+bwd)", "attention fwd (norm, qkv, rope, softmax, out)", "attention bwd",
+        "router fwd (norm, logits, top-k, permute)", "router bwd (aux, z, gates, permute)", "experts fwd (SwiGLU GEMMs)",
+        "experts bwd", "unpermute fwd (weighted combine)", "unpermute bwd", "classifier fwd (norm, lm_head, softmax)",
+        "classifier bwd", "optimizer (grad norm, AdamW)"};
+    double sum = 0;
+    for (int p = 0; p < NUM_PHASES; p++) sum += phase_clock.ms[p];
+    printf("phases (ms per step, mean of steps %d-%d):\n", step - n + 1, step);
+    for (int p = 0; p <= NUM_PHASES; p++) {
+        double ms = (p < NUM_PHASES ? phase_clock.ms[p] : step_ms - sum) / n;
+        const char* name = p < NUM_PHASES ? phase_names[p] : "rest (data, zero grad, logging)";
+        printf("  %-46s %9.2f  %5.1f%%\n", name, ms, 100.0 * ms * n / step_ms);
+        if (logf) fprintf(logf, "step %d phase %d %.4f\n", step, p, ms);
+    }
+    printf("  %-46s %9.2f\n", "step", step_ms / n);
+    memset(phase_clock.ms, 0, sizeof phase_clock.ms);
+}
+
 int main(int argc, char** argv) {
     Args a;
     parse_args(&a, argc, argv);
@@ -2495,9 +2548,11 @@ int main(int argc, char** argv) {
         run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, st.step);
         return 0;
     }
-    double tokens_per_step = (double)a.B * a.T * a.grad_accum;
+    double tokens_per_step = (double)a.B * a.T * a.grad_accum, profiled_ms = 0;
+    int profiled = 0;
     for (int step = st.step; step < a.steps; step++) {
         double t0 = now_ms();
+        phase_clock.on = a.profile_every > 0; // training steps only, not the evals
         model_zero_grad(&model);
         double loss = 0, ce = 0, aux = 0, zl = 0;
         model.step = step + 1; // as the step line counts
@@ -2513,6 +2568,8 @@ int main(int argc, char** argv) {
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
         float lr = lr_schedule(step, a.steps, a.warmup, a.lr, a.lr * a.min_lr_frac);
         model_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, step + 1, scale);
+        phase_mark(PH_OPTIMIZER);
+        phase_clock.on = 0;
         double ms = now_ms() - t0;
         printf("step %5d/%d | loss %.6f (ce %.4f aux %.4f z %.4f) | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s\n",
                step + 1, a.steps, loss, ce, aux, zl, lr, norm, ms, tokens_per_step / (ms / 1e3));
@@ -2520,6 +2577,14 @@ int main(int argc, char** argv) {
         if (logf) fprintf(logf, "step %d loss %.6f ce %.6f aux %.6f z %.6f lr %.6e norm %.6f ms %.3f\n",
                           step + 1, loss, ce, aux, zl, lr, norm, ms);
         int last = step + 1 == a.steps;
+        if (a.profile_every > 0) {
+            profiled_ms += ms;
+            if (++profiled == a.profile_every || last) {
+                print_phase_table(logf, step + 1, profiled, profiled_ms);
+                profiled = 0;
+                profiled_ms = 0;
+            }
+        }
         if (a.val_every > 0 && ((step + 1) % a.val_every == 0 || last)) {
             print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
             float vl = eval_val_loss(&model, &val, a.val_batches);
