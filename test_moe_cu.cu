@@ -3,8 +3,12 @@ Tests train_moe.cu on the GPU against the PyTorch reference states (dev/moe_ref.
 test_moe.c reads), against train_moe.c itself (checkpoint interchange), and against itself (exact
 resume, run-to-run determinism), then tests the trainer binary.
     make cuda-test                      (both precisions)
-    ./test_moe_cu [DIR [TRAINER]]       DIR holds manifest.txt and NAME_model.bin / NAME_debug.bin;
-                                        TRAINER is the binary of the same precision (default below)
+    ./test_moe_cu [-q] [DIR [TRAINER [CPU_TRAINER]]]
+        DIR holds manifest.txt and NAME_model.bin / NAME_debug.bin; TRAINER is the binary of the same
+        precision (default below), CPU_TRAINER train_moe.c's (default ./train_moe)
+        -q: the quick subset, for compute-sanitizer (memcheck, racecheck): top-k on non-finite logits,
+            long-context decoding attention, one reference configuration (gqa), determinism and
+            resume; no task eval, no trainer binaries
 Like test_moe.c it reuses the program itself: nothing of the trainer is copied here.
 
 Tolerances. FP32 builds are held to the CPU test's: logits max|diff| <= 1e-4, loss terms <= 1e-5,
@@ -18,6 +22,7 @@ routing agrees (a flipped expert legitimately moves them), and the number of fli
 #define TESTING
 #include "train_moe.cu"
 #include <sys/wait.h>
+#include <float.h>
 
 static int n_pass = 0, n_fail = 0;
 #define CHECK(cond, ...) do { if (cond) n_pass++; else { n_fail++; printf("  FAIL: "); printf(__VA_ARGS__); printf("\n"); } } while (0)
@@ -66,6 +71,89 @@ static float* download_grads(const Model* model) {
     float* g = (float*)mallocCheck(model->num_params * sizeof(float));
     cudaCheck(cudaMemcpy(g, model->grads_memory, model->num_params * sizeof(float), cudaMemcpyDeviceToHost));
     return g;
+}
+
+// ----------------------------------------------------------------------------
+// 0. kernels alone: top-k on non-finite logits, decoding attention over a long cache
+
+// train_moe.c's test_topk_nonfinite on the GPU: NaN ranks as -inf, so every index is a real expert; the
+// choices, gates and the count of tokens with non-finite logits are the CPU's
+static void test_topk_nonfinite(void) {
+    const int N = 5, E = 4, K = 2;
+    const float z[N * E] = {NAN, NAN, NAN, NAN,   1, NAN, 2, 0,   INFINITY, 0, -1, 3,   -INFINITY, 1, 1, -INFINITY,
+                            0.5f, -2.0f, 1e30f, 3.0f};
+    int ti[N * K], cti[N * K], bad = -1;
+    float g[N * K], cg[N * K];
+    int cbad = cpu::topk_forward(cti, cg, z, N, E, K);
+    float* z_d = (float*)cudaMallocCheck(sizeof(z));
+    float* g_d = (float*)cudaMallocCheck(sizeof(g));
+    int* ti_d = (int*)cudaMallocCheck(sizeof(ti));
+    int* bad_d = (int*)cudaMallocCheck(sizeof(int));
+    cudaCheck(cudaMemcpy(z_d, z, sizeof(z), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(bad_d, 0, sizeof(int)));
+    topk_forward(ti_d, g_d, bad_d, z_d, N, E, K);
+    cudaCheck(cudaMemcpy(ti, ti_d, sizeof(ti), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(g, g_d, sizeof(g), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(&bad, bad_d, sizeof(int), cudaMemcpyDeviceToHost));
+    int same_topi = memcmp(ti, cti, sizeof(ti)) == 0, same_gate = 1;
+    for (int i = 0; i < N * K; i++) same_gate &= (isnan(g[i]) && isnan(cg[i])) || fabsf(g[i] - cg[i]) <= 1e-6f;
+    CHECK(bad == cbad && cbad == 4, "top-k on non-finite logits: the GPU flags %d tokens, the CPU %d (want 4)", bad, cbad);
+    CHECK(same_topi && same_gate, "top-k on non-finite logits: GPU indices or gates differ from the CPU's "
+          "(GPU %d %d | %d %d | %d %d | %d %d)", ti[0], ti[1], ti[2], ti[3], ti[4], ti[5], ti[6], ti[7]);
+    printf("[topk] NaN/Inf router logits on the GPU: %d of %d tokens flagged (CPU %d), indices and gates as the CPU's: %s\n",
+           bad, N, cbad, same_topi && same_gate ? "yes" : "NO");
+    cuda_free(z_d); cuda_free(g_d); cuda_free(ti_d); cuda_free(bad_d);
+}
+
+// attention_decode_kernel over a cache of 16384 positions (64 KiB of scores in shared memory, above
+// the 48 KiB default) against the softmax-weighted average computed here from the same values
+static void test_decode_long(void) {
+    const int maxT = 16384, H = 2, Hkv = 1, D = 64, pos = maxT - 1;
+    size_t nq = (size_t)H * D, nc = (size_t)maxT * Hkv * D;
+    float* host = (float*)mallocCheck((nq + 2 * nc) * sizeof(float));
+    uint64_t rng = 5;
+    for (size_t i = 0; i < nq + 2 * nc; i++) host[i] = 2.0f * rng_f32(&rng) - 1.0f;
+    float* f_d = (float*)cudaMallocCheck((nq + 2 * nc) * sizeof(float));
+    floatX* x_d = (floatX*)cudaMallocCheck((nq + 2 * nc) * sizeof(floatX));
+    floatX* out_d = (floatX*)cudaMallocCheck(nq * sizeof(floatX));
+    cudaCheck(cudaMemcpy(f_d, host, (nq + 2 * nc) * sizeof(float), cudaMemcpyHostToDevice));
+    cast_to_floatX(x_d, f_d, nq + 2 * nc); // q[H*D], then the k and v caches [maxT][Hkv*D] of one row
+    const floatX* q = x_d;
+    attention_decode_setup(maxT);
+    attention_decode_kernel<<<H, ATT_DEC_THREADS, maxT * sizeof(float)>>>(out_d, q, q + nq, q + nq + nc, pos, maxT, H, Hkv, D);
+    cudaCheck(cudaGetLastError());
+    float* x = (float*)mallocCheck((nq + 2 * nc) * sizeof(float));
+    float* out = (float*)mallocCheck(nq * sizeof(float));
+    copy_floatX_to_host(x, q, nq + 2 * nc); // the values the kernel read
+    copy_floatX_to_host(out, out_d, nq);
+    const float *qh = x, *kh = x + nq, *vh = x + nq + nc;
+    double worst = 0.0;
+    double* att = (double*)mallocCheck((size_t)maxT * sizeof(double));
+    for (int h = 0; h < H; h++) {
+        double mx = -INFINITY, sum = 0.0;
+        for (int t = 0; t <= pos; t++) {
+            double s = 0.0;
+            for (int i = 0; i < D; i++) s += (double)qh[h * D + i] * kh[(size_t)t * Hkv * D + i];
+            att[t] = s / sqrt((double)D);
+            if (att[t] > mx) mx = att[t];
+        }
+        for (int t = 0; t <= pos; t++) { att[t] = exp(att[t] - mx); sum += att[t]; }
+        for (int i = 0; i < D; i++) {
+            double o = 0.0;
+            for (int t = 0; t <= pos; t++) o += att[t] * vh[(size_t)t * Hkv * D + i];
+            worst = fmax(worst, fabs(o / sum - out[h * D + i]));
+        }
+    }
+#ifdef PRECISION_BF16
+    double tol = 2e-4; // the output is rounded to bf16 (|o| ~ 0.01 here: an average of 16k values in [-1, 1])
+#else
+    double tol = 1e-5;
+#endif
+    CHECK(worst <= tol, "decoding attention over %d cached positions: max|diff| %.3e > %.0e", maxT, worst, tol);
+    printf("[decode] attention over %d cached positions (%zu KiB of shared memory): max|diff| %.2e\n", maxT,
+           maxT * sizeof(float) / 1024, worst);
+    free(host); free(x); free(out); free(att);
+    cuda_free(f_d); cuda_free(x_d); cuda_free(out_d);
 }
 
 // ----------------------------------------------------------------------------
@@ -477,7 +565,7 @@ static void test_task_eval(const char* dir, const char* name) {
 // ----------------------------------------------------------------------------
 // 3. the trainer binary: exact resume, run-to-run determinism, and CPU <-> GPU checkpoints
 
-static void test_trainer_binary(const char* tmp, const char* trainer) {
+static void test_trainer_binary(const char* tmp, const char* trainer, const char* cpu_trainer) {
     char cmd[8192], a8[1024], b8[1024], c8[1024], b4[1024], train[1024], val[1024], path[1024];
     char* out;
     if (access(trainer, X_OK) != 0) {
@@ -520,14 +608,14 @@ static void test_trainer_binary(const char* tmp, const char* trainer) {
     CHECK(same, "8 steps straight != 4 + resume + 4 (exit codes %d %d, resumed from step 4: %d)", rc3, rc4, resumed_from_4);
     printf("[trainer] 8 steps straight == 4 + resume + 4, bit for bit (weights, AdamW, data position, RNG): %s\n", same ? "yes" : "NO");
     // the CPU trainer resumes the GPU's step-4 checkpoint, and the GPU trainer the CPU's
-    if (access("./train_moe", X_OK) == 0) {
-        snprintf(cmd, sizeof cmd, "mkdir -p %s/cpu_from_gpu && cp %s %s/cpu_from_gpu/ && ./train_moe -i '%s' -j '%s' %s -o %s/cpu_from_gpu -y 1",
-                 tmp, b4, tmp, train, val, common, tmp);
+    if (access(cpu_trainer, X_OK) == 0) {
+        snprintf(cmd, sizeof cmd, "mkdir -p %s/cpu_from_gpu && cp %s %s/cpu_from_gpu/ && %s -i '%s' -j '%s' %s -o %s/cpu_from_gpu -y 1",
+                 tmp, b4, tmp, cpu_trainer, train, val, common, tmp);
         int rc5 = run_cmd(cmd, &out);
         int ok5 = rc5 == 0 && strstr(out, "model_00000004.bin with optimizer state") != NULL;
         free(out);
-        snprintf(cmd, sizeof cmd, "./train_moe -i '%s' -j '%s' %s -n 4 -x 4 -o %s/gpu_from_cpu && %s -i '%s' -j '%s' %s -o %s/gpu_from_cpu -y 1",
-                 train, val, common, tmp, trainer, train, val, common, tmp);
+        snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -n 4 -x 4 -o %s/gpu_from_cpu && %s -i '%s' -j '%s' %s -o %s/gpu_from_cpu -y 1",
+                 cpu_trainer, train, val, common, tmp, trainer, train, val, common, tmp);
         int rc6 = run_cmd(cmd, &out);
         int ok6 = rc6 == 0 && strstr(out, "model_00000004.bin with optimizer state") != NULL;
         free(out);
@@ -555,7 +643,7 @@ static void test_trainer_binary(const char* tmp, const char* trainer) {
         double loss[2] = {-1, -1};
         int ttc_line = 0, rc[2];
         for (int side = 0; side < 2; side++) {
-            snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -e %s -ex 1 -ev %s -ea 4 -tn 4", side ? trainer : "./train_moe",
+            snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -e %s -ex 1 -ev %s -ea 4 -tn 4", side ? trainer : cpu_trainer,
                      train, val, common, a8, path);
             rc[side] = run_cmd(cmd, &out);
             const char* at = strstr(out, "task synth      | loss ");
@@ -569,16 +657,58 @@ static void test_trainer_binary(const char* tmp, const char* trainer) {
               rc[0], rc[1], ttc_line);
         printf("[trainer] -ex 1 -ev on the step-8 checkpoint: task loss CPU %.4f GPU %.4f bits/token, GPU test-time compute: %s\n",
                loss[0], loss[1], ttc_line ? "yes" : "NO");
+        // non-finite router logits: the step-8 checkpoint with huge (finite, so it loads) router weights
+        // and norm in layer 1, whose logits then all overflow: both trainers stop at step 1, same message
+        cpu::Model bm;
+        TrainState bst;
+        char bad[1024];
+        snprintf(bad, sizeof bad, "%s/router_overflow.bin", tmp);
+        int made = cpu::checkpoint_load(&bm, a8, &bst, 0) == 0;
+        if (made) {
+            int E = bm.config.E, C = bm.config.C;
+            for (size_t i = 0; i < (size_t)E * C; i++) bm.params.wr[(size_t)E * C + i] = FLT_MAX;
+            for (int i = 0; i < C; i++) bm.params.moe_norm[C + i] = 1e4f;
+            cpu::checkpoint_save(&bm, bad, 0, &bst);
+            cpu::model_free(&bm);
+        }
+        const char* want = "Error: step 1, layer 1: non-finite router logits (NaN or Inf) for 128 of 128 tokens";
+        int stopped[2];
+        for (int side = 0; side < 2; side++) {
+            snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s' %s -e %s -x 1", side ? trainer : cpu_trainer, train, val, common, bad);
+            int r = run_cmd(cmd, &out);
+            stopped[side] = made && r != 0 && strstr(out, want) != NULL;
+            if (!stopped[side]) printf("%s\n", out);
+            free(out);
+        }
+        CHECK(stopped[0] && stopped[1], "non-finite router logits: the trainers did not both stop with '%s' (CPU %d, GPU %d)",
+              want, stopped[0], stopped[1]);
+        printf("[trainer] non-finite router logits in layer 1: both trainers stop at step 1 with the same message: %s\n",
+               stopped[0] && stopped[1] ? "yes" : "NO");
     } else {
-        printf("[trainer] ./train_moe not built: CPU <-> GPU trainer interchange and task eval skipped\n");
+        printf("[trainer] %s not built: CPU <-> GPU trainer interchange, task eval and the router check skipped\n", cpu_trainer);
     }
     free(toks);
 }
 
 int main(int argc, char** argv) {
+    int quick = argc > 1 && strcmp(argv[1], "-q") == 0;
+    if (quick) { argc--; argv++; }
     const char* dir = argc > 1 ? argv[1] : "dev/ref";
     const char* trainer = argc > 2 ? argv[2] : DEFAULT_TRAINER;
+    const char* cpu_trainer = argc > 3 ? argv[3] : "./train_moe";
     gpu_init();
+    test_topk_nonfinite();
+    test_decode_long();
+    if (quick) { // the subset for compute-sanitizer: every kernel of the forward, backward and update, small
+        char tmp[] = "/tmp/test_moe_cu_XXXXXX";
+        if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
+        test_reference(dir, "gqa");
+        test_determinism_and_resume(dir, "gqa", tmp);
+        rmdir(tmp);
+        gpu_free();
+        printf("quick subset (-q): %d passed, %d failed\n", n_pass, n_fail);
+        return n_fail ? 1 : 0;
+    }
     char path[1024], name[256];
     snprintf(path, sizeof path, "%s/manifest.txt", dir);
     FILE* mf = fopenCheck(path, "r");
@@ -597,7 +727,7 @@ int main(int argc, char** argv) {
     test_determinism_and_resume(dir, first, tmp);
     test_task_eval(dir, "gqa");
     test_task_eval(dir, "mqa");
-    test_trainer_binary(tmp, trainer);
+    test_trainer_binary(tmp, trainer, cpu_trainer);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     if (system(cmd) != 0) printf("(could not remove %s)\n", tmp);

@@ -7,16 +7,21 @@ loads in the other.
 The MoE layer reads as the same pipeline:  router -> topk -> permute -> experts -> unpermute
 Only the K chosen experts of a token are computed (dropless): the expert buffers have N*K rows, and the
 expert matmuls are grouped GEMMs (cublasGemmGroupedBatchedEx) with one problem per expert that got
-tokens. Their sizes live on the host, so each layer copies E+1 ints (the expert offsets) device->host
-once in the forward pass: the one synchronisation of the MoE path.
+tokens (the expert weight gradients: one cublasGemmEx per expert, accumulated in fp32 straight into
+the fp32 gradient). Their sizes live on the host, so each layer copies E+1 ints (the expert offsets)
+device->host once in the forward pass: the one synchronisation of the MoE path.
 
 Precision, chosen at build time:
   PRECISION=FP32  every tensor fp32 (cuBLAS without TF32): diffed against the CPU at 1e-4
   PRECISION=BF16  (default) bf16 weights and activations; fp32 master weights, gradients, AdamW state,
                   router logits and softmax, norm statistics, attention softmax statistics and losses;
-                  every matmul accumulates in fp32 (CUBLAS_COMPUTE_32F)
+                  every matmul accumulates in fp32 (CUBLAS_COMPUTE_32F), split-K sums included
+                  (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)
 Deterministic: no float atomics anywhere; every reduction runs in a fixed order (per-block partials
-added in block order), so the same seed gives the same bits run after run on the same GPU.
+added in block order), so the same seed gives the same bits run after run on the same GPU. (USE_CUDNN=1
+asks cuDNN for its deterministic attention backward.)
+Non-finite router logits stop training as train_moe.c's router_check does: the top-k kernel counts the
+tokens, and the host reads the counts once per forward, with the losses.
 
 Host code (data loader, tokenizer, checkpoint file format, LR schedule, flags, the CPU model itself)
 is train_moe.c, included below inside `namespace cpu`, not copied.
@@ -548,8 +553,9 @@ static AttGraph* att_graph(int backward, int B, int T, int H, int Hkv, int D) {
         ag.dO = fe_tensor(g, "dO", B, H, T, D);
         ag.stats = g->tensor(fe::graph::Tensor_attributes().set_name("stats").set_dim({B, H, T, 1})
                                  .set_stride({(int64_t)H * T, T, 1, 1}).set_data_type(fe::DataType_t::FLOAT));
+        // deterministic: the default backward may add partial sums with float atomics, in a varying order
         auto opts = fe::graph::SDPA_backward_attributes().set_name("attention_backward").set_causal_mask(true)
-                        .set_attn_scale(scale);
+                        .set_attn_scale(scale).set_deterministic_algorithm(true);
         auto outs = g->sdpa_backward(ag.Q, ag.K, ag.V, ag.O, ag.dO, ag.stats, opts);
         ag.dQ = outs[0]; ag.dK = outs[1]; ag.dV = outs[2];
         ag.dQ->set_output(true).set_dim({B, H, T, D}).set_stride({(int64_t)T * H * D, D, (int64_t)H * D, 1});
@@ -760,19 +766,24 @@ void router_forward(float* z, float* lse, const floatX* m, const floatX* wr, int
 }
 
 // one thread per token. The j-th pass takes the best expert that comes after the (j-1)-th in the order
-// "larger logit first, equal logits: lower index first", which is exactly the CPU's selection.
-__global__ void topk_forward_kernel(int* topi, float* gate, const float* z, int N, int E, int K) {
+// "larger logit first, equal logits: lower index first", which is exactly the CPU's selection. A NaN
+// logit ranks as -inf (as on the CPU), so the order is total and every pass finds an expert; a token
+// whose logits are not all finite adds 1 to *nonfinite (an integer count: the same in any order).
+__global__ void topk_forward_kernel(int* topi, float* gate, int* nonfinite, const float* z, int N, int E, int K) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     const float* zn = z + (size_t)n * E;
     int* ti = topi + (size_t)n * K;
+    int finite = 1;
+    for (int e = 0; e < E; e++) finite &= isfinite(zn[e]);
+    if (!finite) atomicAdd(nonfinite, 1);
     float prevz = INFINITY;
     int preve = -1;
     for (int j = 0; j < K; j++) {
         int best = -1;
         float bz = 0.0f;
         for (int e = 0; e < E; e++) {
-            float ze = zn[e];
+            float ze = isnan(zn[e]) ? -INFINITY : zn[e];
             int after = ze < prevz || (ze == prevz && e > preve);
             if (after && (best < 0 || ze > bz)) { best = e; bz = ze; } // strict '>' keeps the lower index on ties
         }
@@ -784,10 +795,11 @@ __global__ void topk_forward_kernel(int* topi, float* gate, const float* z, int 
     for (int j = 0; j < K; j++) { g[j] = expf(zn[ti[j]] - mx); s += g[j]; }
     for (int j = 0; j < K; j++) g[j] /= s;
 }
-// the K largest logits of each token (larger first; equal logits: lower expert index first),
-// and the gates: softmax over those K logits only
-void topk_forward(int* topi, float* gate, const float* z, int N, int E, int K) {
-    topk_forward_kernel<<<ceil_div(N, 128), 128>>>(topi, gate, z, N, E, K);
+// the K largest logits of each token (larger first; equal logits: lower expert index first; NaN as
+// -inf), and the gates: softmax over those K logits only. The tokens whose logits are not all finite
+// are added to *nonfinite (a device int), which the forward checks once (router_check_counts).
+void topk_forward(int* topi, float* gate, int* nonfinite, const float* z, int N, int E, int K) {
+    topk_forward_kernel<<<ceil_div(N, 128), 128>>>(topi, gate, nonfinite, z, N, E, K);
     cudaCheck(cudaGetLastError());
 }
 
@@ -930,48 +942,23 @@ void experts_forward(floatX* ye, floatX* h1, floatX* h3, floatX* act, const floa
     group_run(g);
 }
 
-#ifdef PRECISION_BF16
-// dw[e] += scratch[e] for the experts that got tokens (the others' scratch holds stale values)
-__global__ void expert_grad_accumulate_kernel(float* dw, const floatX* scratch, const int* offs, int E, size_t per_expert) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)E * per_expert) return;
-    int e = (int)(i / per_expert);
-    if (offs[e + 1] == offs[e]) return;
-    dw[i] += tof(scratch[i]);
-}
-#endif
-// dw[e][OC,IC] (fp32) += dout[rows of e, OC]^T . inp[rows of e, IC] for every expert with rows.
-// fp32 builds accumulate into the gradient directly; bf16 builds go through a bf16 scratch of E*OC*IC
-// (grouped GEMMs write C in the type of A and B) that is then added into the fp32 gradient.
-static void experts_weight_grad(float* dw, const floatX* dout, const floatX* inp, const int* offs, const int* offs_d,
-                                int E, int IC, int OC, GemmGroup* g, floatX* scratch) {
-#ifdef PRECISION_BF16
-    floatX* target = scratch;
-    float beta = 0.0f;
-#else
-    floatX* target = dw;
-    float beta = 1.0f;
-    (void)offs_d; (void)scratch;
-#endif
+// dw[e][OC,IC] (fp32) += dout[rows of e, OC]^T . inp[rows of e, IC] for every expert with rows: one
+// cublasGemmEx per expert, floatX operands, fp32 accumulation straight into the fp32 gradient (beta 1).
+// Not grouped: cublasGemmGroupedBatchedEx writes C in the type of A and B, so a bf16 build would round
+// each expert's gradient to bf16 before it reached the fp32 sum.
+static void experts_weight_grad(float* dw, const floatX* dout, const floatX* inp, const int* offs, int E, int IC, int OC) {
     for (int e = 0; e < E; e++) {
         int r0 = offs[e], n = offs[e + 1] - offs[e];
-        if (n == 0) continue;
-        group_add(g, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, n, inp + (size_t)r0 * IC, IC, dout + (size_t)r0 * OC, OC, beta,
-                  target + (size_t)e * OC * IC, IC);
+        if (n == 0) continue; // no rows: the gradient is left as it is
+        gemm(CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, n, inp + (size_t)r0 * IC, IC, dout + (size_t)r0 * OC, OC,
+             dw + (size_t)e * OC * IC, CUDA_R_32F, IC, 1.0f);
     }
-    group_run(g);
-#ifdef PRECISION_BF16
-    size_t total = (size_t)E * OC * IC;
-    expert_grad_accumulate_kernel<<<ceil_div(total, 256), 256>>>(dw, scratch, offs_d, E, (size_t)OC * IC);
-    cudaCheck(cudaGetLastError());
-#endif
 }
-// given dye[NK,C]: dxe[NK,C] (=), dw1,dw3,dw2 (fp32, +=); dact, dh1, dh3 are scratch [NK,F];
-// offs on the host, offs_d the same on the device; wscratch: bf16 builds' E*F*C weight-gradient scratch
+// given dye[NK,C]: dxe[NK,C] (=), dw1,dw3,dw2 (fp32, +=); dact, dh1, dh3 are scratch [NK,F]; offs on the host
 void experts_backward(floatX* dxe, float* dw1, float* dw3, float* dw2, floatX* dact, floatX* dh1, floatX* dh3,
                       const floatX* dye, const floatX* xe, const floatX* h1, const floatX* h3, const floatX* act,
-                      const floatX* w1, const floatX* w3, const floatX* w2, const int* offs, const int* offs_d,
-                      int E, int C, int F, GemmGroup* g, floatX* wscratch) {
+                      const floatX* w1, const floatX* w3, const floatX* w2, const int* offs,
+                      int E, int C, int F, GemmGroup* g) {
     // dact[n,F] = dye[n,C] . w2[e]  (w2[e] is C x F)
     for (int e = 0; e < E; e++) {
         int r0 = offs[e], n = offs[e + 1] - offs[e];
@@ -979,7 +966,7 @@ void experts_backward(floatX* dxe, float* dw1, float* dw3, float* dw2, floatX* d
         group_add(g, CUBLAS_OP_N, CUBLAS_OP_N, F, n, C, w2 + (size_t)e * C * F, F, dye + (size_t)r0 * C, C, 0.0f, dact + (size_t)r0 * F, F);
     }
     group_run(g);
-    experts_weight_grad(dw2, dye, act, offs, offs_d, E, F, C, g, wscratch);
+    experts_weight_grad(dw2, dye, act, offs, E, F, C);
     size_t nf = (size_t)offs[E] * F;
     swiglu_backward_kernel<<<ceil_div(nf, 256), 256>>>(dh1, dh3, dact, h1, h3, nf);
     cudaCheck(cudaGetLastError());
@@ -995,8 +982,8 @@ void experts_backward(floatX* dxe, float* dw1, float* dw3, float* dw2, floatX* d
         }
         group_run(g);
     }
-    experts_weight_grad(dw1, dh1, xe, offs, offs_d, E, C, F, g, wscratch);
-    experts_weight_grad(dw3, dh3, xe, offs, offs_d, E, C, F, g, wscratch);
+    experts_weight_grad(dw1, dh1, xe, offs, E, C, F);
+    experts_weight_grad(dw3, dh3, xe, offs, E, C, F);
 }
 
 __global__ void unpermute_forward_kernel(floatX* out, const floatX* res, const floatX* ye, const float* gate,
@@ -1203,12 +1190,13 @@ typedef struct {
     float *freqs_cos, *freqs_sin;
     int *inputs_d, *targets_d;
     // backward scratch (one layer at a time)
-    floatX *dres, *dbuf, *dq, *dk, *dv, *datty, *dzx, *dxe, *dye, *dact, *dh1, *dh3, *wgrad_scratch;
+    floatX *dres, *dbuf, *dq, *dk, *dv, *datty, *dzx, *dxe, *dye, *dact, *dh1, *dh3;
     float *dz, *dgate, *att_dsum, *norm_partial;
     double* reduce_scratch;
     int *enc_work, *enc_work_d;
     GemmGroup group;
     float* loss_terms_d; // device: ce, aux[L], zl[L]
+    int* nonfinite_d;    // device, L: tokens of the last forward (or decode step) with non-finite router logits
     floatX *kcache, *vcache; // decoding: the KV cache, L x maxB x maxT x Hkv*D each (allocated on first use)
     // results of the last forward (host)
     const int* inputs;
@@ -1216,6 +1204,7 @@ typedef struct {
     int counted;      // targets that are not -1
     float ce, loss;
     float *aux, *zl;  // L each
+    int step;         // the step being trained (1-based, as printed), for error messages; -1: none
 } Model;
 
 // allocate parameters, gradients and the optimizer state (zeros) on the GPU
@@ -1257,7 +1246,9 @@ void model_build(Model* model, const MoEConfig* config) {
     model->aux = (float*)callocCheck(config->L, sizeof(float));
     model->zl = (float*)callocCheck(config->L, sizeof(float));
     model->loss_terms_d = (float*)cudaMallocCheck((1 + 2 * (size_t)config->L) * sizeof(float));
+    model->nonfinite_d = (int*)cudaMallocCheck((size_t)config->L * sizeof(int));
     group_init(&model->group, 2 * config->E);
+    model->step = -1;
 }
 
 // host fp32 parameters (and AdamW m, v when given) -> the GPU; the floatX copy is cast from the master
@@ -1341,10 +1332,8 @@ static void model_alloc_acts(Model* model, int B, int T) {
     model->dz = (float*)cudaMallocCheck(N * E * S);
 #ifdef PRECISION_BF16
     model->dzx = (floatX*)cudaMallocCheck(N * E * X);
-    model->wgrad_scratch = (floatX*)cudaMallocCheck(E * F * C * X);
 #else
     model->dzx = model->dz;
-    model->wgrad_scratch = NULL;
 #endif
     model->dgate = (float*)cudaMallocCheck(NK * S);
     model->dxe = (floatX*)cudaMallocCheck(NK * C * X);
@@ -1370,7 +1359,6 @@ static void model_free_acts(Model* model) {
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cuda_free(dev[i]);
 #ifdef PRECISION_BF16
     cuda_free(model->dzx);
-    cuda_free(model->wgrad_scratch);
 #endif
     free(model->offs_h);
     free(model->enc_work);
@@ -1384,9 +1372,24 @@ void model_free(Model* model) {
     cuda_free(model->params_memory);
 #endif
     cuda_free(model->loss_terms_d);
+    cuda_free(model->nonfinite_d);
     cuda_free(model->kcache); cuda_free(model->vcache);
     group_free(&model->group);
     free(model->aux); free(model->zl);
+}
+
+// train_moe.c's router_check on the counts of the last forward (or decode step) of N tokens: the first
+// layer with a token whose router logits are not all finite stops the program, with the CPU's message
+// (after the whole forward, where the CPU stops inside it: the GPU's count is read back only once)
+static void router_check_counts(const Model* model, int N) {
+    int L = model->config.L;
+    int* bad = (int*)mallocCheck((size_t)L * sizeof(int));
+    cudaCheck(cudaMemcpy(bad, model->nonfinite_d, (size_t)L * sizeof(int), cudaMemcpyDeviceToHost));
+    cpu::Model shell; // only what cpu::router_check reads
+    memset(&shell, 0, sizeof(shell));
+    shell.step = model->step;
+    for (int l = 0; l < L; l++) cpu::router_check(&shell, l, bad[l], N);
+    free(bad);
 }
 
 // forward pass on inputs[B,T] (host); with targets (host, may be NULL) it computes ce, aux, zl and loss.
@@ -1407,6 +1410,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
     int N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
     model->B = B; model->T = T; model->inputs = inputs; model->targets = targets;
     cudaCheck(cudaMemcpy(model->inputs_d, inputs, N * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(model->nonfinite_d, 0, (size_t)L * sizeof(int)));
     ParamTensors p = model->params;
     ActTensors a = model->acts;
     encoder_forward(a.resid, model->inputs_d, p.wte, N, C);
@@ -1456,7 +1460,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         // MoE block: router -> topk -> permute -> experts -> unpermute
         rmsnorm_forward(m, a.m_rstd + (size_t)l * N, res_mid, p.moe_norm + (size_t)l * C, N, C, c->eps);
         router_forward(z, lse, m, wr, N, C, E);
-        topk_forward(topi, gate, z, N, E, K);
+        topk_forward(topi, gate, model->nonfinite_d + l, z, N, E, K);
         permute_plan(counts, offs, row_of, tok_of, model->plan_hist, offs_h, topi, N, E, K);
         permute_forward(xe, m, tok_of, NK, C);
         experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs_h, E, C, F, &model->group);
@@ -1481,6 +1485,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
     }
     float* terms = (float*)mallocCheck((1 + 2 * (size_t)L) * sizeof(float));
     cudaCheck(cudaMemcpy(terms, model->loss_terms_d, (1 + 2 * (size_t)L) * sizeof(float), cudaMemcpyDeviceToHost));
+    router_check_counts(model, N);
     memcpy(model->aux, terms + 1, L * sizeof(float));
     memcpy(model->zl, terms + 1 + L, L * sizeof(float));
     if (targets) {
@@ -1529,7 +1534,6 @@ void model_backward(Model* model, float dloss) {
         const float* gate = a.gate + (size_t)l * NK;
         const int* topi = model->topi + (size_t)l * NK;
         const int* counts = model->counts + (size_t)l * E;
-        const int* offs = model->offs + (size_t)l * (E + 1);
         const int* offs_h = model->offs_h + (size_t)l * (E + 1);
         const int* row_of = model->row_of + (size_t)l * NK;
         const floatX* xe = a.xe + (size_t)l * NK * C;
@@ -1537,8 +1541,8 @@ void model_backward(Model* model, float dloss) {
         unpermute_backward(model->dye, model->dgate, dres, a.ye + (size_t)l * NK * C, gate, row_of, N, K, C);
         experts_backward(model->dxe, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
                          model->dye, xe, a.h1 + (size_t)l * NK * F, a.h3 + (size_t)l * NK * F,
-                         a.act + (size_t)l * NK * F, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs_h, offs, E, C, F,
-                         &model->group, model->wgrad_scratch);
+                         a.act + (size_t)l * NK * F, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs_h, E, C, F,
+                         &model->group);
         floatX* dm = model->dbuf;
         cudaCheck(cudaMemset(dm, 0, (size_t)N * C * X));
         permute_backward(dm, model->dxe, row_of, N, K, C);
@@ -1651,27 +1655,37 @@ void checkpoint_save(const Model* model, const char* path, int with_optimizer, c
     free(shell.params_memory); free(shell.m_memory); free(shell.v_memory);
 }
 
-// load a checkpoint into a fresh model; with_optimizer also loads m and v when present
-void checkpoint_load(Model* model, const char* path, TrainState* st, int with_optimizer) {
-    MoEConfig c;
+// load a checkpoint into a fresh model; with_optimizer also loads m and v (the file must hold them).
+// The body is read and checked on the host (train_moe.c's checks) before anything is put on the GPU.
+// Returns 0, or -1 after an error message with nothing left allocated.
+int checkpoint_load(Model* model, const char* path, TrainState* st, int with_optimizer) {
+    cpu::Model shell; // what cpu::checkpoint_check_values reads: the host copy of the body
+    memset(&shell, 0, sizeof(shell));
     int has_opt;
-    FILE* fp = cpu::checkpoint_open(path, &c, st, &has_opt); // header checked, file size checked
-    model_build(model, &c);
-    size_t n = model->num_params;
-    float* buf = (float*)mallocCheck(n * sizeof(float));
-    freadCheck(buf, sizeof(float), n, fp, path);
-    model_upload(model, buf, NULL, NULL);
-    if (with_optimizer && has_opt) {
-        freadCheck(buf, sizeof(float), n, fp, path);
-        cudaCheck(cudaMemcpy(model->m_memory, buf, n * sizeof(float), cudaMemcpyHostToDevice));
-        freadCheck(buf, sizeof(float), n, fp, path);
-        cudaCheck(cudaMemcpy(model->v_memory, buf, n * sizeof(float), cudaMemcpyHostToDevice));
-    } else if (with_optimizer) {
-        fprintf(stderr, "Error: '%s' holds no optimizer state, so training cannot resume from it (use -e to start from its weights)\n", path);
-        exit(EXIT_FAILURE);
+    FILE* fp = cpu::checkpoint_open(path, &shell.config, st, &has_opt); // header checked, file size checked
+    if (!fp) return -1;
+    if (with_optimizer && !has_opt) {
+        fclose(fp);
+        return cpu::read_error("'%s' holds no optimizer state, so training cannot resume from it (use -e to start from its weights)", path);
     }
-    free(buf);
+    fill_param_sizes(shell.param_sizes, &shell.config);
+    size_t n = 0;
+    for (int i = 0; i < NUM_PARAM_TENSORS; i++) n += shell.param_sizes[i];
+    shell.num_params = n;
+    float** body[3] = {&shell.params_memory, &shell.m_memory, &shell.v_memory};
+    int bad = 0;
+    for (int b = 0; b < (with_optimizer ? 3 : 1) && !bad; b++) {
+        *body[b] = (float*)mallocCheck(n * sizeof(float));
+        bad = cpu::fread_report(*body[b], sizeof(float), n, fp, path);
+    }
     fclose(fp);
+    if (!bad) bad = cpu::checkpoint_check_values(&shell, path, with_optimizer);
+    if (!bad) {
+        model_build(model, &shell.config);
+        model_upload(model, shell.params_memory, shell.m_memory, shell.v_memory);
+    }
+    free(shell.params_memory); free(shell.m_memory); free(shell.v_memory);
+    return bad ? -1 : 0;
 }
 
 // ----------------------------------------------------------------------------
@@ -1800,6 +1814,28 @@ __global__ void attention_decode_kernel(floatX* out, const floatX* q, const floa
     }
 }
 
+// attention_decode_kernel keeps one score per cached position in shared memory, 4*maxT bytes: past the
+// 48 KiB a launch may take by default from maxT ~ 12k on. Its limit is raised to what the GPU allows
+// (the opt-in maximum, 227 KiB on an H100: maxT up to ~58k); beyond that, an error that says so.
+static void attention_decode_setup(int maxT) {
+    static size_t raised = 0; // the dynamic shared memory the kernel may take now (bytes)
+    size_t bytes = (size_t)maxT * sizeof(float);
+    if (bytes <= raised) return;
+    int dev, optin = 0;
+    cudaFuncAttributes fa;
+    cudaCheck(cudaGetDevice(&dev));
+    cudaCheck(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    cudaCheck(cudaFuncGetAttributes(&fa, attention_decode_kernel));
+    size_t room = (size_t)optin > fa.sharedSizeBytes ? (size_t)optin - fa.sharedSizeBytes : 0;
+    if (bytes > room) {
+        fprintf(stderr, "Error: KV-cached decoding at T=%d keeps %zu bytes of scores per block in shared memory; this GPU "
+                        "allows %zu (decoding needs T <= %zu)\n", maxT, bytes, room, room / sizeof(float));
+        exit(EXIT_FAILURE);
+    }
+    cudaCheck(cudaFuncSetAttribute(attention_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    raised = bytes;
+}
+
 // k (or v) of len positions per row, x[R][len][KD], into the cache [R][maxT][KD] at positions pos..
 static void cache_put(floatX* cache, const floatX* x, int R, int len, int maxT, int KD, int pos) {
     size_t row = (size_t)len * KD * sizeof(floatX);
@@ -1815,6 +1851,7 @@ static void decode_step(Model* model, const int* toks, int R, int pos) {
     int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
     int HD = H * D, KD = Hkv * D, maxB = model->maxB, maxT = model->maxT;
     cudaCheck(cudaMemcpy(model->inputs_d, toks, R * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(model->nonfinite_d, 0, (size_t)L * sizeof(int)));
     ParamTensors p = model->params;
     ActTensors a = model->acts;
     floatX* h = a.resid; // R x C, the residual stream of the new tokens
@@ -1838,7 +1875,7 @@ static void decode_step(Model* model, const int* toks, int R, int pos) {
         residual_forward(a.resid_mid, a.resid_mid, h, (size_t)R * C);
         rmsnorm_forward(a.m, a.m_rstd, a.resid_mid, p.moe_norm + (size_t)l * C, R, C, c->eps);
         router_forward(a.z, a.lse, a.m, p.wr + (size_t)l * E * C, R, C, E);
-        topk_forward(model->topi, a.gate, a.z, R, E, K);
+        topk_forward(model->topi, a.gate, model->nonfinite_d + l, a.z, R, E, K);
         permute_plan(model->counts, model->offs, model->row_of, model->tok_of, model->plan_hist, model->offs_h,
                      model->topi, R, E, K);
         permute_forward(a.xe, a.m, model->tok_of, R * K, C);
@@ -1848,6 +1885,7 @@ static void decode_step(Model* model, const int* toks, int R, int pos) {
     }
     rmsnorm_forward(a.xf, model->f_rstd, h, p.final_norm, R, C, c->eps);
     matmul_forward(model->logits, a.xf, p.lm_head, R, C, V);
+    router_check_counts(model, R);
 }
 
 // decoding with a KV cache on the GPU, R <= maxB rows that continue one prompt together (the samples
@@ -1870,6 +1908,7 @@ void generate_answers(Model* model, const int* prompt, int plen, int R, int max_
         model->kcache = (floatX*)cudaMallocCheck(cache * sizeof(floatX));
         model->vcache = (floatX*)cudaMallocCheck(cache * sizeof(floatX));
     }
+    attention_decode_setup(maxT);
     int* toks = (int*)mallocCheck((size_t)R * plen * sizeof(int));
     for (int r = 0; r < R; r++) memcpy(toks + (size_t)r * plen, prompt, plen * sizeof(int));
     model_forward(model, toks, NULL, R, plen);
@@ -1891,7 +1930,8 @@ void generate_answers(Model* model, const int* prompt, int plen, int R, int max_
             int t = cpu::pick_token(logits + (size_t)r * V, V, temperature, rng, probs);
             if (t == stop_token) { done[r] = 1; continue; }
             out[(size_t)r * stride + lens[r]++] = t;
-            if ((stop_newline && tk->ok && strchr(tk->tokens[t], '\n')) || lens[r] == max_new) { done[r] = 1; continue; }
+            const char* piece = cpu::tokenizer_piece(tk, t);
+            if ((stop_newline && piece && strchr(piece, '\n')) || lens[r] == max_new) { done[r] = 1; continue; }
             next[r] = t;
             active++;
         }
@@ -1973,7 +2013,7 @@ double peak_flops(void) {
 #endif
 }
 
-// pick the GPU, make the cuBLAS handle (fp32 accumulation, no TF32)
+// pick the GPU, make the cuBLAS handle (fp32 accumulation and reductions, no TF32)
 void gpu_init(void) {
     int dev = 0;
     cudaCheck(cudaSetDevice(dev));
@@ -1982,7 +2022,8 @@ void gpu_init(void) {
     printf("device: %s (sm_%d%d, %.1f GiB), precision %s\n", prop.name, prop.major, prop.minor,
            prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0), PRECISION_NAME);
     cublasCheck(cublasCreate(&cublas_handle));
-    cublasCheck(cublasSetMathMode(cublas_handle, CUBLAS_DEFAULT_MATH));
+    // no TF32, and split-K partial sums of bf16 GEMMs added in fp32 (the compute type), never in bf16
+    cublasCheck(cublasSetMathMode(cublas_handle, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
 #ifdef USE_CUDNN
     cudnnStatus_t cs = cudnnCreate(&cudnn_handle);
     if (cs != CUDNN_STATUS_SUCCESS) cpu::die("cuDNN: %s", cudnnGetErrorString(cs), __FILE__, __LINE__);
@@ -2054,15 +2095,15 @@ int main(int argc, char** argv) {
     cpu::parse_args(&a, argc, argv);
     gpu_init();
     Tokenizer tk;
-    tokenizer_init(&tk, a.tokenizer);
+    if (tokenizer_init(&tk, a.tokenizer) != 0) exit(EXIT_FAILURE);
     // the model: from a checkpoint (-e or -y) or a random init
     Model model;
     TrainState st = {0, {0, 0, 0}, 0, a.seed};
-    char* resume_path = a.resume ? cpu::latest_checkpoint(a.out_dir) : NULL;
+    char* resume_path = a.resume ? cpu::resume_checkpoint(a.out_dir) : NULL;
     const char* ckpt = resume_path ? resume_path : a.init_ckpt;
     if (a.resume && !resume_path) printf("resume: no checkpoint in '%s' yet, starting fresh\n", a.out_dir);
     if (ckpt) {
-        checkpoint_load(&model, ckpt, &st, resume_path != NULL);
+        if (checkpoint_load(&model, ckpt, &st, resume_path != NULL) != 0) exit(EXIT_FAILURE);
         cpu::check_shape_flags(&model.config, &a, ckpt);
         if (!resume_path) { st.step = 0; st.pos = (DataPos){0, 0, 0}; st.rng = 0; st.seed = a.seed; }
         printf("loaded %s%s (step %d)\n", ckpt, resume_path ? " with optimizer state" : "", st.step);
@@ -2112,6 +2153,7 @@ int main(int argc, char** argv) {
     for (int step = st.step; step < a.steps; step++) {
         cudaCheck(cudaDeviceSynchronize());
         double t0 = now_ms();
+        model.step = step + 1; // as the step line counts
         model_zero_grad(&model);
         double loss = 0, ce = 0, aux = 0, zl = 0;
         for (int micro = 0; micro < a.grad_accum; micro++) {
