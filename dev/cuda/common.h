@@ -48,7 +48,8 @@ API (stable: later changes only add to it)
   reporting
     lab_device_init()           prints the device (once); call at the top of main
     lab_version_arg(argc, argv) the version asked for on the command line (argv[1]); 0 = all
-    lab_cublas()                a cuBLAS handle, created on first use
+    lab_cublas()                a cuBLAS handle, created on first use: no TF32, and split-K partial sums
+                                added in the compute type (fp32), never in a bf16 output's type (as the trainer's)
     lab_cublaslt()              a cuBLASLt handle, created on first use
     print_result(kernel, version, case, ok, ms, bytes, flops, peak)
         prints one machine-readable line (run_all.sh parses these):
@@ -341,7 +342,10 @@ inline int lab_version_arg(int argc, char** argv) {
 
 inline cublasHandle_t lab_cublas() {
     static cublasHandle_t h = NULL;
-    if (h == NULL) cublasCheck(cublasCreate(&h));
+    if (h == NULL) {
+        cublasCheck(cublasCreate(&h));
+        cublasCheck(cublasSetMathMode(h, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+    }
     return h;
 }
 inline cublasLtHandle_t lab_cublaslt() {

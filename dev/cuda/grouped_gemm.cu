@@ -4,7 +4,7 @@ contiguous after the permute), so one MoE layer is E GEMMs of different heights.
 r in [offs[e], offs[e+1]) of expert e, and W[e] an [OC, IC] matrix:
     forward   Y[r,:]  = X[r,:] . W[e]^T          (h1 = xe.w1^T, h3 = xe.w3^T, ye = act.w2^T)
     input     dX[r,:] (=/+=) dY[r,:] . W[e]       (dact = dye.w2, dxe = dh1.w1 + dh3.w3)
-    weight    dW[e]   += dY[rows of e]^T . X[rows of e]
+    weight    dW[e]   += dY[rows of e]^T . X[rows of e]       (dW always fp32, as the trainer's gradients)
 The versions are checked as a whole expert layer: the GEMMs plus a plain SwiGLU are composed into
 the expert forward and backward and compared, tensor by tensor, with train_moe.c's
 experts_forward and experts_backward (the CPU references).
@@ -17,10 +17,12 @@ version 2: fp32, one cublasGemmGroupedBatchedEx call per GEMM kind (a group per 
 version 3: fp32, hand-written tiled kernel (64x64 tiles, 16-deep k-slices in shared memory, 4x4 per
            thread) that reads the permutation itself: X rows are gathered from m by tok_of, so no
            permuted copy xe is made; offsets stay on the device (no host sync)
-version 4: bf16 storage, fp32 accumulation: a loop of cublasGemmEx
-version 5: bf16, cublasGemmGroupedBatchedEx
+version 4: bf16 storage, fp32 accumulation: a loop of cublasGemmEx (the weight gradient: bf16 A and B,
+           fp32 C, beta 1: accumulated in fp32 straight into the fp32 gradient)
+version 5: bf16, cublasGemmGroupedBatchedEx; the weight gradient as in version 4 (the grouped call writes
+           C in the type of A and B: a bf16 gradient, rounded before it reaches the fp32 sum)
 version 6: bf16, hand-written tensor-core kernel (WMMA 16x16x16, 64x64 tiles, 4 warps of 32x32)
-           that gathers m by tok_of like version 3
+           that gathers m by tok_of like version 3; dW accumulated into fp32
 
 The cuBLAS versions (1, 2, 4, 5) need a permuted copy xe = m[tok_of] and the offsets on the host
 (one device-to-host copy per layer in a trainer); their forward time includes the gather kernel.
@@ -30,7 +32,10 @@ backward 12*NK*C*F; fp32 versions measured against the 67 TFLOP/s fp32 (non-tens
 versions against 989 TFLOP/s dense bf16.
 Tolerances, relative to the largest |value| of each tensor (atol) plus rtol on each element:
 fp32 atol 1e-4 * max, rtol 1e-4 (summation order); bf16 atol 1e-2 * max, rtol 2e-2 (h1, h3, act
-and the outputs are rounded to bf16 along the way).
+and the outputs are rounded to bf16 along the way). The bf16 versions' weight gradients are also
+checked at 4096 sampled entries per tensor against sums in double of the very bf16 values their GEMMs
+read: relative RMS error <= 1e-4, which fp32 accumulation meets (~1e-6) and a gradient rounded to bf16
+on its way (~1e-3) does not.
 */
 #define TESTING
 #include "../../train_moe.c"
@@ -60,19 +65,20 @@ struct GemmDesc { int m, n, k; const void* A; int lda; const void* B; int ldb; v
 static void** gg_ptrs = NULL; // device: the A, B, C pointer arrays of the grouped call
 static int gg_ptrs_n = 0;
 
-void gg_cublas(int v, cublasOperation_t ta, cublasOperation_t tb, const std::vector<GemmDesc>& d, float beta) {
+// C in the version's type, or in fp32 with fp32_out (the weight gradients)
+void gg_cublas(int v, cublasOperation_t ta, cublasOperation_t tb, const std::vector<GemmDesc>& d, float beta, int fp32_out) {
     const float one = 1.0f;
     int G = (int)d.size();
     if (G == 0) return;
-    cudaDataType_t t = is_bf16(v) ? CUDA_R_16BF : CUDA_R_32F;
-    if (v == 1 || v == 4) { // a loop: one call per expert
+    cudaDataType_t t = is_bf16(v) ? CUDA_R_16BF : CUDA_R_32F, tc = fp32_out ? CUDA_R_32F : t;
+    if (v == 1 || v == 4 || (v == 5 && fp32_out)) { // a loop: one call per expert
         for (const GemmDesc& g : d) {
             if (v == 1)
                 cublasCheck(cublasSgemm(lab_cublas(), ta, tb, g.m, g.n, g.k, &one, (const float*)g.A, g.lda,
                                         (const float*)g.B, g.ldb, &beta, (float*)g.C, g.ldc));
             else
                 cublasCheck(cublasGemmEx(lab_cublas(), ta, tb, g.m, g.n, g.k, &one, g.A, t, g.lda, g.B, t, g.ldb,
-                                         &beta, g.C, t, g.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                         &beta, g.C, tc, g.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         }
         return;
     }
@@ -112,7 +118,7 @@ void gg_forward_cublas(int v, void* Y, const void* X, const void* W, const GGPla
         d.push_back({OC, n, IC, (const char*)W + (size_t)e * OC * IC * es, IC, (const char*)X + (size_t)r0 * IC * es, IC,
                      (char*)Y + (size_t)r0 * OC * es, OC});
     }
-    gg_cublas(v, CUBLAS_OP_T, CUBLAS_OP_N, d, 0.0f);
+    gg_cublas(v, CUBLAS_OP_T, CUBLAS_OP_N, d, 0.0f, 0);
 }
 // dX[r,:IC] (=/+=) dY[r,:OC] . W[e]
 void gg_backward_dx_cublas(int v, void* dX, const void* dY, const void* W, const GGPlan& p, int IC, int OC, int accumulate) {
@@ -124,19 +130,19 @@ void gg_backward_dx_cublas(int v, void* dX, const void* dY, const void* W, const
         d.push_back({IC, n, OC, (const char*)W + (size_t)e * OC * IC * es, IC, (const char*)dY + (size_t)r0 * OC * es, OC,
                      (char*)dX + (size_t)r0 * IC * es, IC});
     }
-    gg_cublas(v, CUBLAS_OP_N, CUBLAS_OP_N, d, accumulate ? 1.0f : 0.0f);
+    gg_cublas(v, CUBLAS_OP_N, CUBLAS_OP_N, d, accumulate ? 1.0f : 0.0f, 0);
 }
-// dW[e] += dY[rows]^T . X[rows]
-void gg_backward_dw_cublas(int v, void* dW, const void* dY, const void* X, const GGPlan& p, int IC, int OC) {
+// dW[e] (fp32) += dY[rows]^T . X[rows]
+void gg_backward_dw_cublas(int v, float* dW, const void* dY, const void* X, const GGPlan& p, int IC, int OC) {
     size_t es = elem_size(v);
     std::vector<GemmDesc> d;
     for (int e = 0; e < p.E; e++) {
         int r0 = p.offs_host[e], n = p.offs_host[e + 1] - r0;
         if (n == 0) continue; // an expert without rows keeps its gradient as it is
         d.push_back({IC, OC, n, (const char*)X + (size_t)r0 * IC * es, IC, (const char*)dY + (size_t)r0 * OC * es, OC,
-                     (char*)dW + (size_t)e * OC * IC * es, IC});
+                     dW + (size_t)e * OC * IC, IC});
     }
-    gg_cublas(v, CUBLAS_OP_N, CUBLAS_OP_T, d, 1.0f);
+    gg_cublas(v, CUBLAS_OP_N, CUBLAS_OP_T, d, 1.0f, 1);
 }
 
 // ----------------------------------------------------------------------------
@@ -386,7 +392,7 @@ __global__ void __launch_bounds__(128) gg_backward_dx_kernel6(bf16* dX, const bf
     }
 }
 
-__global__ void __launch_bounds__(128) gg_backward_dw_kernel6(bf16* dW, const bf16* dY, const bf16* X, const int* offs,
+__global__ void __launch_bounds__(128) gg_backward_dw_kernel6(float* dW, const bf16* dY, const bf16* X, const int* offs,
                                                               const int* gather, int IC, int OC) {
     __shared__ __align__(32) bf16 As[G6_BK][G6_SN]; // As[r][n]: A(n, r) column-major
     __shared__ __align__(32) bf16 Bs[G6_BK][G6_SN]; // Bs[r][c]
@@ -422,14 +428,13 @@ __global__ void __launch_bounds__(128) gg_backward_dw_kernel6(bf16* dW, const bf
     }
     g6_stage(Cs, acc, wm, wn);
     __syncthreads();
-    bf16* We = dW + (size_t)e * OC * IC;
-    for (int i = tid; i < GG_TILE * GG_TILE / 8; i += blockDim.x) {
-        int row = i / (GG_TILE / 8), c8 = (i % (GG_TILE / 8)) * 8;
-        uint4* dst = (uint4*)(We + (size_t)(m0 + row) * IC + c0 + c8);
-        G6Pack old, o;
-        old.u = *dst;
-        for (int k = 0; k < 8; k++) o.h[k] = __float2bfloat16(__bfloat162float(old.h[k]) + Cs[row][c8 + k]);
-        *dst = o.u;
+    float* We = dW + (size_t)e * OC * IC; // fp32: the tile's fp32 sums are added, never rounded to bf16
+    for (int i = tid; i < GG_TILE * GG_TILE / 4; i += blockDim.x) {
+        int row = i / (GG_TILE / 4), c4 = (i % (GG_TILE / 4)) * 4;
+        float4* dst = (float4*)(We + (size_t)(m0 + row) * IC + c0 + c4);
+        float4 o = *dst;
+        o.x += Cs[row][c4]; o.y += Cs[row][c4 + 1]; o.z += Cs[row][c4 + 2]; o.w += Cs[row][c4 + 3];
+        *dst = o;
     }
 }
 
@@ -458,11 +463,11 @@ void gg_backward_dx(int v, void* dX, const void* dY, const void* W, const GGPlan
     else gg_backward_dx_cublas(v, dX, dY, W, p, IC, OC, accumulate);
     cudaCheckLast();
 }
-void gg_backward_dw(int v, void* dW, const void* dY, const void* X, const GGPlan& p, int IC, int OC) {
+void gg_backward_dw(int v, float* dW, const void* dY, const void* X, const GGPlan& p, int IC, int OC) {
     check_dims(v, IC, OC);
     dim3 grid(IC / GG_TILE, OC / GG_TILE, p.E);
-    if (v == 3) gg_backward_dw_kernel3<<<grid, 256>>>((float*)dW, (const float*)dY, (const float*)X, p.offs, p.gather, IC, OC);
-    else if (v == 6) gg_backward_dw_kernel6<<<grid, 128>>>((bf16*)dW, (const bf16*)dY, (const bf16*)X, p.offs, p.gather, IC, OC);
+    if (v == 3) gg_backward_dw_kernel3<<<grid, 256>>>(dW, (const float*)dY, (const float*)X, p.offs, p.gather, IC, OC);
+    else if (v == 6) gg_backward_dw_kernel6<<<grid, 128>>>(dW, (const bf16*)dY, (const bf16*)X, p.offs, p.gather, IC, OC);
     else gg_backward_dw_cublas(v, dW, dY, X, p, IC, OC);
     cudaCheckLast();
 }
@@ -501,7 +506,8 @@ __global__ void swiglu_backward_kernel(T* dh1, T* dh3, const T* dact, const T* h
 struct ExpertBufs {
     int N, NK, E, C, F;
     void *m, *xe, *w1, *w3, *w2, *h1, *h3, *act, *ye;    // forward
-    void *dye, *dact, *dh1, *dh3, *dxe, *dw1, *dw3, *dw2; // backward
+    void *dye, *dact, *dh1, *dh3, *dxe;                   // backward
+    float *dw1, *dw3, *dw2;                               // fp32 in every version
     GGPlan plan;                                          // gather = NULL
     const int* tok_of;
 };
@@ -580,7 +586,7 @@ void* alloc_zero(int v, size_t n) {
     return p;
 }
 // device buffers for one batch; the weights are shared (w1, w3, w2, dw1, dw3, dw2 given)
-ExpertBufs make_bufs(int v, const Batch& bt, int E, int C, int F, void* w[3], void* dw[3], int** d_plan) {
+ExpertBufs make_bufs(int v, const Batch& bt, int E, int C, int F, void* w[3], float* dw[3], int** d_plan) {
     ExpertBufs b;
     b.N = bt.N; b.NK = bt.NK; b.E = E; b.C = C; b.F = F;
     size_t nc = (size_t)bt.NK * C, nf = (size_t)bt.NK * F;
@@ -607,6 +613,50 @@ int check(int v, const void* d, const float* ref, const char* name, size_t n) {
     double mx = lab_max_abs(ref, n);
     if (is_bf16(v)) return validate_result_tol((const bf16*)d, ref, name, n, 1e-2 * mx, 2e-2);
     return validate_result_tol((const float*)d, ref, name, n, 1e-4 * mx, 1e-4);
+}
+// a weight gradient (fp32 in every version) against the CPU's, with the version's tolerance
+int check_dw(int v, const float* d, const float* ref, const char* name, size_t n) {
+    double mx = lab_max_abs(ref, n);
+    return validate_result_tol(d, ref, name, n, (is_bf16(v) ? 1e-2 : 1e-4) * mx, is_bf16(v) ? 2e-2 : 1e-4);
+}
+
+// device bf16[n] -> host float[n]
+std::vector<float> download_bf16(const void* d, size_t n) {
+    std::vector<bf16> h(n ? n : 1);
+    cuda_to_host(h.data(), (const bf16*)d, n);
+    std::vector<float> f(n ? n : 1);
+    for (size_t i = 0; i < n; i++) f[i] = __bfloat162float(h[i]);
+    return f;
+}
+// a bf16 version's dW[E][OC][IC] (fp32, += from zero once) at `samples` entries of experts with rows,
+// against the sum in double over the expert's rows r of dY[r][o] * X[row of r][i], from the values the
+// GEMM read: dY[NK][OC] and X (rows gather[r] of it, or r when gather is NULL). Passes when the relative
+// RMS error over the entries is <= 1e-4: fp32 accumulation gives ~1e-6, a gradient rounded to bf16 on
+// its way ~1e-3 (8 significant bits).
+int check_dw_sums(const float* d_dw, const float* dY, const float* X, const int* gather, const int* offs, int E, int IC,
+                  int OC, const char* name, int samples) {
+    std::vector<float> dw((size_t)E * OC * IC);
+    cuda_to_host(dw.data(), d_dw, dw.size());
+    double err2 = 0.0, ref2 = 0.0;
+    int tried = 0, finite = 1;
+    for (int s = 0; tried < samples && s < 64 * samples; s++) {
+        uint64_t h = hash3(0x6D57, (uint64_t)s, (uint64_t)E * OC * IC);
+        int e = (int)(h % E), o = (int)((h >> 20) % OC), i = (int)((h >> 40) % IC);
+        if (offs[e + 1] == offs[e]) continue; // no rows: dW[e] stays zero (the CPU comparison checks it)
+        tried++;
+        double sum = 0.0;
+        for (int r = offs[e]; r < offs[e + 1]; r++) sum += (double)dY[(size_t)r * OC + o] * X[(size_t)(gather ? gather[r] : r) * IC + i];
+        double got = dw[((size_t)e * OC + o) * IC + i];
+        finite &= isfinite(got) != 0;
+        err2 += (got - sum) * (got - sum);
+        ref2 += sum * sum;
+    }
+    double rel = sqrt(err2 / (ref2 > 0 ? ref2 : 1.0));
+    int pass = finite && rel <= 1e-4;
+    printf("  %-14s %d entries vs sums in double of the bf16 operands: relative RMS error %.3e (<= 1e-4)  %s\n", name,
+           tried, rel, pass ? "OK" : "FAIL");
+    if (!pass) lab_failures++;
+    return pass;
 }
 
 int main(int argc, char** argv) {
@@ -656,8 +706,8 @@ int main(int argc, char** argv) {
             if (want && v != want) continue;
             printf("version %d\n", v);
             void* d_w[3];
-            void* d_dw[3];
-            for (int i = 0; i < 3; i++) { d_w[i] = upload(v, w[i], nw); d_dw[i] = alloc_zero(v, nw); }
+            float* d_dw[3];
+            for (int i = 0; i < 3; i++) { d_w[i] = upload(v, w[i], nw); d_dw[i] = cuda_calloc<float>(nw); }
             int* d_plan[2];
             // validation
             ExpertBufs b = make_bufs(v, vb, E, C, F, d_w, d_dw, d_plan);
@@ -672,9 +722,15 @@ int main(int argc, char** argv) {
             ok &= check(v, b.dh1, dh1, "dh1", nf);
             ok &= check(v, b.dh3, dh3, "dh3", nf);
             ok &= check(v, b.dxe, dxe, "dxe", nc);
-            ok &= check(v, b.dw1, dw[0], "dw1", nw);
-            ok &= check(v, b.dw3, dw[1], "dw3", nw);
-            ok &= check(v, b.dw2, dw[2], "dw2", nw);
+            ok &= check_dw(v, b.dw1, dw[0], "dw1", nw);
+            ok &= check_dw(v, b.dw3, dw[1], "dw3", nw);
+            ok &= check_dw(v, b.dw2, dw[2], "dw2", nw);
+            if (is_bf16(v)) { // the fp32 accumulation itself, on the version's own bf16 dh1, dh3 and act
+                std::vector<float> gdh1 = download_bf16(b.dh1, nf), gdh3 = download_bf16(b.dh3, nf), gact = download_bf16(b.act, nf);
+                ok &= check_dw_sums(b.dw1, gdh1.data(), vb.m, vb.tok_of, vb.offs, E, C, F, "dw1 (fp32 sum)", 4096);
+                ok &= check_dw_sums(b.dw3, gdh3.data(), vb.m, vb.tok_of, vb.offs, E, C, F, "dw3 (fp32 sum)", 4096);
+                ok &= check_dw_sums(b.dw2, vb.dye, gact.data(), NULL, vb.offs, E, F, C, "dw2 (fp32 sum)", 4096);
+            }
             free_bufs(&b, d_plan);
             // benchmark
             b = make_bufs(v, bb, E, C, F, d_w, d_dw, d_plan);

@@ -1,6 +1,8 @@
 /*
 Router + top-k: logits z = m . wr^T (fp32), their logsumexp, the K largest logits of each token
-(ties towards the lower expert index) and the gates (softmax over the K chosen logits).
+(ties towards the lower expert index; a NaN logit ranks as -inf, so every pick is a real expert) and
+the gates (softmax over the K chosen logits), and the number of tokens whose logits are not all
+finite (an integer count, which the trainer turns into an error).
 CPU reference: router_forward + topk_forward of train_moe.c.
 
 Build: make router_topk      (nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp -DOMP router_topk.cu -lcublas -lcublasLt -o router_topk)
@@ -12,8 +14,10 @@ version 2: cublasSgemm for the logits, then one warp per token: the token's E lo
 
 The logits matmul is the same cuBLAS call in both versions and is validated once; the top-k kernels
 are then validated on the CPU's own logits (so a near-tie is never decided by matmul rounding) and
-benchmarked alone, against HBM bandwidth (bytes: z read, lse, topi, gate written).
-Tolerances: z 1e-4 (fp32 GEMM, summation order differs), lse and gates 1e-5, topi exact.
+benchmarked alone, against HBM bandwidth (bytes: z read, lse, topi, gate written). A last case poisons
+a fifth of the tokens' logits with NaN, +Inf and -Inf (one NaN, one +Inf, one -Inf, or all NaN): the
+picks and the count of non-finite tokens must be the CPU's exactly.
+Tolerances: z 1e-4 (fp32 GEMM, summation order differs), lse and gates 1e-5, topi and the count exact.
 */
 #define TESTING
 #include "../../train_moe.c"
@@ -37,13 +41,18 @@ void router_logits_gpu(float* z, const float* m, const float* wr, int N, int C, 
 __device__ __forceinline__ bool topk_before(float a, int ia, float b, int ib) {
     return a > b || (a == b && ia < ib);
 }
+// the value a logit is ranked by: NaN as -inf (as train_moe.c's topk_forward), so the order is total
+__device__ __forceinline__ float topk_rank(float z) { return isnan(z) ? -INFINITY : z; }
 
-__global__ void router_topk_kernel1(int* topi, float* gate, float* lse, const float* z, int N, int E, int K) {
+__global__ void router_topk_kernel1(int* topi, float* gate, float* lse, int* nonfinite, const float* z, int N, int E, int K) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     const float* zn = z + (size_t)n * E; // seek to z[n,:]
     float mx = zn[0];
+    int finite = 1;
     for (int e = 1; e < E; e++) if (zn[e] > mx) mx = zn[e];
+    for (int e = 0; e < E; e++) finite &= isfinite(zn[e]);
+    if (!finite) atomicAdd(nonfinite, 1);
     float s = 0.0f;
     for (int e = 0; e < E; e++) s += expf(zn[e] - mx);
     lse[n] = mx + logf(s);
@@ -54,12 +63,14 @@ __global__ void router_topk_kernel1(int* topi, float* gate, float* lse, const fl
     int prev_e = -1;
     for (int j = 0; j < K; j++) {
         int best = -1;
+        float bv = 0.0f;
         for (int e = 0; e < E; e++) {
-            if (!topk_before(prev_v, prev_e, zn[e], e)) continue; // already taken
-            if (best < 0 || zn[e] > zn[best]) best = e;
+            float ze = topk_rank(zn[e]);
+            if (!topk_before(prev_v, prev_e, ze, e)) continue; // already taken
+            if (best < 0 || ze > bv) { best = e; bv = ze; }
         }
         ti[j] = best;
-        prev_v = zn[best];
+        prev_v = bv;
         prev_e = best;
     }
     // gates: softmax over the K chosen logits (the first is the largest)
@@ -68,9 +79,9 @@ __global__ void router_topk_kernel1(int* topi, float* gate, float* lse, const fl
     for (int j = 0; j < K; j++) g[j] /= gs;
 }
 
-void router_topk1(int* topi, float* gate, float* lse, const float* z, int N, int E, int K) {
+void router_topk1(int* topi, float* gate, float* lse, int* nonfinite, const float* z, int N, int E, int K) {
     int block = 128;
-    router_topk_kernel1<<<ceil_div(N, block), block>>>(topi, gate, lse, z, N, E, K);
+    router_topk_kernel1<<<ceil_div(N, block), block>>>(topi, gate, lse, nonfinite, z, N, E, K);
     cudaCheckLast();
 }
 
@@ -86,7 +97,7 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-__global__ void router_topk_kernel2(int* topi, float* gate, float* lse, const float* z, int N, int E, int K) {
+__global__ void router_topk_kernel2(int* topi, float* gate, float* lse, int* nonfinite, const float* z, int N, int E, int K) {
     constexpr int PER_LANE = TOPK_MAX_E / 32;
     int lane = threadIdx.x % 32;
     int n = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
@@ -98,10 +109,12 @@ __global__ void router_topk_kernel2(int* topi, float* gate, float* lse, const fl
         int e = lane + 32 * i;
         v[i] = e < E ? zn[e] : -INFINITY;
     }
-    float mx = -INFINITY;
+    float mx = -INFINITY; // (fmaxf passes over a NaN; the sum below still turns it into a NaN lse, as on the CPU)
+    int finite = 1;
     #pragma unroll
-    for (int i = 0; i < PER_LANE; i++) mx = fmaxf(mx, v[i]);
+    for (int i = 0; i < PER_LANE; i++) { mx = fmaxf(mx, v[i]); finite &= isfinite(v[i]) || lane + 32 * i >= E; }
     mx = warp_max(mx);
+    if (!__all_sync(0xffffffffu, finite) && lane == 0) atomicAdd(nonfinite, 1);
     float s = 0.0f;
     #pragma unroll
     for (int i = 0; i < PER_LANE; i++) if (lane + 32 * i < E) s += expf(v[i] - mx);
@@ -109,9 +122,8 @@ __global__ void router_topk_kernel2(int* topi, float* gate, float* lse, const fl
     if (lane == 0) lse[n] = mx + logf(s);
 
     unsigned taken = 0;     // bit i: expert lane+32i already chosen
-    float my_logit = 0.0f;  // lane j < K keeps the logit of pick j
-    int my_expert = 0;
-    float top_logit = 0.0f;
+    int my_expert = 0;      // lane j < K keeps pick j
+    int top_expert = 0;
     for (int j = 0; j < K; j++) {
         // the lane's best expert not yet taken (i ascending = expert ascending, so '>' keeps the lower)
         float bv = -INFINITY;
@@ -119,7 +131,8 @@ __global__ void router_topk_kernel2(int* topi, float* gate, float* lse, const fl
         #pragma unroll
         for (int i = 0; i < PER_LANE; i++) {
             int e = lane + 32 * i;
-            if (e < E && !((taken >> i) & 1u) && (be < 0 || v[i] > bv)) { bv = v[i]; be = e; }
+            float r = topk_rank(v[i]);
+            if (e < E && !((taken >> i) & 1u) && (be < 0 || r > bv)) { bv = r; be = e; }
         }
         // warp argmax, ties to the lower expert index
         for (int o = 16; o > 0; o >>= 1) {
@@ -128,10 +141,10 @@ __global__ void router_topk_kernel2(int* topi, float* gate, float* lse, const fl
             if (oe >= 0 && (be < 0 || topk_before(ov, oe, bv, be))) { bv = ov; be = oe; }
         }
         if (be % 32 == lane) taken |= 1u << (be / 32);
-        if (lane == j) { my_logit = bv; my_expert = be; }
-        if (j == 0) top_logit = bv;
+        if (lane == j) my_expert = be;
+        if (j == 0) top_expert = be;
     }
-    float g = lane < K ? expf(my_logit - top_logit) : 0.0f;
+    float g = lane < K ? expf(zn[my_expert] - zn[top_expert]) : 0.0f; // the logits themselves, NaN included
     float gs = warp_sum(g);
     if (lane < K) {
         topi[(size_t)n * K + lane] = my_expert;
@@ -139,20 +152,21 @@ __global__ void router_topk_kernel2(int* topi, float* gate, float* lse, const fl
     }
 }
 
-void router_topk2(int* topi, float* gate, float* lse, const float* z, int N, int E, int K) {
+void router_topk2(int* topi, float* gate, float* lse, int* nonfinite, const float* z, int N, int E, int K) {
     if (E > TOPK_MAX_E || K > TOPK_MAX_K) { fprintf(stderr, "router_topk2: E <= %d, K <= %d\n", TOPK_MAX_E, TOPK_MAX_K); exit(EXIT_FAILURE); }
     int block = 256;
-    router_topk_kernel2<<<ceil_div((long long)N * 32, block), block>>>(topi, gate, lse, z, N, E, K);
+    router_topk_kernel2<<<ceil_div((long long)N * 32, block), block>>>(topi, gate, lse, nonfinite, z, N, E, K);
     cudaCheckLast();
 }
 
 // ----------------------------------------------------------------------------
 // dispatcher
 
-void router_topk_gpu(int version, int* topi, float* gate, float* lse, const float* z, int N, int E, int K) {
+// *nonfinite (device) += the tokens whose logits are not all finite
+void router_topk_gpu(int version, int* topi, float* gate, float* lse, int* nonfinite, const float* z, int N, int E, int K) {
     switch (version) {
-        case 1: router_topk1(topi, gate, lse, z, N, E, K); break;
-        case 2: router_topk2(topi, gate, lse, z, N, E, K); break;
+        case 1: router_topk1(topi, gate, lse, nonfinite, z, N, E, K); break;
+        case 2: router_topk2(topi, gate, lse, nonfinite, z, N, E, K); break;
         default: fprintf(stderr, "router_topk: no version %d\n", version); exit(EXIT_FAILURE);
     }
 }
@@ -193,7 +207,7 @@ int main(int argc, char** argv) {
         int* topi = (int*)mallocCheck((size_t)N * K * sizeof(int));
         float* gate = (float*)mallocCheck((size_t)N * K * sizeof(float));
         router_forward(z, lse, m, wr, N, C, E);
-        topk_forward(topi, gate, z, N, E, K);
+        int bad = topk_forward(topi, gate, z, N, E, K);
         int* counts = (int*)callocCheck(E, sizeof(int));
         for (int s = 0; s < N * K; s++) counts[topi[s]]++;
         int cmax = 0, empty = 0;
@@ -206,6 +220,7 @@ int main(int argc, char** argv) {
         float* d_lse = cuda_calloc<float>(N);
         int* d_topi = cuda_calloc<int>((size_t)N * K);
         float* d_gate = cuda_calloc<float>((size_t)N * K);
+        int* d_bad = cuda_calloc<int>(1);
         // the logits (shared by every version)
         router_logits_gpu(d_z, d_m, d_wr, N, C, E);
         validate_result(d_z, z, "z", (size_t)N * E, 1e-4);
@@ -219,17 +234,60 @@ int main(int argc, char** argv) {
             cudaCheck(cudaMemset(d_topi, 0xff, (size_t)N * K * sizeof(int))); // a stale or missing write fails
             cudaCheck(cudaMemset(d_gate, 0xff, (size_t)N * K * sizeof(float))); // (0xffffffff is a NaN)
             cudaCheck(cudaMemset(d_lse, 0xff, (size_t)N * sizeof(float)));
-            router_topk_gpu(v, d_topi, d_gate, d_lse, d_z, N, E, K);
+            cudaCheck(cudaMemset(d_bad, 0, sizeof(int)));
+            router_topk_gpu(v, d_topi, d_gate, d_lse, d_bad, d_z, N, E, K);
             int ok = validate_result(d_lse, lse, "lse", N, 1e-5);
             ok &= validate_result(d_topi, topi, "topi", (size_t)N * K, 0.0);
             ok &= validate_result(d_gate, gate, "gate", (size_t)N * K, 1e-5);
-            float t = ok ? benchmark_kernel(50, router_topk_gpu, v, d_topi, d_gate, d_lse, (const float*)d_z, N, E, K) : 0.0f;
+            ok &= validate_result(d_bad, &bad, "nonfinite", 1, 0.0);
+            float t = ok ? benchmark_kernel(50, router_topk_gpu, v, d_topi, d_gate, d_lse, d_bad, (const float*)d_z, N, E, K) : 0.0f;
             double bytes = (double)N * E * 4 + (double)N * 4 + (double)N * K * 8;
             print_result("router_topk", v, name, ok, t, bytes, 0, PEAK_HBM);
         }
         cudaCheck(cudaFree(d_m)); cudaCheck(cudaFree(d_wr)); cudaCheck(cudaFree(d_z)); cudaCheck(cudaFree(d_lse));
-        cudaCheck(cudaFree(d_topi)); cudaCheck(cudaFree(d_gate));
+        cudaCheck(cudaFree(d_topi)); cudaCheck(cudaFree(d_gate)); cudaCheck(cudaFree(d_bad));
         free(m); free(wr); free(z); free(lse); free(topi); free(gate); free(counts);
+    }
+    // non-finite logits: the picks (NaN ranks as -inf) and the count, exactly as the CPU's
+    struct { int E, K; } poisoned[] = {{8, 2}, {128, 8}};
+    for (const auto& cs : poisoned) {
+        int E = cs.E, K = cs.K;
+        char name[64];
+        snprintf(name, sizeof(name), "N%d_E%d_K%d_nonfinite", N, E, K);
+        printf("\n== router_topk %s\n", name);
+        float* z = make_router_logits(N, E, K, 0);
+        for (int n = 0; n < N; n++) { // a fifth of the tokens: one NaN, one +Inf, one -Inf, or every logit NaN
+            float* zn = z + (size_t)n * E;
+            int e = (n / 5) % E;
+            if (n % 20 == 0) zn[e] = NAN;
+            else if (n % 20 == 5) zn[e] = INFINITY;
+            else if (n % 20 == 10) zn[e] = -INFINITY;
+            else if (n % 20 == 15) for (int i = 0; i < E; i++) zn[i] = NAN;
+        }
+        int* topi = (int*)mallocCheck((size_t)N * K * sizeof(int));
+        float* gate = (float*)mallocCheck((size_t)N * K * sizeof(float));
+        int bad = topk_forward(topi, gate, z, N, E, K);
+        printf("CPU: %d of %d tokens with non-finite logits\n", bad, N);
+        float* d_z = cuda_malloc_copy(z, (size_t)N * E);
+        float* d_lse = cuda_calloc<float>(N);
+        int* d_topi = cuda_calloc<int>((size_t)N * K);
+        float* d_gate = cuda_calloc<float>((size_t)N * K);
+        int* d_bad = cuda_calloc<int>(1);
+        for (int v = 1; v <= NUM_VERSIONS; v++) {
+            if (want && v != want) continue;
+            printf("version %d\n", v);
+            cudaCheck(cudaMemset(d_topi, 0xff, (size_t)N * K * sizeof(int)));
+            cudaCheck(cudaMemset(d_bad, 0, sizeof(int)));
+            router_topk_gpu(v, d_topi, d_gate, d_lse, d_bad, d_z, N, E, K);
+            int ok = validate_result(d_topi, topi, "topi", (size_t)N * K, 0.0);
+            ok &= validate_result(d_bad, &bad, "nonfinite", 1, 0.0);
+            float t = ok ? benchmark_kernel(50, router_topk_gpu, v, d_topi, d_gate, d_lse, d_bad, (const float*)d_z, N, E, K) : 0.0f;
+            double bytes = (double)N * E * 4 + (double)N * 4 + (double)N * K * 8;
+            print_result("router_topk", v, name, ok, t, bytes, 0, PEAK_HBM);
+        }
+        cudaCheck(cudaFree(d_z)); cudaCheck(cudaFree(d_lse)); cudaCheck(cudaFree(d_topi)); cudaCheck(cudaFree(d_gate));
+        cudaCheck(cudaFree(d_bad));
+        free(z); free(topi); free(gate);
     }
     return lab_exit_code();
 }
