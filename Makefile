@@ -19,7 +19,13 @@ else
   $(info OpenMP not found: building single-threaded)
 endif
 
-.PHONY: all train test venv test-hf ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check clean
+# USE_BLAS=1 builds (train_moe_blas, test_moe_blas): every matmul through OpenBLAS's cblas_sgemm
+# (Debian: apt-get install libopenblas-dev); make test also runs the C suite on them where it is installed
+BLAS_FLAGS = -DUSE_BLAS
+BLAS_LIBS = -lopenblas
+HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
+
+.PHONY: all train test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check clean
 
 all: train_moe test_moe
 
@@ -28,6 +34,11 @@ train_moe: train_moe.c
 
 test_moe: test_moe.c train_moe.c
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
+
+train_moe_blas: train_moe.c
+	$(CC) $(CFLAGS) $(BLAS_FLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
+test_moe_blas: test_moe.c train_moe.c
+	$(CC) $(CFLAGS) $(BLAS_FLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
 
 # the default job: the bundled data, a small MoE, under 10 minutes on 2 cores
 train: train_moe
@@ -41,11 +52,21 @@ test: venv test_moe train_moe ref
 	$(MAKE) --no-print-directory test-hf
 	$(PY) scripts/test_sweep.py --require-all
 	./test_moe dev/ref
+	$(MAKE) --no-print-directory test-blas
 	$(MAKE) --no-print-directory test-sanitize
 	$(MAKE) --no-print-directory fuzz-smoke
 
 venv:
 	@dev/setup_venv.sh
+
+# the C suite on the OpenBLAS build, where OpenBLAS is installed
+test-blas: ref
+ifeq ($(HAVE_BLAS),yes)
+	$(MAKE) --no-print-directory test_moe_blas train_moe_blas
+	./test_moe_blas dev/ref ./train_moe_blas
+else
+	@echo "test-blas: OpenBLAS not installed (Debian: apt-get install libopenblas-dev): the USE_BLAS=1 build was not tested"
+endif
 
 # the PyTorch reference states that test_moe checks against (never stale: rebuilt every time)
 ref: venv
@@ -91,7 +112,7 @@ gpu-check:
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk gpu-check
 
 clean:
-	rm -f train_moe test_moe train_moe_san test_moe_san
+	rm -f train_moe test_moe train_moe_san test_moe_san train_moe_blas test_moe_blas
 	$(MAKE) --no-print-directory -C dev/fuzz clean
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk cuda-clean
 	$(MAKE) --no-print-directory -C dev/cuda clean

@@ -29,6 +29,9 @@ Build: make train_moe          Run: ./train_moe -h
 #ifdef OMP
 #include <omp.h>
 #endif
+#ifdef USE_BLAS
+#include <cblas.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // utilities: checked I/O and allocation, RNG, clock
@@ -276,6 +279,17 @@ static void gemm_pack(float* dst, const float* x, int r0, int R, int K, size_t s
     }
 }
 
+#ifdef USE_BLAS
+// make USE_BLAS=1: every product through cblas_sgemm. The operand X(r,c) = x[r*sr + c*sc] of
+// rows x cols is, to row-major BLAS, x itself with ld = sr (sc = 1), or the transpose of a
+// cols x rows matrix with ld = sc (sr = 1); 0 if it is neither
+static int blas_layout(size_t sr, size_t sc, int rows, int cols, CBLAS_TRANSPOSE* t, int* ld) {
+    if (sc == 1 && (sr >= (size_t)cols || rows == 1)) { *t = CblasNoTrans; *ld = (int)(sr > (size_t)cols ? sr : (size_t)cols); return 1; }
+    if (sr == 1 && (sc >= (size_t)rows || cols == 1)) { *t = CblasTrans; *ld = (int)(sc > (size_t)rows ? sc : (size_t)rows); return 1; }
+    return 0;
+}
+#endif
+
 void gemm(float* c, const float* a, const float* b, int M, int N, int K,
           size_t sai, size_t sak, size_t sbk, size_t sbj, int accumulate) {
     if (M <= 0 || N <= 0) return;
@@ -283,6 +297,14 @@ void gemm(float* c, const float* a, const float* b, int M, int N, int K,
         if (!accumulate) for (int i = 0; i < M; i++) memset(c + (size_t)i * N, 0, N * sizeof(float));
         return;
     }
+#ifdef USE_BLAS
+    CBLAS_TRANSPOSE ta, tb;
+    int lda, ldb;
+    if (blas_layout(sai, sak, M, K, &ta, &lda) && blas_layout(sbk, sbj, K, N, &tb, &ldb)) {
+        cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, N);
+        return;
+    }
+#endif
     int mt = (M + GEMM_MR - 1) / GEMM_MR, nt = (N + GEMM_NR - 1) / GEMM_NR;
     float* ap = scratch_get(&gemm_apack, (size_t)mt * GEMM_MR * K);
     float* bp = scratch_get(&gemm_bpack, (size_t)nt * GEMM_NR * K);

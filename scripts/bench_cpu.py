@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """
-CPU benchmark: train_moe (C) vs the PyTorch reference (dev/moe_ref.py) on the same configuration,
-the same thread count and the same kind of batches, in one command. Prints the median step time,
-tokens/s, their ratio and peak memory (max RSS) of each side.
+CPU benchmark: train_moe (C; the built-in GEMM, and the OpenBLAS build train_moe_blas where it
+exists) vs the PyTorch reference (dev/moe_ref.py) on the same configuration, the same thread count
+and the same kind of batches, in one command. Prints the processor, the machine's sgemm limit (a
+large fp32 matmul with the same threads, through PyTorch and through OpenBLAS), and per
+configuration each side's median step time, tokens/s, model FLOP/s and its share of that limit,
+the ratio to PyTorch, and peak memory (max RSS).
 
-    python3 scripts/bench_cpu.py                    # the three configurations of the CPU issue
-    python3 scripts/bench_cpu.py --configs default --steps 12 --threads 2
+    python3 scripts/bench_cpu.py                    # every configuration, 5 alternating repeats
+    python3 scripts/bench_cpu.py --configs default --steps 12 --threads 2 --repeats 3
 
 The C side runs ./train_moe as a subprocess (random init, no eval, no sampling) and reads its
 per-step "ms" figures; the PyTorch side runs the reference forward + autograd backward +
@@ -23,6 +26,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu import flops_per_token  # noqa: E402  (train_moe.cu's count: 6 x matmul params + attention)
 
 # name: (L, C, H, Hkv, E, K, F, B, T); V = 4096 (the bundled tokenizer's)
 CONFIGS = {
@@ -34,16 +39,89 @@ CONFIGS = {
 V = 4096
 
 
-def run_c(cfg, steps, threads):
+def cpu_model():
+    """The processor's name and the vector extensions that matter for sgemm."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown CPU":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    ext = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in flags]
+    return f"{name} ({', '.join(ext) or 'no AVX'})", flags
+
+
+SGEMM_N = 2048
+
+
+def sgemm_child(backend, threads):
+    """Runs in a subprocess: GFLOP/s of the best of 8 fp32 C = A.B^T, N = SGEMM_N, on `threads` threads."""
+    n = SGEMM_N
+    if backend == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        run = lambda: a @ b.T  # noqa: E731
+        what = f"torch {torch.__version__}"
+    else:
+        import ctypes
+        import ctypes.util
+        import numpy as np
+        lib = ctypes.CDLL(ctypes.util.find_library("openblas") or "libopenblas.so.0")
+        lib.openblas_set_num_threads(threads)
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+        c = np.zeros((n, n), np.float32)
+        # cblas_sgemm(RowMajor=101, NoTrans=111, Trans=112, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        lib.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+                                                         ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                                                         ctypes.c_void_p, ctypes.c_int]
+        run = lambda: lib.cblas_sgemm(101, 111, 112, n, n, n, 1.0, a.ctypes.data, n, b.ctypes.data, n, 0.0,  # noqa: E731
+                                      c.ctypes.data, n)
+        what = f"OpenBLAS {lib.openblas_get_corename().decode()} kernels"
+    run()
+    best = min(timed(run) for _ in range(8))
+    print(json.dumps({"gflops": 2.0 * n ** 3 / best / 1e9, "what": what}))
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def sgemm_limit(threads, python, avx512):
+    """The best sgemm GFLOP/s measured through PyTorch and OpenBLAS (with its default kernels and, on an
+    AVX-512 machine, its SkylakeX ones: OpenBLAS 0.3.21 picks AVX2 kernels on AMD Zen 4/5)."""
+    found = []
+    tries = [("torch", {}), ("openblas", {})] + ([("openblas", {"OPENBLAS_CORETYPE": "SkylakeX"})] if avx512 else [])
+    for backend, extra in tries:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra)
+        out = subprocess.run([python, os.path.abspath(__file__), "--sgemm", backend, "--threads", str(threads)],
+                             env=env, capture_output=True, text=True)
+        if out.returncode == 0:
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            found.append((r["gflops"], r["what"] + (" (OPENBLAS_CORETYPE=SkylakeX)" if extra else "")))
+        else:
+            found.append((0.0, f"{backend}: not measured ({(out.stderr.strip().splitlines() or ['failed'])[-1]})"))
+    return found
+
+
+def run_c(cfg, steps, threads, binary="train_moe"):
     L, C, H, Hkv, E, K, F, B, T = cfg
-    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", os.path.join(ROOT, "train_moe"),
+    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", os.path.join(ROOT, binary),
            "-nl", str(L), "-nc", str(C), "-nh", str(H), "-nkv", str(Hkv), "-ne", str(E), "-nk", str(K),
            "-nf", str(F), "-nv", str(V), "-b", str(B), "-t", str(T), "-x", str(steps),
            "-v", "0", "-s", "0", "-u", "1000"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        sys.exit("train_moe failed:\n" + out.stdout + out.stderr)
+        sys.exit(f"{binary} failed:\n" + out.stdout + out.stderr)
     ms = [float(x) for x in re.findall(r"\| ([0-9.]+) ms \|", out.stdout)]
     rss = int(re.search(r"MAXRSS_KB (\d+)", out.stderr).group(1)) * 1024
     return ms, rss
@@ -91,46 +169,72 @@ def main():
     ap.add_argument("--configs", default="default,large,E8,E64")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1, help="alternate C and PyTorch runs this many times (noisy machines)")
+    ap.add_argument("--repeats", type=int, default=5, help="alternate the sides' runs this many times (noisy machines)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--builds", default="train_moe,train_moe_blas",
+                    help="C binaries to time (a missing train_moe_blas is built with make USE_BLAS=1 if it can be)")
     ap.add_argument("--python", default=sys.executable, help="interpreter with the torch to compare against")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--sgemm", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return torch_child(CONFIGS[a.child], a.steps, a.threads)
-    if not os.path.exists(os.path.join(ROOT, "train_moe")):
-        subprocess.run(["make", "-C", ROOT, "train_moe"], check=True)
-    rows = {}
-    print(f"threads {a.threads}, {a.steps} steps per run, median of steps {a.warmup + 1}..{a.steps}, "
-          f"median over {a.repeats} alternating run(s) per side")
-    hdr = f"{'config':8} {'L/C/E/K/F B x T':>24} | {'C ms':>8} {'C tok/s':>9} {'C RSS MiB':>9} | " \
-          f"{'torch ms':>8} {'torch tok/s':>11} {'torch RSS MiB':>13} | {'ratio':>5}"
+    if a.sgemm:
+        return sgemm_child(a.sgemm, a.threads)
+    builds = []
+    for b in a.builds.split(","):
+        if not os.path.exists(os.path.join(ROOT, b)):
+            r = subprocess.run(["make", "-C", ROOT, b], capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"note: {b} could not be built ({(r.stderr.strip().splitlines() or ['?'])[-1]}): not timed")
+                continue
+        builds.append(b)
+    cpu, flags = cpu_model()
+    print(f"cpu: {cpu}, {a.threads} threads")
+    limits = sgemm_limit(a.threads, a.python, "avx512f" in flags)
+    for g, what in limits:
+        print(f"sgemm {SGEMM_N}^3 fp32, {a.threads} threads: " + (f"{g:6.1f} GFLOP/s through {what}" if g else what))
+    limit = max(g for g, _ in limits)
+    print(f"sgemm limit (the best of those): {limit:.1f} GFLOP/s")
+    print(f"{a.steps} steps per run, median of steps {a.warmup + 1}..{a.steps}, median over {a.repeats} alternating "
+          f"run(s) per side; GF/s = model FLOP/s (bench_gpu.flops_per_token x tokens / step time)")
+    sides = builds + ["torch"]
+    hdr = f"{'config':8} {'side':15} | {'ms/step':>8} {'spread':>6} {'tok/s':>7} {'GF/s':>6} {'of limit':>8} {'RSS MiB':>7} | {'vs torch':>8}"
     print(hdr)
     print("-" * len(hdr))
+    rows = {}
+    t = {"torch": "?"}
     for name in a.configs.split(","):
         cfg = CONFIGS[name]
         L, C, H, Hkv, E, K, F, B, T = cfg
-        cmeds, tmeds, crss, trss = [], [], 0, 0
-        for _ in range(a.repeats):  # alternate the two sides so drifting machine load hits both alike
-            cms, rss = run_c(cfg, a.steps, a.threads)
-            cmeds.append(statistics.median(cms[a.warmup:]))
-            crss = max(crss, rss)
-            t = run_torch(name, a.steps, a.threads, a.python)
-            tmeds.append(statistics.median(t["ms"][a.warmup:]))
-            trss = max(trss, t["rss"])
-        cmed, tmed = statistics.median(cmeds), statistics.median(tmeds)
-        ntok = B * T
-        rows[name] = (cmed, crss)
-        print(f"{name:8} {f'{L}/{C}/{E}/{K}/{F} {B}x{T}':>24} | {cmed:8.1f} {ntok / cmed * 1e3:9.0f} {crss / 2**20:9.0f} | "
-              f"{tmed:8.1f} {ntok / tmed * 1e3:11.0f} {trss / 2**20:13.0f} | {tmed / cmed:5.2f}x")
+        meds = {sd: [] for sd in sides}
+        rss = {sd: 0 for sd in sides}
+        for _ in range(a.repeats):  # alternate the sides so drifting machine load hits them alike
+            for sd in sides:
+                if sd == "torch":
+                    t = run_torch(name, a.steps, a.threads, a.python)
+                    ms, r = t["ms"], t["rss"]
+                else:
+                    ms, r = run_c(cfg, a.steps, a.threads, sd)
+                meds[sd].append(statistics.median(ms[a.warmup:]))
+                rss[sd] = max(rss[sd], r)
+        fpt = flops_per_token(L, C, H, Hkv, E, K, F, V, T)
+        tmed = statistics.median(meds["torch"])
+        for sd in sides:
+            m = statistics.median(meds[sd])
+            spread = (max(meds[sd]) - min(meds[sd])) / m
+            gf = fpt * B * T / (m / 1e3) / 1e9
+            rows[(name, sd)] = (m, rss[sd])
+            vs = "" if sd == "torch" else f"{tmed / m:7.2f}x"
+            print(f"{name:8} {sd:15} | {m:8.1f} {100 * spread:5.0f}% {B * T / m * 1e3:7.0f} {gf:6.1f} {100 * gf / limit:7.0f}% "
+                  f"{rss[sd] / 2**20:7.0f} | {vs:>8}" + ("   <- repeats spread widely: a noisy machine" if spread > 0.15 else ""))
         sys.stdout.flush()
-    print(f"(torch {t['torch']}; ratio = train_moe tok/s / PyTorch tok/s)")
-    if "E8" in rows and "E64" in rows:
-        (m8, r8), (m64, r64) = rows["E8"], rows["E64"]
+    print(f"(torch {t['torch']}; vs torch = PyTorch ms / this side's ms; spread = (max - min) / median of the repeats)")
+    if all((n, b) in rows for n in ("E8", "E64") for b in builds[:1]):
+        (m8, r8), (m64, r64) = rows[("E8", builds[0])], rows[("E64", builds[0])]
         L, C, H, Hkv, E8, K, F, B, T = CONFIGS["E8"]
-        E64 = CONFIGS["E64"][4]
-        extra = L * (E64 - E8) * 3 * F * C  # extra expert parameters
-        print(f"E=64 vs E=8 (same K, F): step time ratio {m64 / m8:.2f} | peak RSS +{(r64 - r8) / 2**20:.0f} MiB; "
+        extra = L * (CONFIGS["E64"][4] - E8) * 3 * F * C  # extra expert parameters
+        print(f"{builds[0]} E=64 vs E=8 (same K, F): step time ratio {m64 / m8:.2f} | peak RSS +{(r64 - r8) / 2**20:.0f} MiB; "
               f"the extra parameters with their gradient and AdamW m, v are {extra * 16 / 2**20:.0f} MiB")
 
 
