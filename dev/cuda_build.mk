@@ -4,10 +4,16 @@
 #   make train_moe_cu          the trainer, PRECISION=BF16 (default) or PRECISION=FP32
 #   make train_moe_cu_fp32     the trainer, always fp32 (the build diffed against the CPU at 1e-4)
 #   make test_moe_cu           the GPU test in PRECISION; test_moe_cu_fp32 always fp32
-#   make cuda-compile-check    every CUDA target, both precisions, warnings as errors (no GPU needed)
+#   make cuda-compile-check    every CUDA target, both precisions, warnings as errors (no GPU needed);
+#                              the cuDNN trainer and GPU test too where the cuDNN frontend headers are found
 #   make cuda-test             the GPU test in both precisions (needs a GPU; builds dev/ref if missing)
 #   make cuda-ci               what `make test` wants: the compile check wherever nvcc exists, and the
 #                              GPU test too wherever a GPU answers nvidia-smi
+#   make gpu-check-build       every binary dev/gpu_check.sh runs, into GPU_BIN (default out/gpu_bin), for
+#                              sm_$(GPU_ARCH), and dev/ref where torch is installed: built here, carried to a GPU
+#   make gpu-check             dev/gpu_check.sh (see its header): the one run that says whether the GPU side
+#                              works, in under 10 minutes; GPU_BIN=dir runs the binaries there as they are,
+#                              else they are built into out/gpu_bin first. GPU_CHECK_DRY=1: no GPU parts
 #   make cuda-clean
 # Variables: NVCC (default nvcc, else /usr/local/cuda/bin/nvcc), GPU_ARCH (the first GPU's compute
 # capability from nvidia-smi, else 90 = Hopper), PRECISION (BF16 | FP32), NO_OMP=1 (host code without
@@ -15,11 +21,11 @@
 #
 # USE_CUDNN=1 (bf16 only): attention through cuDNN 9's fused kernels. libcudnn comes with the CUDA
 # install; the header-only C++ frontend does not: `pip install nvidia-cudnn-frontend` puts it in
-# <site-packages>/include, found below; or point CUDNN_FRONTEND_PATH at any directory holding
-# cudnn_frontend.h (e.g. a checkout of NVIDIA/cudnn-frontend: its include/). Without the headers
-# nothing needs them: the default build has its own attention kernels. The frontend headers are heavy
-# (a cuDNN build takes ~3 minutes on 2 cores), so cuda-compile-check adds the cuDNN trainer only
-# where they are found.
+# <site-packages>/include, found below through .venv/bin/python (the environment `make test` makes),
+# else python3; or point CUDNN_FRONTEND_PATH at any directory holding cudnn_frontend.h (e.g. a
+# checkout of NVIDIA/cudnn-frontend: its include/). Without the headers nothing needs them: the
+# default build has its own attention kernels, and cuda-compile-check says in one line that it left
+# the cuDNN builds out.
 
 NVCC ?= $(if $(shell command -v nvcc 2>/dev/null),nvcc,$(or $(wildcard /usr/local/cuda/bin/nvcc),nvcc))
 NVCC_OK := $(if $(shell command -v $(NVCC) 2>/dev/null),yes,)
@@ -35,7 +41,8 @@ else
   $(error PRECISION must be BF16 or FP32, not '$(PRECISION)')
 endif
 
-CUDNN_FRONTEND_PATH ?= $(shell python3 -c "import importlib.util as u, os; s = u.find_spec('cudnn'); print(os.path.join(os.path.dirname(os.path.dirname(s.origin)), 'include') if s and s.origin else '')" 2>/dev/null)
+CUDNN_PYTHON := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+CUDNN_FRONTEND_PATH ?= $(shell $(CUDNN_PYTHON) -c "import importlib.util as u, os; s = u.find_spec('cudnn'); print(os.path.join(os.path.dirname(os.path.dirname(s.origin)), 'include') if s and s.origin else '')" 2>/dev/null)
 CUDNN_FOUND := $(if $(CUDNN_FRONTEND_PATH),$(if $(wildcard $(CUDNN_FRONTEND_PATH)/cudnn_frontend.h),yes,),)
 CUDNN_BUILD_FLAGS = -DUSE_CUDNN -isystem $(CUDNN_FRONTEND_PATH)
 CUDNN_LDLIBS = -lcudnn -lnvrtc
@@ -60,7 +67,7 @@ CUDA_DEPS = train_moe.cu train_moe.c dev/cuda_build.mk
 CUDA_CHECK_DIR ?= $(or $(TMPDIR),/tmp)/moe-cuda-check
 
 .PHONY: cuda-compile-check cuda-check-train-bf16 cuda-check-train-fp32 cuda-check-test-bf16 cuda-check-test-fp32 cuda-check-train-cudnn \
-        cuda-test cuda-ci cuda-clean
+        cuda-check-test-cudnn cuda-test cuda-ci cuda-clean gpu-check gpu-check-build gpu-check-ref
 
 train_moe_cu: $(CUDA_DEPS)
 	$(NVCC) $(NVCC_FLAGS) $(PRECISION_FLAG) $(CUDNN_FLAGS) train_moe.cu $(NVCC_LDLIBS) $(CUDNN_LIBS) -o $@
@@ -76,8 +83,9 @@ test_moe_cu_fp32: test_moe_cu.cu $(CUDA_DEPS)
 
 # compile + link each CUDA program in both precisions with every warning an error (parallel under -j)
 cuda-compile-check: cuda-check-train-bf16 cuda-check-train-fp32 cuda-check-test-bf16 cuda-check-test-fp32 \
-                    $(if $(CUDNN_FOUND),cuda-check-train-cudnn)
-	@echo "cuda-compile-check: train_moe.cu and test_moe_cu.cu compile cleanly for sm_$(GPU_ARCH), bf16 and fp32$(if $(CUDNN_FOUND),, (cuDNN variant skipped: no cudnn_frontend.h))"
+                    $(if $(CUDNN_FOUND),cuda-check-train-cudnn cuda-check-test-cudnn)
+	@echo "cuda-compile-check: train_moe.cu and test_moe_cu.cu compile cleanly for sm_$(GPU_ARCH), bf16 and fp32$(if $(CUDNN_FOUND), and with cuDNN ($(CUDNN_FRONTEND_PATH)))"
+	@$(if $(CUDNN_FOUND),true,echo "cuda-compile-check: cuDNN builds (USE_CUDNN=1) skipped: no cudnn_frontend.h (pip install nvidia-cudnn-frontend, or set CUDNN_FRONTEND_PATH)")
 cuda-check-train-bf16: $(CUDA_DEPS)
 	@mkdir -p $(CUDA_CHECK_DIR)
 	$(NVCC) $(NVCC_FLAGS) $(NVCC_WERROR) -DPRECISION_BF16 train_moe.cu $(NVCC_LDLIBS) -o $(CUDA_CHECK_DIR)/train_moe_cu_bf16
@@ -93,6 +101,9 @@ cuda-check-train-cudnn: $(CUDA_DEPS)
 cuda-check-test-fp32: test_moe_cu.cu $(CUDA_DEPS)
 	@mkdir -p $(CUDA_CHECK_DIR)
 	$(NVCC) $(NVCC_FLAGS) $(NVCC_WERROR) -DPRECISION_FP32 test_moe_cu.cu $(NVCC_LDLIBS) -o $(CUDA_CHECK_DIR)/test_moe_cu_fp32
+cuda-check-test-cudnn: test_moe_cu.cu $(CUDA_DEPS)
+	@mkdir -p $(CUDA_CHECK_DIR)
+	$(NVCC) $(NVCC_FLAGS) $(NVCC_WERROR) -DPRECISION_BF16 $(CUDNN_BUILD_FLAGS) test_moe_cu.cu $(NVCC_LDLIBS) $(CUDNN_LDLIBS) -o $(CUDA_CHECK_DIR)/test_moe_cu_cudnn
 
 # fp32 first (the strict diff), then the default precision. The CPU trainer (for the interchange
 # tests) and the reference states (if missing) come from the Makefile.
@@ -109,6 +120,63 @@ else
 cuda-ci:
 	@echo "cuda-ci: $(NVCC) not found: the CUDA files were not compiled"
 endif
+
+# ----------------------------------------------------------------------------------------------------
+# gpu-check: the binaries of dev/gpu_check.sh, built where there is no GPU and carried to one. Host code
+# without -march=native (the GPU machine's CPU may lack what this one has); device code for sm_$(GPU_ARCH)
+# with line info (compute-sanitizer names source lines). SOURCES.sha256 records what they were built
+# from: gpu_check.sh fails its binaries row when the sources have changed since (and runs them all the same).
+GPU_BIN ?= out/gpu_bin
+GPU_CHECK_SOURCES = train_moe.c train_moe.cu test_moe_cu.cu $(sort $(wildcard dev/cuda/*.cu dev/cuda/*.h))
+GPU_BIN_NVCC = $(NVCC) $(NVCC_FLAGS) -lineinfo
+GPU_BIN_PROGS = train_moe_cu train_moe_cu_fp32 test_moe_cu test_moe_cu_fp32 $(if $(CUDNN_FOUND),train_moe_cu_cudnn test_moe_cu_cudnn) train_moe
+REF_PYTHON := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+
+gpu-check-build: $(addprefix $(GPU_BIN)/,$(GPU_BIN_PROGS)) gpu-check-ref
+	$(MAKE) --no-print-directory -C dev/cuda NVCC=$(NVCC) GPU_ARCH=$(GPU_ARCH) BIN_DIR=$(abspath $(GPU_BIN))/lab bin
+	@$(if $(CUDNN_FOUND),true,rm -f $(GPU_BIN)/train_moe_cu_cudnn $(GPU_BIN)/test_moe_cu_cudnn; \
+	    echo "gpu-check-build: no cudnn_frontend.h: no cuDNN binaries (gpu_check.sh reports their parts as not run)")
+	@sha256sum $(GPU_CHECK_SOURCES) > $(GPU_BIN)/SOURCES.sha256
+	@printf 'sm_%s, %s, cuDNN %s, built %s from %s\n' "$(GPU_ARCH)" "$$($(NVCC) --version | tail -n 1)" \
+	    "$(if $(CUDNN_FOUND),yes,no)" "$$(date -u '+%Y-%m-%d %H:%M UTC')" \
+	    "$$(git rev-parse --short HEAD 2>/dev/null || echo '?')$$(git diff --quiet HEAD -- $(GPU_CHECK_SOURCES) 2>/dev/null || echo '+changes')" > $(GPU_BIN)/BUILD_INFO
+	@cat $(GPU_BIN)/BUILD_INFO
+	@echo "to carry to the GPU machine (with data/, which git tracks):"; du -sch $(GPU_BIN) dev/ref data 2>/dev/null
+
+$(GPU_BIN)/train_moe_cu: $(CUDA_DEPS)
+	@mkdir -p $(@D)
+	$(GPU_BIN_NVCC) -DPRECISION_BF16 train_moe.cu $(NVCC_LDLIBS) -o $@
+$(GPU_BIN)/train_moe_cu_fp32: $(CUDA_DEPS)
+	@mkdir -p $(@D)
+	$(GPU_BIN_NVCC) -DPRECISION_FP32 train_moe.cu $(NVCC_LDLIBS) -o $@
+$(GPU_BIN)/train_moe_cu_cudnn: $(CUDA_DEPS)
+	@mkdir -p $(@D)
+	$(GPU_BIN_NVCC) -DPRECISION_BF16 $(CUDNN_BUILD_FLAGS) train_moe.cu $(NVCC_LDLIBS) $(CUDNN_LDLIBS) -o $@
+$(GPU_BIN)/test_moe_cu: test_moe_cu.cu $(CUDA_DEPS)
+	@mkdir -p $(@D)
+	$(GPU_BIN_NVCC) -DPRECISION_BF16 test_moe_cu.cu $(NVCC_LDLIBS) -o $@
+$(GPU_BIN)/test_moe_cu_fp32: test_moe_cu.cu $(CUDA_DEPS)
+	@mkdir -p $(@D)
+	$(GPU_BIN_NVCC) -DPRECISION_FP32 test_moe_cu.cu $(NVCC_LDLIBS) -o $@
+$(GPU_BIN)/test_moe_cu_cudnn: test_moe_cu.cu $(CUDA_DEPS)
+	@mkdir -p $(@D)
+	$(GPU_BIN_NVCC) -DPRECISION_BF16 $(CUDNN_BUILD_FLAGS) test_moe_cu.cu $(NVCC_LDLIBS) $(CUDNN_LDLIBS) -o $@
+$(GPU_BIN)/train_moe: train_moe.c
+	@mkdir -p $(@D)
+	$(CC) -O3 -Wall -Wno-unused-function -fopenmp -DOMP train_moe.c -lm -o $@
+
+# the PyTorch reference states test_moe_cu reads: made (or remade, when dev/moe_ref.py is newer) where
+# torch imports; else whatever dev/ref holds is kept
+gpu-check-ref:
+	@if $(REF_PYTHON) -c "import torch" 2>/dev/null; then \
+	    if [ ! -f dev/ref/manifest.txt ] || [ dev/moe_ref.py -nt dev/ref/manifest.txt ]; then \
+	        echo "$(REF_PYTHON) dev/moe_ref.py --outdir dev/ref"; $(REF_PYTHON) dev/moe_ref.py --outdir dev/ref > /dev/null || exit 1; fi; \
+	elif [ -f dev/ref/manifest.txt ]; then echo "gpu-check-build: no torch for $(REF_PYTHON): dev/ref kept as it is"; \
+	else echo "gpu-check-build: no torch for $(REF_PYTHON) and no dev/ref: the GPU tests will not run (python dev/moe_ref.py --outdir dev/ref)"; fi
+
+gpu-check:
+	@GPU_BIN=$(GPU_BIN) GPU_CHECK_PREBUILT=$(if $(filter command line environment,$(origin GPU_BIN)),1,0) \
+	    NVCC=$(NVCC) GPU_ARCH=$(GPU_ARCH) bash dev/gpu_check.sh
 
 cuda-clean:
 	rm -f train_moe_cu train_moe_cu_fp32 test_moe_cu test_moe_cu_fp32

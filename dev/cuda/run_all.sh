@@ -5,26 +5,41 @@
 #   ./run_all.sh permute swiglu  only these
 # Needs a GPU. Exit status: 0 when every file ran and every version of every case validated.
 # Logs and the table go to $LOG_DIR (default: a fresh directory under /tmp, printed at the end).
+# LAB_BIN=dir: run the binaries prebuilt there (make bin BIN_DIR=dir) instead of building them here.
+# LAB_TIMEOUT=s: stop a file that runs longer than s seconds (it then counts as failed).
 set -u
+if [ -n "${LAB_BIN:-}" ]; then LAB_BIN=$(cd "$LAB_BIN" && pwd) || exit 1; fi
 cd "$(dirname "$0")"
 
 if [ $# -gt 0 ]; then kernels=("$@"); else kernels=($(ls *.cu | sed 's/\.cu$//' | sort)); fi
 LOG_DIR=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/kernel_lab.XXXXXX")}
 mkdir -p "$LOG_DIR"
 
-echo "building: ${kernels[*]}"
-if ! make -j"$(nproc 2>/dev/null || echo 4)" "${kernels[@]}" > "$LOG_DIR/build.log" 2>&1; then
-    cat "$LOG_DIR/build.log"
-    echo "build FAILED"
-    exit 1
+bin=.
+if [ -n "${LAB_BIN:-}" ]; then
+    bin=$LAB_BIN
+    for k in "${kernels[@]}"; do
+        if [ ! -x "$bin/$k" ]; then echo "no prebuilt $bin/$k (make bin BIN_DIR=$bin)"; exit 1; fi
+    done
+    echo "prebuilt in $bin: ${kernels[*]}"
+else
+    echo "building: ${kernels[*]}"
+    if ! make -j"$(nproc 2>/dev/null || echo 4)" "${kernels[@]}" > "$LOG_DIR/build.log" 2>&1; then
+        cat "$LOG_DIR/build.log"
+        echo "build FAILED"
+        exit 1
+    fi
 fi
+limit=()
+if [ -n "${LAB_TIMEOUT:-}" ]; then limit=(timeout --kill-after=10 "$LAB_TIMEOUT"); fi
 
 fail=0
 : > "$LOG_DIR/results.txt"
 for k in "${kernels[@]}"; do
     start=$(date +%s)
-    ./"$k" > "$LOG_DIR/$k.log" 2>&1
+    ${limit[@]+"${limit[@]}"} "$bin/$k" > "$LOG_DIR/$k.log" 2>&1
     rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "  $k stopped after ${LAB_TIMEOUT:-?}s (LAB_TIMEOUT)" >> "$LOG_DIR/$k.log"; fi
     n=$(grep -c '^RESULT' "$LOG_DIR/$k.log")
     echo "ran $k: exit $rc, $n results, $(( $(date +%s) - start )) s"
     if [ $rc -ne 0 ]; then fail=1; echo "  $k FAILED (exit $rc); last lines of $LOG_DIR/$k.log:"; tail -n 15 "$LOG_DIR/$k.log" | sed 's/^/    /'; fi

@@ -1,0 +1,355 @@
+#!/usr/bin/env bash
+# The GPU check: one run that says whether the CUDA side of this repository works on this GPU, in
+# under 10 minutes on one H100 or H200, ending with one table (part | ok / FAIL / not run | key figure)
+# and a non-zero exit status if anything failed. Run it once on any machine with an NVIDIA GPU:
+#
+#   make gpu-check                       build what is missing into out/gpu_bin, then run every part
+#   make gpu-check GPU_BIN=dir           the binaries prebuilt in dir, as they are (built elsewhere with
+#                                        make -f dev/cuda_build.mk gpu-check-build GPU_BIN=dir)
+#   GPU_CHECK_DRY=1 make gpu-check       every step that needs no GPU (building, data, reference states,
+#                                        the commands, a CPU stand-in for the determinism part, the
+#                                        table); also what happens when nvidia-smi finds no GPU
+#
+# The parts, in the order they run, each under its own `timeout` (seconds: its budget, from its size),
+# each logging to one file of the log folder (out/gpu_check/<UTC time>/, or GPU_CHECK_LOG):
+#   part                   budget  what
+#   gpu test fp32              55  test_moe_cu_fp32: every dev/ref configuration against PyTorch at 1e-4,
+#                                  CPU <-> GPU checkpoints, determinism, resume, task eval, the trainer
+#                                  binary (~11 trainer processes, CPU and GPU, of a tiny model)
+#   gpu test bf16              55  the same for the bf16 build, at the bf16 tolerances
+#   determinism                50  train_moe_cu (bf16, fp32, cuDNN) twice each, 20 steps of a small model
+#                                  with val loss and samples: the final checkpoints must be equal (cmp)
+#   train d1024-E8-k2          55  20 steps at the paper's shape (L=16 C=1024 E=8 K=2 F=2048 V=32768,
+#                                  B=2 T=4096, 0.94e9 parameters, random init; drawing the init on the
+#                                  host takes ~20 s: 21 ns per value here): MFU, tok/s, peak memory
+#   memcheck                   40  compute-sanitizer --tool memcheck on test_moe_cu -q (the quick subset:
+#                                  top-k on NaN/Inf, decoding over 16k positions, one configuration)
+#   racecheck                  40  compute-sanitizer --tool racecheck on the same
+#   gpu test cuDNN             55  test_moe_cu_cudnn (USE_CUDNN=1 attention), where it was built
+#   kernel lab                110  dev/cuda/run_all.sh: every version of every kernel file validated
+#                                  against the CPU, then timed (40 s at most per file)
+#   bench                     110  scripts/bench_gpu.py on d1024-E8-k2, 4 steps per side: train_moe_cu,
+#                                  PyTorch eager and torch.compile, a third of the part each (a PyTorch
+#                                  side that runs out of time is n/a; only train_moe_cu's can fail it)
+#                             ---
+#                             570  s, plus nvidia-smi and the prerequisite checks (~5 s). A part gets no more
+#                                  than what is left of GPU_CHECK_BUDGET (590 s) when it starts; a part
+#                                  that would get under 10 s is not run. The GPU figures are estimates
+#                                  from the sizes (no GPU was at hand when they were set).
+# CPU-side steps, measured on a 2-core machine without a GPU (sharing its cores with other work):
+# make -f dev/cuda_build.mk gpu-check-build -j2 from scratch, every binary: 6.5 min (the two cuDNN
+# builds ~3 min each; without them ~1.5 min); dev/moe_ref.py for dev/ref: 4 s; the dry run (checks,
+# data, commands, the CPU determinism stand-in, the table): 3 s. What is carried to the GPU machine:
+# out/gpu_bin 32 MiB (12 lab binaries 17 MiB, 7 trainer and test binaries 15 MiB), dev/ref 4 MiB,
+# data 7.6 MiB: 44 MiB.
+#
+# Environment: GPU_BIN (default out/gpu_bin), GPU_CHECK_PREBUILT (1: use GPU_BIN as it is; make sets it
+# when GPU_BIN is given), GPU_CHECK_DRY (1: no GPU parts), GPU_CHECK_LOG (the log folder),
+# GPU_CHECK_BUDGET (590), GPU_CHECK_JOBS (parallel compiles when building; default nproc), NVCC,
+# PYTHON (the interpreter with a CUDA torch for the bench: default .venv/bin/python, else python3).
+# Needs: bash, coreutils (timeout), cmp, python3 (the data check, the bench).
+set -u
+cd "$(dirname "$0")/.."
+
+GPU_BIN=${GPU_BIN:-out/gpu_bin}
+PREBUILT=${GPU_CHECK_PREBUILT:-0}
+BUDGET=${GPU_CHECK_BUDGET:-590}
+LOG=${GPU_CHECK_LOG:-out/gpu_check/$(date -u +%Y%m%d-%H%M%S)}
+mkdir -p "$LOG" || exit 1
+
+names=(); states=(); figures=(); failed=0
+# record PART STATUS FIGURE: one row of the final table
+record() {
+    names+=("$1"); states+=("$2"); figures+=("$3")
+    [ "$2" = FAIL ] && failed=1
+    printf '  -> %s: %s  %s\n' "$1" "$2" "$3"
+}
+elapsed() { echo $(( $(date +%s) - t_parts )); }
+# the seconds a part of budget $1 may take now: its budget, or what is left of BUDGET if less
+allowance() {
+    local left=$(( BUDGET - $(elapsed) ))
+    if [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+# timed LOGFILE SECONDS CMD...: CMD under timeout, its output in LOGFILE; sets rc and secs
+timed() {
+    local logfile=$1 limit=$2 t0
+    shift 2
+    t0=$(date +%s)
+    echo "\$ $*" > "$logfile"
+    timeout --kill-after=10 "$limit" "$@" >> "$logfile" 2>&1
+    rc=$?
+    secs=$(( $(date +%s) - t0 ))
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "(stopped by timeout after ${limit} s)" >> "$logfile"; fi
+}
+# the last line of a log matching a pattern (for the key figure of a failed part)
+first_match() { grep -m 1 -E "$2" "$1" 2>/dev/null | cut -c1-110; }
+timeout_or() { if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "timed out after ${1} s"; else echo "$2"; fi; }
+
+main() {
+echo "== gpu check, log in $LOG"
+# ----------------------------------------------------------------------------------------------------
+# the GPU, or the reason for a dry run
+
+DRY=${GPU_CHECK_DRY:-}
+if [ -z "$DRY" ]; then
+    if nvidia-smi -L > /dev/null 2>&1; then DRY=0; else DRY=1; echo "no GPU answers nvidia-smi: a dry run"; fi
+fi
+if [ "$DRY" = 0 ]; then
+    gpu=$(nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader | head -n 1)
+    echo "GPU: $gpu"
+    nvidia-smi > "$LOG/nvidia-smi.txt" 2>&1
+else
+    gpu="none (dry run)"
+fi
+
+# ----------------------------------------------------------------------------------------------------
+# the binaries: prebuilt (GPU_BIN given), checked against the sources they were built from; else made
+
+progs=(train_moe_cu train_moe_cu_fp32 test_moe_cu test_moe_cu_fp32 train_moe)
+t0=$(date +%s)
+if [ "$PREBUILT" = 1 ]; then
+    missing=()
+    for p in "${progs[@]}"; do [ -x "$GPU_BIN/$p" ] || missing+=("$p"); done
+    for f in "$GPU_BIN"/SOURCES.sha256 "$GPU_BIN"/BUILD_INFO; do [ -f "$f" ] || missing+=("$(basename "$f")"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        record "binaries (prebuilt)" FAIL "$GPU_BIN lacks ${missing[*]} (make -f dev/cuda_build.mk gpu-check-build)"
+    elif ! sha256sum --quiet -c "$GPU_BIN/SOURCES.sha256" > "$LOG/sources.txt" 2>&1; then
+        record "binaries (prebuilt)" FAIL "built from other sources: $(grep -c FAILED "$LOG/sources.txt") files differ (see sources.txt)"
+    else
+        record "binaries (prebuilt)" ok "$(cat "$GPU_BIN/BUILD_INFO")"
+    fi
+else
+    jobs=${GPU_CHECK_JOBS:-$(nproc 2>/dev/null || echo 4)}
+    echo "building into $GPU_BIN (make -f dev/cuda_build.mk gpu-check-build -j$jobs; log build.txt)"
+    make --no-print-directory -j"$jobs" -f dev/cuda_build.mk gpu-check-build GPU_BIN="$GPU_BIN" \
+        ${NVCC:+NVCC="$NVCC"} ${GPU_ARCH:+GPU_ARCH="$GPU_ARCH"} > "$LOG/build.txt" 2>&1
+    brc=$?
+    if [ $brc -ne 0 ]; then
+        record "binaries (built here)" FAIL "make gpu-check-build failed: $(first_match "$LOG/build.txt" 'error|Error' || true)"
+    else
+        record "binaries (built here)" ok "$(cat "$GPU_BIN/BUILD_INFO") in $(( $(date +%s) - t0 )) s"
+    fi
+fi
+have() { [ -x "$GPU_BIN/$1" ]; }
+have_cudnn=0
+have train_moe_cu_cudnn && have test_moe_cu_cudnn && have_cudnn=1
+du -schL "$GPU_BIN" dev/ref data 2> /dev/null | sed 's/^/  size: /'
+
+# ----------------------------------------------------------------------------------------------------
+# inputs: the reference states, the data for each shape, the tools
+
+ref_ok=0
+if [ -f dev/ref/manifest.txt ]; then
+    ref_ok=1
+    record "reference states" ok "dev/ref: $(wc -w < dev/ref/manifest.txt) configurations"
+else
+    record "reference states" FAIL "no dev/ref/manifest.txt (python dev/moe_ref.py --outdir dev/ref, needs torch)"
+fi
+
+TRAIN_GLOB='data/default/train_*.bin'
+VAL_GLOB='data/default/val_*.bin'
+# the shapes: d1024-E8-k2 (the paper's; scripts/bench_gpu.py's) and the small model of the determinism runs
+BIG=(-nl 16 -nc 1024 -nh 8 -nkv 8 -ne 8 -nk 2 -nf 2048 -nv 32768 -b 2 -t 4096)
+SMALL=(-nl 2 -nc 256 -nh 4 -ne 8 -nk 2 -b 8 -t 256)
+data_msg=$(python3 - "$TRAIN_GLOB" "$VAL_GLOB" <<'EOF'
+import glob, struct, sys
+# token shards (llm.c's format): enough windows of T+1 tokens for a batch of B, at both shapes
+worst = []
+for pattern in sys.argv[1:]:
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        sys.exit(f"no shard matches {pattern}")
+    ntoks = []
+    for p in paths:
+        magic, version, n = struct.unpack("<3i", open(p, "rb").read(12))
+        if (magic, version) not in ((20240520, 1), (20240801, 7)):
+            sys.exit(f"{p} is not a token shard")
+        ntoks.append(n)
+    for B, T in ((2, 4096), (8, 256)):
+        windows = sum((n - 1) // T for n in ntoks)
+        if windows < B:
+            sys.exit(f"{pattern}: {windows} windows of {T + 1} tokens, a batch needs {B}")
+        worst.append(windows // B)
+    print(f"{len(paths)} shards, {sum(ntoks)} tokens", end="; ")
+print(f"at least {min(worst)} batches at every shape")
+EOF
+)
+data_rc=$?
+if [ $data_rc -eq 0 ]; then data_ok=1; record "data" ok "$data_msg"; else data_ok=0; record "data" FAIL "$data_msg"; fi
+
+CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -n 1)
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi; fi
+torch_cuda=$("$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available())" 2> /dev/null)
+echo "compute-sanitizer: ${CS:-none} | torch for the bench ($PY): ${torch_cuda:-none}"
+
+# ----------------------------------------------------------------------------------------------------
+# the parts
+
+t_parts=$(date +%s)
+# skip_or_dry PART NEEDS...: records "not run" and returns 0 when the part cannot or must not run
+skip_or_dry() {
+    local part=$1 why=""
+    shift
+    for need in "$@"; do
+        case $need in
+            ref) [ $ref_ok = 1 ] || why="no dev/ref" ;;
+            data) [ $data_ok = 1 ] || why="no data" ;;
+            cudnn) [ $have_cudnn = 1 ] || why="no cuDNN build (no cudnn_frontend.h where it was built)" ;;
+            sanitizer) [ -n "$CS" ] || why="no compute-sanitizer" ;;
+            *) have "$need" || why="no $GPU_BIN/$need" ;;
+        esac
+        [ -n "$why" ] && break
+    done
+    if [ -z "$why" ] && [ "$DRY" = 1 ]; then why="dry run"; fi
+    if [ -z "$why" ] && [ "$(allowance 1000)" -lt 10 ]; then why="out of time (GPU_CHECK_BUDGET=$BUDGET s)"; fi
+    if [ -n "$why" ]; then record "$part" "not run" "$why"; return 0; fi
+    return 1
+}
+
+# the GPU test: every reference configuration, checkpoints, determinism, decoding, the trainer binary
+gpu_test() { # PART TEST TRAINER BUDGET
+    local part=$1 test=$2 trainer=$3 budget=$4 log="$LOG/${2}.log"
+    echo "[$part] $GPU_BIN/$test dev/ref $GPU_BIN/$trainer $GPU_BIN/train_moe"
+    skip_or_dry "$part" ref "$test" "$trainer" train_moe && return
+    timed "$log" "$(allowance "$budget")" "$GPU_BIN/$test" dev/ref "$GPU_BIN/$trainer" "$GPU_BIN/train_moe"
+    local summary first
+    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+    first=$(first_match "$log" 'FAIL|Error' || true)
+    if [ $rc -eq 0 ] && [ -n "$summary" ]; then record "$part" ok "$summary, ${secs} s"
+    else record "$part" FAIL "$(timeout_or "$secs" "exit $rc: ${summary:-no summary line}${first:+; $first}")"; fi
+}
+gpu_test "gpu test fp32" test_moe_cu_fp32 train_moe_cu_fp32 55
+gpu_test "gpu test bf16" test_moe_cu train_moe_cu 55
+
+# determinism: two identical runs per build, their final checkpoints compared byte for byte
+det_flags=("${SMALL[@]}" -x 20 -u 5 -v 10 -m 2 -s 10 -g 4 -i "$TRAIN_GLOB" -j "$VAL_GLOB")
+# same_twice TRAINER DIR LIMIT: two runs of TRAINER into DIR/a and DIR/b; sets same (1/0) and why
+same_twice() {
+    local trainer=$1 dir=$2 limit=$3 run
+    same=0; why=""
+    rm -rf "$dir"; mkdir -p "$dir"
+    for run in a b; do
+        timed "$dir/$run.log" "$limit" "$trainer" "${det_flags[@]}" -o "$dir/$run"
+        if [ $rc -ne 0 ]; then why="$(basename "$trainer") run $run: $(timeout_or "$limit" "exit $rc")"; return; fi
+    done
+    local ck
+    ck=$(cd "$dir/a" && ls model_*.bin 2> /dev/null | tail -n 1)
+    if [ -z "$ck" ]; then why="no checkpoint in $dir/a"; return; fi
+    if cmp -s "$dir/a/$ck" "$dir/b/$ck"; then same=1; else why="$(basename "$trainer"): $ck differs between two runs"; fi
+}
+det_builds=(train_moe_cu train_moe_cu_fp32)
+[ $have_cudnn = 1 ] && det_builds+=(train_moe_cu_cudnn)
+echo "[determinism] ${det_builds[*]}, each twice: ${det_flags[*]} -o DIR"
+if ! skip_or_dry "determinism" data "${det_builds[@]}"; then
+    allowed=$(allowance 50); per=$(( allowed / (2 * ${#det_builds[@]}) )); okb=(); bad=""
+    for b in "${det_builds[@]}"; do
+        same_twice "$GPU_BIN/$b" "$LOG/determinism/$b" "$per"
+        if [ $same = 0 ]; then bad=$why; break; fi
+        case $b in *_fp32) okb+=(fp32) ;; *_cudnn) okb+=(cuDNN) ;; *) okb+=(bf16) ;; esac
+    done
+    if [ -z "$bad" ]; then record "determinism" ok "identical checkpoints after 20 steps: ${okb[*]}"
+    else record "determinism" FAIL "$bad"; fi
+fi
+if [ "$DRY" = 1 ] && have train_moe && [ $data_ok = 1 ]; then # the same comparison, on the CPU trainer
+    det_flags=(-nl 1 -nc 64 -nh 2 -ne 4 -nk 2 -b 4 -t 64 -x 2 -u 1 -v 2 -m 1 -s 2 -g 4 -i "$TRAIN_GLOB" -j "$VAL_GLOB")
+    t0=$(date +%s)
+    OMP_NUM_THREADS=1 same_twice "$GPU_BIN/train_moe" "$LOG/determinism/cpu" 60
+    if [ $same = 1 ]; then record "determinism, CPU stand-in" ok "train_moe twice, identical checkpoints ($(( $(date +%s) - t0 )) s)"
+    else record "determinism, CPU stand-in" FAIL "$why"; fi
+fi
+
+# training at the paper's shape: MFU, tok/s and peak memory
+train_cmd=("$GPU_BIN/train_moe_cu" "${BIG[@]}" -x 20 -u 1000 -v 0 -s 0 -i "$TRAIN_GLOB" -j "$VAL_GLOB")
+echo "[train d1024-E8-k2] ${train_cmd[*]}"
+if ! skip_or_dry "train d1024-E8-k2" data train_moe_cu; then
+    timed "$LOG/train_d1024.log" "$(allowance 55)" "${train_cmd[@]}"
+    fig=$(awk '/^step +[0-9]+\/[0-9]+ \|/ {
+                   split($2, s, "/"); n = s[1] + 0
+                   for (i = 1; i <= NF; i++) { if ($i == "MFU") m = $(i + 1); if ($i == "tok/s") t = $(i - 1) }
+                   sub("%", "", m)
+                   if (n > 5) { mfu[++k] = m + 0; tok[k] = t + 0 }
+                   steps = n }
+               /^peak gpu memory/ { peak = $4 }
+               END {
+                   if (k == 0) exit 1
+                   for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (mfu[j] < mfu[i]) { x = mfu[i]; mfu[i] = mfu[j]; mfu[j] = x }
+                   for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (tok[j] < tok[i]) { x = tok[i]; tok[i] = tok[j]; tok[j] = x }
+                   printf "MFU %.1f%%, %.0f tok/s (medians of steps 6-%d), peak %s MiB", mfu[int((k + 1) / 2)], tok[int((k + 1) / 2)], steps, peak
+               }' "$LOG/train_d1024.log")
+    if [ $rc -eq 0 ] && [ -n "$fig" ]; then record "train d1024-E8-k2" ok "$fig, ${secs} s"
+    else record "train d1024-E8-k2" FAIL "$(timeout_or "$secs" "exit $rc: $(first_match "$LOG/train_d1024.log" 'Error|error' || true)")"; fi
+fi
+
+# compute-sanitizer on the quick subset of the GPU test
+sanitize() { # TOOL BUDGET
+    local tool=$1 budget=$2 log="$LOG/$1.log"
+    echo "[$tool] compute-sanitizer --tool $tool --error-exitcode 1 $GPU_BIN/test_moe_cu -q dev/ref"
+    skip_or_dry "$tool" sanitizer ref test_moe_cu && return
+    timed "$log" "$(allowance "$budget")" "$CS" --tool "$tool" --error-exitcode 1 --print-limit 20 "$GPU_BIN/test_moe_cu" -q dev/ref
+    local summary quick
+    summary=$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -n 1 | sed 's/^=* *//')
+    quick=$(grep -E '^quick subset' "$log" | tail -n 1 | sed 's/^quick subset (-q): //')
+    if [ $rc -eq 0 ] && [ -n "$quick" ]; then record "$tool" ok "${summary:-no errors}; test $quick, ${secs} s"
+    else record "$tool" FAIL "$(timeout_or "$secs" "exit $rc: ${summary:-?}; test ${quick:-did not finish}")"; fi
+}
+sanitize memcheck 40
+sanitize racecheck 40
+
+gpu_test "gpu test cuDNN" test_moe_cu_cudnn train_moe_cu_cudnn 55
+
+# the kernel lab: every version of every file validated, then timed
+echo "[kernel lab] LAB_BIN=$GPU_BIN/lab LAB_TIMEOUT=40 dev/cuda/run_all.sh"
+if ! skip_or_dry "kernel lab" lab/adamw; then
+    timed "$LOG/kernel_lab.log" "$(allowance 110)" env LAB_BIN="$GPU_BIN/lab" LAB_TIMEOUT=40 LOG_DIR="$(pwd)/$LOG/kernel_lab" \
+        dev/cuda/run_all.sh
+    summary=$(grep -E '^[0-9]+ results, [0-9]+ failed validation' "$LOG/kernel_lab.log" | tail -n 1 | sed 's/\. peaks.*//')
+    files=$(grep -c '^ran ' "$LOG/kernel_lab.log"); badfiles=$(grep -E '^ran ' "$LOG/kernel_lab.log" | grep -vc 'exit 0,')
+    if [ $rc -eq 0 ]; then record "kernel lab" ok "$files files, $summary, ${secs} s"
+    else record "kernel lab" FAIL "$(timeout_or "$secs" "$badfiles of $files files failed; ${summary:-no table}")"; fi
+fi
+
+# the benchmark against PyTorch: train_moe_cu, eager, torch.compile; each side gets a third of the part
+allowed=$(allowance 110); side=$(( (allowed - 10) / 3 )); [ $side -lt 20 ] && side=20
+bench_cmd=("$PY" scripts/bench_gpu.py --configs d1024-E8-k2 --steps 4 --warmup 1 --timeout "$side"
+           --trainer "$GPU_BIN/train_moe_cu" --python "$PY" --json "$LOG/bench.json")
+echo "[bench] ${bench_cmd[*]}"
+if [ "$DRY" = 0 ] && [ "${torch_cuda##* }" != True ]; then
+    record "bench" "not run" "no torch with CUDA for $PY (PYTHON=...): ${torch_cuda:-torch does not import}"
+elif ! skip_or_dry "bench" data train_moe_cu; then
+    timed "$LOG/bench.log" "$allowed" "${bench_cmd[@]}"
+    fig=$(python3 - "$LOG/bench.json" <<'EOF' 2> /dev/null
+import json, sys
+r = json.load(open(sys.argv[1]))["results"][0]
+c = r.get("c") or {}
+if c.get("mfu_pct") is None:
+    print("FAIL train_moe_cu: " + str(c.get("error", "no figures"))[:90]); sys.exit()
+def side(m, ratio):
+    s = r.get(m) or {}
+    if ratio is not None: return f"{ratio:.2f}x {m}"
+    return f"{m} n/a ({str(s.get('error', '?'))[:30]})"
+print(f"ok train_moe_cu {c['tok_s_median']:.0f} tok/s, MFU {c['mfu_pct']:.1f}%; "
+      f"{side('eager', r.get('ratio_eager'))}, {side('compile', r.get('ratio_compile'))}")
+EOF
+)
+    if [ $rc -eq 0 ] && [ "${fig%% *}" = ok ]; then record "bench" ok "${fig#ok }, ${secs} s"
+    else record "bench" FAIL "$(timeout_or "$secs" "exit $rc: ${fig#FAIL }")"; fi
+fi
+
+# ----------------------------------------------------------------------------------------------------
+# the table
+
+{
+    echo
+    echo "gpu check: $gpu | binaries $GPU_BIN | parts took $(elapsed) s (budget $BUDGET s) | log $LOG"
+    printf '%-28s %-8s %s\n' "part" "status" "key figure"
+    printf '%-28s %-8s %s\n' "----------------------------" "--------" "----------"
+    for i in "${!names[@]}"; do printf '%-28s %-8s %s\n' "${names[$i]}" "${states[$i]}" "${figures[$i]}"; done
+    if [ $failed = 0 ]; then echo "gpu check: nothing failed$([ "$DRY" = 1 ] && echo ' (dry run: the GPU parts were not run)')"
+    else echo "gpu check: FAILED (see the logs in $LOG)"; fi
+} | tee "$LOG/summary.txt"
+return $failed
+}
+
+main 2>&1 | tee "$LOG/console.txt"
+exit "${PIPESTATUS[0]}"
