@@ -425,101 +425,126 @@ void rope_tables(float* fcos, float* fsin, int T, int D, float theta) {
         }
 }
 
-// causal attention. q[B,T,H,D], k,v[B,T,Hkv,D] -> out[B,T,H,D]; att[B,H,T,T] keeps the probabilities
-// query head h reads kv head h / (H/Hkv). Each (b, h) copies its keys transposed, kt[D][T], so the
-// scores of a query against all earlier keys are one vectorisable loop over t2.
+// Attention per (batch, head) is a few small matrix products, run on gemm's micro-kernel by the
+// thread that owns the head (gemm_serial), skipping what the causal mask makes zero:
+//   CAUSAL_TILES  c(i,j) is needed for j <= i only: tiles wholly above the diagonal are skipped
+//   K_UPTO_ROW    A(i,k) = 0 for k > i (a causal P or dS times V, K): the tile of rows i0.. sums k < i0 + MR
+//   K_FROM_ROW    A(i,k) = 0 for k < i (P^T or dS^T times dO, Q): the tile of rows i0.. sums k >= i0
+enum { GEMM_FULL, CAUSAL_TILES, K_UPTO_ROW, K_FROM_ROW };
+
+// c[M,N] (= or +=) A.B on the calling thread, A(i,k) = a[i*sai + k*sak] read in place (a ragged
+// last tile of rows through apack, MR x K), B(k,j) = b[k*sbk + j*sbj] packed into bpack
+// (ceil(N/NR)*NR x K); c(i,j) = c[i*ldc + j]
+static void gemm_serial(float* c, size_t ldc, const float* a, size_t sai, size_t sak, const float* b, size_t sbk,
+                        size_t sbj, int M, int N, int K, int mode, int accumulate, float* apack, float* bpack) {
+    int nt = (N + GEMM_NR - 1) / GEMM_NR;
+    for (int jt = 0; jt < nt; jt++) gemm_pack(bpack + (size_t)jt * GEMM_NR * K, b, jt * GEMM_NR, N, K, sbj, sbk, GEMM_NR);
+    for (int i0 = 0; i0 < M; i0 += GEMM_MR) {
+        int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
+        int k0 = mode == K_FROM_ROW ? i0 : 0;
+        int k1 = mode == K_UPTO_ROW && i0 + GEMM_MR < K ? i0 + GEMM_MR : K;
+        const float* ap = a + (size_t)i0 * sai + (size_t)k0 * sak;
+        size_t ars = sai, aks = sak;
+        if (mr < GEMM_MR) {
+            gemm_pack(apack, a + (size_t)k0 * sak, i0, M, k1 - k0, sai, sak, GEMM_MR);
+            ap = apack; ars = 1; aks = GEMM_MR;
+        }
+        for (int jt = 0; jt < nt; jt++) {
+            int j0 = jt * GEMM_NR;
+            if (mode == CAUSAL_TILES && j0 > i0 + mr - 1) break;
+            int nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
+            gemm_micro(k1 - k0, ap, ars, aks, bpack + (size_t)jt * GEMM_NR * K + (size_t)k0 * GEMM_NR,
+                       c + (size_t)i0 * ldc + j0, ldc, mr, nr, accumulate);
+        }
+    }
+}
+
+// per-thread scratch of attention: apack, bpack for gemm_serial on T x D operands, and a T x T block
+static float* attention_scratch(int T, int D, float** apack, float** bpack, float** tt) {
+    size_t pa = (size_t)GEMM_MR * (T > D ? T : D);
+    size_t pb1 = (size_t)(T + GEMM_NR - 1) / GEMM_NR * GEMM_NR * D, pb2 = (size_t)(D + GEMM_NR - 1) / GEMM_NR * GEMM_NR * T;
+    size_t pb = pb1 > pb2 ? pb1 : pb2;
+    float* mem = (float*)mallocCheck((pa + pb + (tt ? (size_t)T * T : 0)) * sizeof(float));
+    *apack = mem;
+    *bpack = mem + pa;
+    if (tt) *tt = mem + pa + pb;
+    return mem;
+}
+
+// causal attention with grouped-query heads: q, out [B,T,H,D]; k, v [B,T,Hkv,D]; att [B,H,T,T] keeps
+// the probabilities (zero above the diagonal) for the backward. Query head h reads kv head h/(H/Hkv).
 void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,
                        int B, int T, int H, int Hkv, int D) {
     float scale = 1.0f / sqrtf((float)D);
     int group = H / Hkv;
+    size_t HD = (size_t)H * D, KD = (size_t)Hkv * D;
     #pragma omp parallel
     {
-        float* kt = (float*)mallocCheck((size_t)D * T * sizeof(float));
+        float *apack, *bpack;
+        float* mem = attention_scratch(T, D, &apack, &bpack, NULL);
         #pragma omp for collapse(2)
         for (int b = 0; b < B; b++)
-            for (int h = 0; h < H; h++) {
-                int hk = h / group;
-                for (int t2 = 0; t2 < T; t2++) { // seek to k[b,t2,hk,:]
-                    const float* kr = k + (((size_t)b * T + t2) * Hkv + hk) * D;
-                    for (int i = 0; i < D; i++) kt[(size_t)i * T + t2] = kr[i];
+            for (int h = 0; h < H; h++) { // seek to q[b,:,h,:], k and v [b,:,h/group,:], att[b,h]
+                const float* qb = q + (size_t)b * T * HD + (size_t)h * D;
+                const float* kb = k + (size_t)b * T * KD + (size_t)(h / group) * D;
+                const float* vb = v + (size_t)b * T * KD + (size_t)(h / group) * D;
+                float* p = att + ((size_t)b * H + h) * T * T;
+                // scores S = Q.K^T on and below the diagonal
+                gemm_serial(p, T, qb, HD, 1, kb, 1, KD, T, T, D, CAUSAL_TILES, 0, apack, bpack);
+                for (int t = 0; t < T; t++) { // P = softmax(scale * S) over t2 <= t, zero beyond
+                    float* pt = p + (size_t)t * T;
+                    float maxv = vmax(pt, t + 1);
+                    for (int t2 = 0; t2 <= t; t2++) pt[t2] = vexpf((pt[t2] - maxv) * scale);
+                    float inv = 1.0f / vsum(pt, t + 1);
+                    for (int t2 = 0; t2 <= t; t2++) pt[t2] *= inv;
+                    for (int t2 = t + 1; t2 < T; t2++) pt[t2] = 0.0f;
                 }
-                for (int t = 0; t < T; t++) {
-                    const float* qt = q + (((size_t)b * T + t) * H + h) * D;
-                    float* p = att + (((size_t)b * H + h) * T + t) * T;
-                    for (int t2 = 0; t2 <= t; t2++) p[t2] = 0.0f;
-                    for (int i = 0; i < D; i++) { // scores p[t2] = q . k[t2] * scale
-                        float qi = qt[i] * scale;
-                        const float* kr = kt + (size_t)i * T;
-                        for (int t2 = 0; t2 <= t; t2++) p[t2] += qi * kr[t2];
-                    }
-                    float maxv = vmax(p, t + 1);
-                    for (int t2 = 0; t2 <= t; t2++) p[t2] = vexpf(p[t2] - maxv);
-                    float inv = 1.0f / vsum(p, t + 1);
-                    for (int t2 = 0; t2 <= t; t2++) p[t2] *= inv;
-                    for (int t2 = t + 1; t2 < T; t2++) p[t2] = 0.0f;
-                    float* o = out + (((size_t)b * T + t) * H + h) * D;
-                    for (int i = 0; i < D; i++) o[i] = 0.0f;
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        const float* vt = v + (((size_t)b * T + t2) * Hkv + hk) * D;
-                        float pv = p[t2];
-                        for (int i = 0; i < D; i++) o[i] += pv * vt[i];
-                    }
-                }
+                // out = P.V
+                gemm_serial(out + (size_t)b * T * HD + (size_t)h * D, HD, p, T, 1, vb, KD, 1, T, D, T, K_UPTO_ROW, 0,
+                            apack, bpack);
             }
-        free(kt);
+        free(mem);
     }
 }
 // gradients into dq, dk, dv (all overwritten). Parallel over (b, kv head): the query heads sharing a
-// kv head add into its dk/dv in a fixed order. K, V and the dK, dV accumulators are held transposed
-// ([D][T]) per thread, so every inner loop runs along t2.
+// kv head add into its dk/dv in a fixed order, so the bits do not depend on the thread count.
+//   dP = dO.V^T   dS = P * (dP - rowsum(P * dP)) * scale   dQ = dS.K   dK += dS^T.Q   dV += P^T.dO
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* att,
                         const float* q, const float* k, const float* v, int B, int T, int H, int Hkv, int D) {
     float scale = 1.0f / sqrtf((float)D);
     int group = H / Hkv;
+    size_t HD = (size_t)H * D, KD = (size_t)Hkv * D;
     #pragma omp parallel
     {
-        float* kt = (float*)mallocCheck((size_t)D * T * sizeof(float));
-        float* vt = (float*)mallocCheck((size_t)D * T * sizeof(float));
-        float* dkt = (float*)mallocCheck((size_t)D * T * sizeof(float));
-        float* dvt = (float*)mallocCheck((size_t)D * T * sizeof(float));
-        float* ds = (float*)mallocCheck((size_t)T * sizeof(float));
+        float *apack, *bpack, *ds;
+        float* mem = attention_scratch(T, D, &apack, &bpack, &ds);
         #pragma omp for collapse(2)
         for (int b = 0; b < B; b++)
             for (int hk = 0; hk < Hkv; hk++) {
-                for (int t2 = 0; t2 < T; t2++) {
-                    size_t off = (((size_t)b * T + t2) * Hkv + hk) * D;
-                    for (int i = 0; i < D; i++) { kt[(size_t)i * T + t2] = k[off + i]; vt[(size_t)i * T + t2] = v[off + i]; }
-                }
-                memset(dkt, 0, (size_t)D * T * sizeof(float));
-                memset(dvt, 0, (size_t)D * T * sizeof(float));
-                for (int h = hk * group; h < (hk + 1) * group; h++)
-                    for (int t = 0; t < T; t++) {
-                        const float* p = att + (((size_t)b * H + h) * T + t) * T;
-                        const float* dot = dout + (((size_t)b * T + t) * H + h) * D;
-                        const float* qt = q + (((size_t)b * T + t) * H + h) * D;
-                        float* dqt = dq + (((size_t)b * T + t) * H + h) * D;
-                        for (int t2 = 0; t2 <= t; t2++) ds[t2] = 0.0f;
-                        for (int i = 0; i < D; i++) { // dp[t2] = dout . v[t2] (held in ds), dv[t2] += p * dout
-                            float di = dot[i];
-                            const float* vr = vt + (size_t)i * T;
-                            float* dvr = dvt + (size_t)i * T;
-                            for (int t2 = 0; t2 <= t; t2++) { ds[t2] += di * vr[t2]; dvr[t2] += p[t2] * di; }
-                        }
-                        float pdp = vdot(p, ds, t + 1);
-                        for (int t2 = 0; t2 <= t; t2++) ds[t2] = p[t2] * (ds[t2] - pdp) * scale; // through softmax, scale
-                        for (int i = 0; i < D; i++) {
-                            dqt[i] = vdot(ds, kt + (size_t)i * T, t + 1);
-                            float qi = qt[i];
-                            float* dkr = dkt + (size_t)i * T;
-                            for (int t2 = 0; t2 <= t; t2++) dkr[t2] += ds[t2] * qi;
-                        }
+                const float* kb = k + (size_t)b * T * KD + (size_t)hk * D;
+                const float* vb = v + (size_t)b * T * KD + (size_t)hk * D;
+                float* dkb = dk + (size_t)b * T * KD + (size_t)hk * D;
+                float* dvb = dv + (size_t)b * T * KD + (size_t)hk * D;
+                for (int h = hk * group; h < (hk + 1) * group; h++) {
+                    const float* p = att + ((size_t)b * H + h) * T * T;
+                    const float* dob = dout + (size_t)b * T * HD + (size_t)h * D;
+                    const float* qb = q + (size_t)b * T * HD + (size_t)h * D;
+                    gemm_serial(ds, T, dob, HD, 1, vb, 1, KD, T, T, D, CAUSAL_TILES, 0, apack, bpack); // dP
+                    for (int t = 0; t < T; t++) { // dS through the softmax and the scale, zero above the diagonal
+                        const float* pt = p + (size_t)t * T;
+                        float* dst = ds + (size_t)t * T;
+                        float pdp = vdot(pt, dst, t + 1);
+                        for (int t2 = 0; t2 <= t; t2++) dst[t2] = pt[t2] * (dst[t2] - pdp) * scale;
+                        for (int t2 = t + 1; t2 < T; t2++) dst[t2] = 0.0f;
                     }
-                for (int t2 = 0; t2 < T; t2++) {
-                    size_t off = (((size_t)b * T + t2) * Hkv + hk) * D;
-                    for (int i = 0; i < D; i++) { dk[off + i] = dkt[(size_t)i * T + t2]; dv[off + i] = dvt[(size_t)i * T + t2]; }
+                    gemm_serial(dq + (size_t)b * T * HD + (size_t)h * D, HD, ds, T, 1, kb, KD, 1, T, D, T, K_UPTO_ROW, 0,
+                                apack, bpack);
+                    int first = h == hk * group; // the first head of the group writes dK, dV; the others add
+                    gemm_serial(dkb, KD, ds, 1, T, qb, HD, 1, T, D, T, K_FROM_ROW, !first, apack, bpack);
+                    gemm_serial(dvb, KD, p, 1, T, dob, HD, 1, T, D, T, K_FROM_ROW, !first, apack, bpack);
                 }
             }
-        free(kt); free(vt); free(dkt); free(dvt); free(ds);
+        free(mem);
     }
 }
 
