@@ -2094,6 +2094,7 @@ int main(int argc, char** argv) {
     Args a;
     cpu::parse_args(&a, argc, argv);
     gpu_init();
+    if (a.profile_every > 0) fprintf(stderr, "note: -pf (the per-phase time table) is train_moe.c's: train_moe_cu ignores it\n");
     Tokenizer tk;
     if (tokenizer_init(&tk, a.tokenizer) != 0) exit(EXIT_FAILURE);
     // the model: from a checkpoint (-e or -y) or a random init

@@ -237,6 +237,7 @@ same_twice() {
     ck=$(cd "$dir/a" && ls model_*.bin 2> /dev/null | tail -n 1)
     if [ -z "$ck" ]; then why="no checkpoint in $dir/a"; return; fi
     if cmp -s "$dir/a/$ck" "$dir/b/$ck"; then same=1; else why="$(basename "$trainer"): $ck differs between two runs"; fi
+    rm -f "$dir"/a/model_*.bin "$dir"/b/model_*.bin # ~100 MB each: the logs stay
 }
 det_builds=(train_moe_cu train_moe_cu_fp32)
 [ $have_cudnn = 1 ] && det_builds+=(train_moe_cu_cudnn)
