@@ -37,7 +37,7 @@
 #                                  that would get under 10 s is not run. The GPU figures are estimates
 #                                  from the sizes (no GPU was at hand when they were set).
 # CPU-side steps, measured on a 2-core machine without a GPU (sharing its cores with other work):
-# make -f dev/cuda_build.mk gpu-check-build -j2 from scratch, every binary: 6.5 min (the two cuDNN
+# make -f dev/cuda_build.mk gpu-check-build -j2 from scratch, every binary: 5.5-6.5 min (the two cuDNN
 # builds ~3 min each; without them ~1.5 min); dev/moe_ref.py for dev/ref: 4 s; the dry run (checks,
 # data, commands, the CPU determinism stand-in, the table): 3 s. What is carried to the GPU machine:
 # out/gpu_bin 32 MiB (12 lab binaries 17 MiB, 7 trainer and test binaries 15 MiB), dev/ref 4 MiB,
