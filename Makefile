@@ -25,7 +25,7 @@ BLAS_FLAGS = -DUSE_BLAS
 BLAS_LIBS = -lopenblas
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check clean
+.PHONY: all train test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
@@ -108,8 +108,11 @@ cuda-check:
 	     else echo "no GPU here: CUDA code compiled, not run"; fi; fi
 
 # all CUDA verification and measurement in one command, on a machine with an NVIDIA GPU (dev/gpu_check.sh)
+# (gpu-check-build: every binary it needs, built here for sm_90 into GPU_BIN, to carry to a GPU machine)
 gpu-check:
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk gpu-check
+gpu-check-build:
+	$(MAKE) --no-print-directory -f dev/cuda_build.mk gpu-check-build
 
 clean:
 	rm -f train_moe test_moe train_moe_san test_moe_san train_moe_blas test_moe_blas

@@ -1294,6 +1294,9 @@ static FILE* checkpoint_open(const char* path, MoEConfig* c, TrainState* st, int
     if (!fp) return NULL;
     int header[256];
     char msg[256];
+    uint64_t nparams; // (declared before the first goto: this file also compiles as C++)
+    size_t sizes[NUM_PARAM_TENSORS], n = 0;
+    long expect, actual;
     if (fread_report(header, sizeof(int), 256, fp, path)) goto fail;
     if (header[0] != CKPT_MAGIC) {
         read_error("'%s' is not a moe checkpoint (magic %d, expected %d)", path, header[0], CKPT_MAGIC);
@@ -1312,8 +1315,7 @@ static FILE* checkpoint_open(const char* path, MoEConfig* c, TrainState* st, int
     st->pos.epoch = header[17]; st->pos.shard = header[18]; st->pos.sample = header[19];
     st->rng = (uint64_t)(uint32_t)header[20] | ((uint64_t)(uint32_t)header[21] << 32);
     st->seed = (uint64_t)(uint32_t)header[22] | ((uint64_t)(uint32_t)header[23] << 32);
-    uint64_t nparams = (uint64_t)(uint32_t)header[24] | ((uint64_t)(uint32_t)header[25] << 32);
-    size_t sizes[NUM_PARAM_TENSORS], n = 0;
+    nparams = (uint64_t)(uint32_t)header[24] | ((uint64_t)(uint32_t)header[25] << 32);
     fill_param_sizes(sizes, c);
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) n += sizes[i];
     if (nparams != n || (*has_opt != 0 && *has_opt != 1) || st->step < 0 || st->pos.epoch < 0 || st->pos.shard < 0 ||
@@ -1323,7 +1325,8 @@ static FILE* checkpoint_open(const char* path, MoEConfig* c, TrainState* st, int
                    st->pos.epoch, st->pos.shard, st->pos.sample);
         goto fail;
     }
-    long expect = 1024 + (long)n * 4 * (*has_opt ? 3 : 1), actual = file_size(fp);
+    expect = 1024 + (long)n * 4 * (*has_opt ? 3 : 1);
+    actual = file_size(fp);
     if (actual != expect) {
         read_error("'%s' is %ld bytes but its header needs %ld (truncated or corrupt)", path, actual, expect);
         goto fail;
