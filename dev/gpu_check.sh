@@ -13,27 +13,27 @@
 # The parts, in the order they run, each under its own `timeout` (seconds: its budget, from its size),
 # each logging to one file of the log folder (out/gpu_check/<UTC time>/, or GPU_CHECK_LOG):
 #   part                   budget  what
-#   gpu test fp32              55  test_moe_cu_fp32: every dev/ref configuration against PyTorch at 1e-4,
+#   gpu test fp32              50  test_moe_cu_fp32: every dev/ref configuration against PyTorch at 1e-4,
 #                                  CPU <-> GPU checkpoints, determinism, resume, task eval, the trainer
 #                                  binary (~11 trainer processes, CPU and GPU, of a tiny model)
-#   gpu test bf16              55  the same for the bf16 build, at the bf16 tolerances
-#   determinism                50  train_moe_cu (bf16, fp32, cuDNN) twice each, 20 steps of a small model
+#   gpu test bf16              50  the same for the bf16 build, at the bf16 tolerances
+#   determinism                45  train_moe_cu (bf16, fp32, cuDNN) twice each, 20 steps of a small model
 #                                  with val loss and samples: the final checkpoints must be equal (cmp)
-#   train d1024-E8-k2          55  20 steps at the paper's shape (L=16 C=1024 E=8 K=2 F=2048 V=32768,
+#   train d1024-E8-k2          50  20 steps at the paper's shape (L=16 C=1024 E=8 K=2 F=2048 V=32768,
 #                                  B=2 T=4096, 0.94e9 parameters, random init; drawing the init on the
 #                                  host takes ~20 s: 21 ns per value here): MFU, tok/s, peak memory
-#   memcheck                   40  compute-sanitizer --tool memcheck on test_moe_cu -q (the quick subset:
+#   memcheck                   35  compute-sanitizer --tool memcheck on test_moe_cu -q (the quick subset:
 #                                  top-k on NaN/Inf, decoding over 16k positions, one configuration)
-#   racecheck                  40  compute-sanitizer --tool racecheck on the same
-#   gpu test cuDNN             55  test_moe_cu_cudnn (USE_CUDNN=1 attention), where it was built
-#   kernel lab                110  dev/cuda/run_all.sh: every version of every kernel file validated
-#                                  against the CPU, then timed (40 s at most per file)
-#   bench                     110  scripts/bench_gpu.py on d1024-E8-k2, 4 steps per side: train_moe_cu,
+#   racecheck                  35  compute-sanitizer --tool racecheck on the same
+#   gpu test cuDNN             50  test_moe_cu_cudnn (USE_CUDNN=1 attention), where it was built
+#   kernel lab                 90  dev/cuda/run_all.sh: every version of every kernel file validated
+#                                  against the CPU, then timed (30 s at most per file)
+#   bench                      70  scripts/bench_gpu.py on d1024-E8-k2, 4 steps per side: train_moe_cu,
 #                                  PyTorch eager and torch.compile, a third of the part each (a PyTorch
 #                                  side that runs out of time is n/a; only train_moe_cu's can fail it)
 #                             ---
-#                             570  s, plus nvidia-smi and the prerequisite checks (~5 s). A part gets no more
-#                                  than what is left of GPU_CHECK_BUDGET (590 s) when it starts; a part
+#                             475  s, plus nvidia-smi and the prerequisite checks (~5 s). A part gets no more
+#                                  than what is left of GPU_CHECK_BUDGET (480 s) when it starts; a part
 #                                  that would get under 10 s is not run. The GPU figures are estimates
 #                                  from the sizes (no GPU was at hand when they were set).
 # CPU-side steps, measured on a 2-core machine without a GPU (sharing its cores with other work):
@@ -45,7 +45,7 @@
 #
 # Environment: GPU_BIN (default out/gpu_bin), GPU_CHECK_PREBUILT (1: use GPU_BIN as it is; make sets it
 # when GPU_BIN is given), GPU_CHECK_DRY (1: no GPU parts), GPU_CHECK_LOG (the log folder),
-# GPU_CHECK_BUDGET (590), GPU_CHECK_JOBS (parallel compiles when building; default nproc), NVCC,
+# GPU_CHECK_BUDGET (480: with a machine's ~1-2 min start, under 10 min), GPU_CHECK_JOBS (parallel compiles when building; default nproc), NVCC,
 # PYTHON (the interpreter with a CUDA torch for the bench: default .venv/bin/python, else python3).
 # Needs: bash, coreutils (timeout), cmp, python3 (the data check, the bench).
 set -u
@@ -53,7 +53,7 @@ cd "$(dirname "$0")/.."
 
 GPU_BIN=${GPU_BIN:-out/gpu_bin}
 PREBUILT=${GPU_CHECK_PREBUILT:-0}
-BUDGET=${GPU_CHECK_BUDGET:-590}
+BUDGET=${GPU_CHECK_BUDGET:-480}
 LOG=${GPU_CHECK_LOG:-out/gpu_check/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$LOG" || exit 1
 
@@ -219,8 +219,8 @@ gpu_test() { # PART TEST TRAINER BUDGET
     if [ $rc -eq 0 ] && [ -n "$summary" ]; then record "$part" ok "$summary, ${secs} s"
     else record "$part" FAIL "$(timeout_or "$secs" "exit $rc: ${summary:-no summary line}${first:+; $first}")"; fi
 }
-gpu_test "gpu test fp32" test_moe_cu_fp32 train_moe_cu_fp32 55
-gpu_test "gpu test bf16" test_moe_cu train_moe_cu 55
+gpu_test "gpu test fp32" test_moe_cu_fp32 train_moe_cu_fp32 50
+gpu_test "gpu test bf16" test_moe_cu train_moe_cu 50
 
 # determinism: two identical runs per build, their final checkpoints compared byte for byte
 det_flags=("${SMALL[@]}" -x 20 -u 5 -v 10 -m 2 -s 10 -g 4 -i "$TRAIN_GLOB" -j "$VAL_GLOB")
@@ -243,7 +243,7 @@ det_builds=(train_moe_cu train_moe_cu_fp32)
 [ $have_cudnn = 1 ] && det_builds+=(train_moe_cu_cudnn)
 echo "[determinism] ${det_builds[*]}, each twice: ${det_flags[*]} -o DIR"
 if ! skip_or_dry "determinism" data "${det_builds[@]}"; then
-    allowed=$(allowance 50); per=$(( allowed / (2 * ${#det_builds[@]}) )); okb=(); bad=""
+    allowed=$(allowance 45); per=$(( allowed / (2 * ${#det_builds[@]}) )); okb=(); bad=""
     for b in "${det_builds[@]}"; do
         same_twice "$GPU_BIN/$b" "$LOG/determinism/$b" "$per"
         if [ $same = 0 ]; then bad=$why; break; fi
@@ -264,7 +264,7 @@ fi
 train_cmd=("$GPU_BIN/train_moe_cu" "${BIG[@]}" -x 20 -u 1000 -v 0 -s 0 -i "$TRAIN_GLOB" -j "$VAL_GLOB")
 echo "[train d1024-E8-k2] ${train_cmd[*]}"
 if ! skip_or_dry "train d1024-E8-k2" data train_moe_cu; then
-    timed "$LOG/train_d1024.log" "$(allowance 55)" "${train_cmd[@]}"
+    timed "$LOG/train_d1024.log" "$(allowance 50)" "${train_cmd[@]}"
     fig=$(awk '/^step +[0-9]+\/[0-9]+ \|/ {
                    split($2, s, "/"); n = s[1] + 0
                    for (i = 1; i <= NF; i++) { if ($i == "MFU") m = $(i + 1); if ($i == "tok/s") t = $(i - 1) }
@@ -294,15 +294,15 @@ sanitize() { # TOOL BUDGET
     if [ $rc -eq 0 ] && [ -n "$quick" ]; then record "$tool" ok "${summary:-no errors}; test $quick, ${secs} s"
     else record "$tool" FAIL "$(timeout_or "$secs" "exit $rc: ${summary:-?}; test ${quick:-did not finish}")"; fi
 }
-sanitize memcheck 40
-sanitize racecheck 40
+sanitize memcheck 35
+sanitize racecheck 35
 
-gpu_test "gpu test cuDNN" test_moe_cu_cudnn train_moe_cu_cudnn 55
+gpu_test "gpu test cuDNN" test_moe_cu_cudnn train_moe_cu_cudnn 50
 
 # the kernel lab: every version of every file validated, then timed
-echo "[kernel lab] LAB_BIN=$GPU_BIN/lab LAB_TIMEOUT=40 dev/cuda/run_all.sh"
+echo "[kernel lab] LAB_BIN=$GPU_BIN/lab LAB_TIMEOUT=30 dev/cuda/run_all.sh"
 if ! skip_or_dry "kernel lab" lab/adamw; then
-    timed "$LOG/kernel_lab.log" "$(allowance 110)" env LAB_BIN="$GPU_BIN/lab" LAB_TIMEOUT=40 LOG_DIR="$(pwd)/$LOG/kernel_lab" \
+    timed "$LOG/kernel_lab.log" "$(allowance 90)" env LAB_BIN="$GPU_BIN/lab" LAB_TIMEOUT=30 LOG_DIR="$(pwd)/$LOG/kernel_lab" \
         dev/cuda/run_all.sh
     summary=$(grep -E '^[0-9]+ results, [0-9]+ failed validation' "$LOG/kernel_lab.log" | tail -n 1 | sed 's/\. peaks.*//')
     files=$(grep -c '^ran ' "$LOG/kernel_lab.log"); badfiles=$(grep -E '^ran ' "$LOG/kernel_lab.log" | grep -vc 'exit 0,')
@@ -311,7 +311,7 @@ if ! skip_or_dry "kernel lab" lab/adamw; then
 fi
 
 # the benchmark against PyTorch: train_moe_cu, eager, torch.compile; each side gets a third of the part
-allowed=$(allowance 110); side=$(( (allowed - 10) / 3 )); [ $side -lt 20 ] && side=20
+allowed=$(allowance 70); side=$(( (allowed - 10) / 3 )); [ $side -lt 20 ] && side=20
 bench_cmd=("$PY" scripts/bench_gpu.py --configs d1024-E8-k2 --steps 4 --warmup 1 --timeout "$side"
            --trainer "$GPU_BIN/train_moe_cu" --python "$PY" --json "$LOG/bench.json")
 echo "[bench] ${bench_cmd[*]}"
