@@ -60,7 +60,7 @@ venv:
 	@dev/setup_venv.sh
 
 # the C suite on the OpenBLAS build, where OpenBLAS is installed
-test-blas: ref
+test-blas: dev/ref/manifest.txt
 ifeq ($(HAVE_BLAS),yes)
 	$(MAKE) --no-print-directory test_moe_blas train_moe_blas
 	./test_moe_blas dev/ref ./train_moe_blas
@@ -68,9 +68,12 @@ else
 	@echo "test-blas: OpenBLAS not installed (Debian: apt-get install libopenblas-dev): the USE_BLAS=1 build was not tested"
 endif
 
-# the PyTorch reference states that test_moe checks against (never stale: rebuilt every time)
+# the PyTorch reference states that test_moe checks against (never stale: make test rebuilds them;
+# the suites run on their own, test-blas and test-sanitize, make them only if missing)
 ref: venv
 	$(PY) dev/moe_ref.py --outdir dev/ref
+dev/ref/manifest.txt:
+	$(MAKE) --no-print-directory ref
 
 # HF interchange: export -> MixtralForCausalLM logits == train_moe's
 test-hf: venv train_moe
@@ -86,7 +89,7 @@ train_moe_san: train_moe.c
 	$(CC) $(CFLAGS) $(SAN_FLAGS) $< $(LDLIBS) -o $@
 test_moe_san: test_moe.c train_moe.c
 	$(CC) $(CFLAGS) $(SAN_FLAGS) $< $(LDLIBS) -o $@
-test-sanitize: test_moe_san train_moe_san ref
+test-sanitize: test_moe_san train_moe_san dev/ref/manifest.txt
 	$(SAN_ENV) ./test_moe_san dev/ref ./train_moe_san
 	@echo "test-sanitize: clean (no ASan, LSan or UBSan report from test_moe_san or the train_moe_san runs it drove)"
 
