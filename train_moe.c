@@ -290,51 +290,110 @@ static int blas_layout(size_t sr, size_t sc, int rows, int cols, CBLAS_TRANSPOSE
 }
 #endif
 
-void gemm(float* c, const float* a, const float* b, int M, int N, int K,
-          size_t sai, size_t sak, size_t sbk, size_t sbj, int accumulate) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) { // empty sum
-        if (!accumulate) for (int i = 0; i < M; i++) memset(c + (size_t)i * N, 0, N * sizeof(float));
-        return;
-    }
-#ifdef USE_BLAS
-    CBLAS_TRANSPOSE ta, tb;
-    int lda, ldb;
-    if (blas_layout(sai, sak, M, K, &ta, &lda) && blas_layout(sbk, sbj, K, N, &tb, &ldb)) {
-        cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, 1.0f, a, lda, b, ldb, accumulate ? 1.0f : 0.0f, c, N);
-        return;
-    }
-#endif
-    int mt = (M + GEMM_MR - 1) / GEMM_MR, nt = (N + GEMM_NR - 1) / GEMM_NR;
-    float* ap = scratch_get(&gemm_apack, (size_t)mt * GEMM_MR * K);
-    float* bp = scratch_get(&gemm_bpack, (size_t)nt * GEMM_NR * K);
+// A grouped GEMM: G independent products c_g[M_g,N_g] (= or +=) A_g.B_g, with K_g, sharing the
+// operand strides. All their slivers are packed in one parallel loop and all their tiles computed in
+// another, so many small products (the experts, each with the rows routed to it) share the threads
+// with one barrier between the phases instead of a parallel region each. A plain GEMM is G = 1.
+typedef struct { float* c; const float* a; const float* b; int M, N, K; } GemmProblem;
+
+static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size_t sbk, size_t sbj, int accumulate) {
     // A is read in place (no packing) when its rows are contiguous along k; otherwise, and for a
     // ragged last sliver, it is packed like B
     int direct = sak == 1;
-    // walk the tiles with the slivers of the larger operand outermost, so each of those is fetched once
-    // while the smaller operand stays in cache
-    int a_outer = M > N;
+    // per problem: where its packed slivers and its tiles start (prefix sums over the problems)
+    size_t* at = (size_t*)mallocCheck(4 * (size_t)(G + 1) * sizeof(size_t));
+    size_t *bt = at + (G + 1), *aoff = bt + (G + 1), *boff = aoff + (G + 1); // sliver and float offsets
+    size_t* tiles = (size_t*)mallocCheck((size_t)(G + 1) * sizeof(size_t));
+    at[0] = bt[0] = aoff[0] = boff[0] = tiles[0] = 0;
+    for (int g = 0; g < G; g++) {
+        int M = p[g].M, N = p[g].N, K = p[g].K;
+        int mt = M > 0 && N > 0 ? (M + GEMM_MR - 1) / GEMM_MR : 0, nt = M > 0 && N > 0 ? (N + GEMM_NR - 1) / GEMM_NR : 0;
+        if (K <= 0 && !accumulate) // an empty sum: c = 0
+            for (int i = 0; i < M; i++) memset(p[g].c + (size_t)i * N, 0, N * sizeof(float));
+        if (K <= 0) mt = nt = 0;
+#ifdef USE_BLAS
+        CBLAS_TRANSPOSE ta, tb;
+        int lda, ldb;
+        if (mt && blas_layout(sai, sak, M, K, &ta, &lda) && blas_layout(sbk, sbj, K, N, &tb, &ldb)) {
+            cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, 1.0f, p[g].a, lda, p[g].b, ldb, accumulate ? 1.0f : 0.0f, p[g].c, N);
+            mt = nt = 0;
+        }
+#endif
+        at[g + 1] = at[g] + mt;
+        bt[g + 1] = bt[g] + nt;
+        aoff[g + 1] = aoff[g] + (size_t)mt * GEMM_MR * (K > 0 ? K : 0);
+        boff[g + 1] = boff[g] + (size_t)nt * GEMM_NR * (K > 0 ? K : 0);
+        tiles[g + 1] = tiles[g] + (size_t)mt * nt;
+    }
+    float* ap = scratch_get(&gemm_apack, aoff[G]);
+    float* bp = scratch_get(&gemm_bpack, boff[G]);
+    long nslivers = (long)(at[G] + bt[G]), ntiles = (long)tiles[G];
     #pragma omp parallel
     {
+        int g = 0;
         #pragma omp for schedule(static)
-        for (int it = 0; it < mt; it++)
-            if (!direct || (it + 1) * GEMM_MR > M) gemm_pack(ap + (size_t)it * GEMM_MR * K, a, it * GEMM_MR, M, K, sai, sak, GEMM_MR);
+        for (long s = 0; s < nslivers; s++) { // A slivers of every problem, then B slivers
+            if (s < (long)at[G]) {
+                while ((size_t)s >= at[g + 1]) g++;
+                int it = (int)(s - at[g]);
+                const GemmProblem* q = p + g;
+                if (!direct || (it + 1) * GEMM_MR > q->M)
+                    gemm_pack(ap + aoff[g] + (size_t)it * GEMM_MR * q->K, q->a, it * GEMM_MR, q->M, q->K, sai, sak, GEMM_MR);
+            } else {
+                size_t sb = (size_t)s - at[G];
+                int h = 0;
+                while (sb >= bt[h + 1]) h++;
+                int jt = (int)(sb - bt[h]);
+                const GemmProblem* q = p + h;
+                gemm_pack(bp + boff[h] + (size_t)jt * GEMM_NR * q->K, q->b, jt * GEMM_NR, q->N, q->K, sbj, sbk, GEMM_NR);
+            }
+        }
+        g = 0;
         #pragma omp for schedule(static)
-        for (int jt = 0; jt < nt; jt++)
-            gemm_pack(bp + (size_t)jt * GEMM_NR * K, b, jt * GEMM_NR, N, K, sbj, sbk, GEMM_NR);
-        #pragma omp for schedule(static)
-        for (int idx = 0; idx < mt * nt; idx++) {
-            int it = a_outer ? idx / nt : idx % mt;
-            int jt = a_outer ? idx % nt : idx / mt;
+        for (long t = 0; t < ntiles; t++) {
+            while ((size_t)t >= tiles[g + 1]) g++;
+            const GemmProblem* q = p + g;
+            int M = q->M, N = q->N, K = q->K;
+            int mt = (M + GEMM_MR - 1) / GEMM_MR, nt = (N + GEMM_NR - 1) / GEMM_NR;
+            // walk the tiles with the slivers of the larger operand outermost, so each of those is
+            // fetched once while the smaller operand stays in cache
+            size_t idx = (size_t)t - tiles[g];
+            int it = M > N ? (int)(idx / nt) : (int)(idx % mt);
+            int jt = M > N ? (int)(idx % nt) : (int)(idx / mt);
             int i0 = it * GEMM_MR, j0 = jt * GEMM_NR;
             int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
             int nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
-            const float* bp_t = bp + (size_t)jt * GEMM_NR * K;
-            float* c_t = c + (size_t)i0 * N + j0;
-            if (direct && mr == GEMM_MR) gemm_micro(K, a + (size_t)i0 * sai, sai, sak, bp_t, c_t, N, mr, nr, accumulate);
-            else gemm_micro(K, ap + (size_t)it * GEMM_MR * K, 1, GEMM_MR, bp_t, c_t, N, mr, nr, accumulate);
+            const float* bp_t = bp + boff[g] + (size_t)jt * GEMM_NR * K;
+            float* c_t = q->c + (size_t)i0 * N + j0;
+            if (direct && mr == GEMM_MR) gemm_micro(K, q->a + (size_t)i0 * sai, sai, sak, bp_t, c_t, N, mr, nr, accumulate);
+            else gemm_micro(K, ap + aoff[g] + (size_t)it * GEMM_MR * K, 1, GEMM_MR, bp_t, c_t, N, mr, nr, accumulate);
         }
     }
+    free(at);
+    free(tiles);
+}
+
+// the problems go in batches whose packed operands fit in cache (GEMM_BATCH_FLOATS), so what a
+// batch packs is still there when its tiles read it
+#ifndef GEMM_BATCH_FLOATS
+#define GEMM_BATCH_FLOATS (256 * 1024)
+#endif
+void gemm_grouped(const GemmProblem* p, int G, size_t sai, size_t sak, size_t sbk, size_t sbj, int accumulate) {
+    for (int g0 = 0, g1; g0 < G; g0 = g1) {
+        size_t floats = 0;
+        for (g1 = g0; g1 < G; g1++) {
+            size_t f = ((size_t)p[g1].M + p[g1].N + GEMM_MR + GEMM_NR) * (p[g1].K > 0 ? p[g1].K : 0);
+            if (g1 > g0 && floats + f > GEMM_BATCH_FLOATS) break;
+            floats += f;
+        }
+        gemm_batch(p + g0, g1 - g0, sai, sak, sbk, sbj, accumulate);
+    }
+}
+
+void gemm(float* c, const float* a, const float* b, int M, int N, int K,
+          size_t sai, size_t sak, size_t sbk, size_t sbj, int accumulate) {
+    GemmProblem p = {c, a, b, M, N, K};
+    gemm_grouped(&p, 1, sai, sak, sbk, sbj, accumulate);
 }
 
 // out[N,OC] = inp[N,IC] . weight[OC,IC]^T
@@ -631,55 +690,79 @@ void permute_backward(float* dm, const float* dxe, const int* row_of, int N, int
         }
 }
 
-// each expert's SwiGLU over its own rows: ye = w2 . (silu(w1 . xe) * (w3 . xe))
-// xe[NK,C], h1,h3,act[NK,F], ye[NK,C]; w1,w3[E,F,C], w2[E,C,F]; an expert with no rows is skipped
-void experts_forward(float* ye, float* h1, float* h3, float* act, const float* xe,
-                     const float* w1, const float* w3, const float* w2, const int* offs, int E, int C, int F) {
+// the experts: rows offs[e]..offs[e+1] of xe[NK,C] belong to expert e (counting-sort order).
+// h1 = x.w1^T, h3 = x.w3^T, act = silu(h1) * h3, ye = act.w2^T, each product one grouped GEMM over
+// the experts that got rows (an expert with none costs nothing)
+static int expert_problems(GemmProblem* p, const int* offs, int E, float* c, size_t c_row, const float* a, size_t a_row,
+                           const float* b, size_t b_expert, int N, int K) {
+    int g = 0;
     for (int e = 0; e < E; e++) {
         int r0 = offs[e], n = offs[e + 1] - offs[e];
         if (n == 0) continue;
-        const float* x = xe + (size_t)r0 * C;
-        float* a1 = h1 + (size_t)r0 * F;
-        float* a3 = h3 + (size_t)r0 * F;
-        float* ac = act + (size_t)r0 * F;
-        matmul_forward(a1, x, w1 + (size_t)e * F * C, n, C, F);
-        matmul_forward(a3, x, w3 + (size_t)e * F * C, n, C, F);
-        #pragma omp parallel for
-        for (size_t i = 0; i < (size_t)n * F; i++) {
-            float g = a1[i];
-            ac[i] = g / (1.0f + vexpf(-g)) * a3[i];
-        }
-        matmul_forward(ye + (size_t)r0 * C, ac, w2 + (size_t)e * C * F, n, F, C);
+        GemmProblem q = {c + (size_t)r0 * c_row, a + (size_t)r0 * a_row, b + (size_t)e * b_expert, n, N, K};
+        p[g++] = q;
     }
+    return g;
+}
+
+void experts_forward(float* ye, float* h1, float* h3, float* act, const float* xe,
+                     const float* w1, const float* w3, const float* w2, const int* offs, int E, int C, int F) {
+    GemmProblem* p = (GemmProblem*)callocCheck(2 * (size_t)E, sizeof(GemmProblem));
+    // h1 and h3 of every expert: c[n,F] = x[n,C] . w[F,C]^T
+    int g = expert_problems(p, offs, E, h1, F, xe, C, w1, (size_t)F * C, F, C);
+    g += expert_problems(p + g, offs, E, h3, F, xe, C, w3, (size_t)F * C, F, C);
+    gemm_grouped(p, g, C, 1, 1, C, 0);
+    size_t n = (size_t)offs[E] * F;
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float x = h1[i];
+        act[i] = x / (1.0f + vexpf(-x)) * h3[i];
+    }
+    g = expert_problems(p, offs, E, ye, C, act, F, w2, (size_t)C * F, C, F); // ye[n,C] = act[n,F] . w2[C,F]^T
+    gemm_grouped(p, g, F, 1, 1, F, 0);
+    free(p);
 }
 // given dye[NK,C]: dxe[NK,C] (=), dw1,dw3,dw2 (+=); dact, dh1, dh3 are scratch [NK,F]
 void experts_backward(float* dxe, float* dw1, float* dw3, float* dw2, float* dact, float* dh1, float* dh3,
                       const float* dye, const float* xe, const float* h1, const float* h3, const float* act,
                       const float* w1, const float* w3, const float* w2, const int* offs, int E, int C, int F) {
+    GemmProblem* p = (GemmProblem*)callocCheck(2 * (size_t)E, sizeof(GemmProblem));
+    int g = expert_problems(p, offs, E, dact, F, dye, C, w2, (size_t)C * F, F, C); // dact[n,F] = dy[n,C] . w2[C,F]
+    gemm_grouped(p, g, C, 1, F, 1, 0);
+    g = 0;
+    for (int e = 0; e < E; e++) { // dw2[C,F] += dy^T . act: C x F over the expert's n rows
+        int r0 = offs[e], n = offs[e + 1] - offs[e];
+        if (n == 0) continue;
+        GemmProblem w = {dw2 + (size_t)e * C * F, dye + (size_t)r0 * C, act + (size_t)r0 * F, C, F, n};
+        p[g++] = w;
+    }
+    gemm_grouped(p, g, 1, C, F, 1, 1);
+    size_t n = (size_t)offs[E] * F;
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float x = h1[i];
+        float sg = 1.0f / (1.0f + vexpf(-x));
+        float silu = x * sg;
+        dh3[i] = dact[i] * silu;
+        dh1[i] = dact[i] * h3[i] * sg * (1.0f + x * (1.0f - sg));
+    }
+    // dx[n,C] = dh1[n,F] . w1[F,C] + dh3 . w3
+    g = expert_problems(p, offs, E, dxe, C, dh1, F, w1, (size_t)F * C, C, F);
+    gemm_grouped(p, g, F, 1, C, 1, 0);
+    g = expert_problems(p, offs, E, dxe, C, dh3, F, w3, (size_t)F * C, C, F);
+    gemm_grouped(p, g, F, 1, C, 1, 1);
+    // dw1[F,C] += dh1^T . x and dw3 alike, over the expert's n rows
+    g = 0;
     for (int e = 0; e < E; e++) {
         int r0 = offs[e], n = offs[e + 1] - offs[e];
         if (n == 0) continue;
-        const float* dy = dye + (size_t)r0 * C;
-        float* da = dact + (size_t)r0 * F;
-        float* d1 = dh1 + (size_t)r0 * F;
-        float* d3 = dh3 + (size_t)r0 * F;
-        float* dx = dxe + (size_t)r0 * C;
-        const float* a1 = h1 + (size_t)r0 * F;
-        const float* a3 = h3 + (size_t)r0 * F;
-        memset(da, 0, (size_t)n * F * sizeof(float));
-        matmul_backward(da, dw2 + (size_t)e * C * F, dy, act + (size_t)r0 * F, w2 + (size_t)e * C * F, n, F, C);
-        #pragma omp parallel for
-        for (size_t i = 0; i < (size_t)n * F; i++) {
-            float g = a1[i];
-            float sg = 1.0f / (1.0f + vexpf(-g));
-            float silu = g * sg;
-            d3[i] = da[i] * silu;
-            d1[i] = da[i] * a3[i] * sg * (1.0f + g * (1.0f - sg));
-        }
-        memset(dx, 0, (size_t)n * C * sizeof(float));
-        matmul_backward(dx, dw1 + (size_t)e * F * C, d1, xe + (size_t)r0 * C, w1 + (size_t)e * F * C, n, C, F);
-        matmul_backward(dx, dw3 + (size_t)e * F * C, d3, xe + (size_t)r0 * C, w3 + (size_t)e * F * C, n, C, F);
+        GemmProblem w1p = {dw1 + (size_t)e * F * C, dh1 + (size_t)r0 * F, xe + (size_t)r0 * C, F, C, n};
+        GemmProblem w3p = {dw3 + (size_t)e * F * C, dh3 + (size_t)r0 * F, xe + (size_t)r0 * C, F, C, n};
+        p[g++] = w1p;
+        p[g++] = w3p;
     }
+    gemm_grouped(p, g, 1, F, C, 1, 1);
+    free(p);
 }
 
 // combine: out[n,:] = res[n,:] + sum_j gate[n,j] * ye[row_of[n,j], :]
