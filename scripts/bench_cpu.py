@@ -119,6 +119,8 @@ def run_c(cfg, steps, threads, binary="train_moe"):
            "-nf", str(F), "-nv", str(V), "-b", str(B), "-t", str(T), "-x", str(steps),
            "-v", "0", "-s", "0", "-u", "1000"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if "blas" in binary and "avx512f" in cpu_model()[1]:
+        env.setdefault("OPENBLAS_CORETYPE", "SkylakeX")  # OpenBLAS 0.3.21 would take its AVX2 kernels on Zen 4/5
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{binary} failed:\n" + out.stdout + out.stderr)
