@@ -705,6 +705,19 @@ static int expert_problems(GemmProblem* p, const int* offs, int E, float* c, siz
     return g;
 }
 
+// the weight gradients of the experts that got rows: dw_e[M,N] += dy_e^T . x_e, summed over the n_e rows
+static int expert_wgrad_problems(GemmProblem* p, const int* offs, int E, float* dw, const float* dy, size_t dy_row,
+                                 const float* x, size_t x_row, int M, int N) {
+    int g = 0;
+    for (int e = 0; e < E; e++) {
+        int r0 = offs[e], n = offs[e + 1] - offs[e];
+        if (n == 0) continue;
+        GemmProblem q = {dw + (size_t)e * M * N, dy + (size_t)r0 * dy_row, x + (size_t)r0 * x_row, M, N, n};
+        p[g++] = q;
+    }
+    return g;
+}
+
 void experts_forward(float* ye, float* h1, float* h3, float* act, const float* xe,
                      const float* w1, const float* w3, const float* w2, const int* offs, int E, int C, int F) {
     GemmProblem* p = (GemmProblem*)callocCheck(2 * (size_t)E, sizeof(GemmProblem));
@@ -729,13 +742,7 @@ void experts_backward(float* dxe, float* dw1, float* dw3, float* dw2, float* dac
     GemmProblem* p = (GemmProblem*)callocCheck(2 * (size_t)E, sizeof(GemmProblem));
     int g = expert_problems(p, offs, E, dact, F, dye, C, w2, (size_t)C * F, F, C); // dact[n,F] = dy[n,C] . w2[C,F]
     gemm_grouped(p, g, C, 1, F, 1, 0);
-    g = 0;
-    for (int e = 0; e < E; e++) { // dw2[C,F] += dy^T . act: C x F over the expert's n rows
-        int r0 = offs[e], n = offs[e + 1] - offs[e];
-        if (n == 0) continue;
-        GemmProblem w = {dw2 + (size_t)e * C * F, dye + (size_t)r0 * C, act + (size_t)r0 * F, C, F, n};
-        p[g++] = w;
-    }
+    g = expert_wgrad_problems(p, offs, E, dw2, dye, C, act, F, C, F); // dw2[C,F] += dy^T . act
     gemm_grouped(p, g, 1, C, F, 1, 1);
     size_t n = (size_t)offs[E] * F;
     #pragma omp parallel for
@@ -751,16 +758,9 @@ void experts_backward(float* dxe, float* dw1, float* dw3, float* dw2, float* dac
     gemm_grouped(p, g, F, 1, C, 1, 0);
     g = expert_problems(p, offs, E, dxe, C, dh3, F, w3, (size_t)F * C, C, F);
     gemm_grouped(p, g, F, 1, C, 1, 1);
-    // dw1[F,C] += dh1^T . x and dw3 alike, over the expert's n rows
-    g = 0;
-    for (int e = 0; e < E; e++) {
-        int r0 = offs[e], n = offs[e + 1] - offs[e];
-        if (n == 0) continue;
-        GemmProblem w1p = {dw1 + (size_t)e * F * C, dh1 + (size_t)r0 * F, xe + (size_t)r0 * C, F, C, n};
-        GemmProblem w3p = {dw3 + (size_t)e * F * C, dh3 + (size_t)r0 * F, xe + (size_t)r0 * C, F, C, n};
-        p[g++] = w1p;
-        p[g++] = w3p;
-    }
+    // dw1[F,C] += dh1^T . x and dw3 alike
+    g = expert_wgrad_problems(p, offs, E, dw1, dh1, F, xe, C, F, C);
+    g += expert_wgrad_problems(p + g, offs, E, dw3, dh3, F, xe, C, F, C);
     gemm_grouped(p, g, 1, F, C, 1, 1);
     free(p);
 }
