@@ -35,6 +35,27 @@ static float train_step(Model* model, const int* x, const int* y, int B, int T, 
     return norm;
 }
 
+// every parameter gradient against the reference's, tensor by tensor: relative error (the norm of the
+// difference over the norm of the reference) <= 1e-4. Returns the worst.
+static float check_grads(const char* what, const Model* model, const float* ref) {
+    size_t off = 0;
+    float worst = 0.0f;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n = model->param_sizes[t];
+        double dd = 0.0, rr = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            double g = model->grads_memory[off + i], r = ref[off + i];
+            dd += (g - r) * (g - r);
+            rr += r * r;
+        }
+        float rel = rr > 0 ? (float)sqrt(dd / rr) : (float)sqrt(dd);
+        worst = fmaxf(worst, rel);
+        CHECK(rel <= 1e-4f, "[%s] grad %s relative error %.3e > 1e-4", what, param_names[t], rel);
+        off += n;
+    }
+    return worst;
+}
+
 // ----------------------------------------------------------------------------
 // 1. one configuration against its PyTorch debug state
 
@@ -63,21 +84,7 @@ static void test_reference(const char* dir, const char* name) {
            maxdiff, lossdiff, model.ce, model.loss, expert_mismatch);
 
     model_backward(&model, 1.0f);
-    size_t off = 0;
-    float worst = 0.0f;
-    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
-        size_t n = model.param_sizes[t];
-        double dd = 0.0, rr = 0.0;
-        for (size_t i = 0; i < n; i++) {
-            double g = model.grads_memory[off + i], r = d.grads[off + i];
-            dd += (g - r) * (g - r);
-            rr += r * r;
-        }
-        float rel = rr > 0 ? (float)sqrt(dd / rr) : (float)sqrt(dd);
-        worst = fmaxf(worst, rel);
-        CHECK(rel <= 1e-4f, "[%s] grad %s relative error %.3e > 1e-4", name, param_names[t], rel);
-        off += n;
-    }
+    float worst = check_grads(name, &model, d.grads);
     // an expert that received no token gets exactly zero gradient
     for (int l = 0; l < L; l++)
         for (int e = 0; e < E; e++) {
@@ -184,6 +191,109 @@ static void test_grad_accumulation(const char* dir, const char* name) {
     float rel = (float)sqrt(dd / rr);
     CHECK(rel <= 1e-4f, "[%s] 2 accumulated half-weighted micro-batches: gradient relative error %.3e > 1e-4", name, rel);
     printf("[%s] gradient accumulation (2 x dloss 1/2 == 1 x dloss 1): relative error %.2e\n", name, rel);
+    debug_free(&d);
+    model_free(&model);
+}
+
+// GRPO against dev/moe_ref.py (NAME_grpo.bin): the advantages of the rollout batch's rewards, then per
+// mini-batch update the loss, the number of clipped tokens and every gradient, each update followed by
+// the AdamW step, so later mini-batches run with pi != pi_old
+static void test_grpo(const char* dir, const char* name) {
+    Model model;
+    TrainState st;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    if (checkpoint_load(&model, path, &st, 0) != 0) exit(EXIT_FAILURE);
+    snprintf(path, sizeof path, "%s/%s_grpo.bin", dir, name);
+    FILE* fp = fopenCheck(path, "rb");
+    int h[256];
+    freadCheck(h, sizeof(int), 256, fp, path);
+    int rows = h[2], T = h[3], P = h[4], G = h[5], M = h[6], mb = rows / M;
+    GrpoConfig gc = {P, G, h[8], M, h[7], 1.0f, 0.0f, 0.0f};
+    float opt[8];
+    memcpy(&gc.clip, &h[9], 4);
+    memcpy(&gc.kl, &h[10], 4);
+    memcpy(opt, &h[11], 6 * sizeof(float)); // lr, beta1, beta2, eps, weight decay, grad clip
+    size_t N = (size_t)rows * T, np = model.num_params;
+    long expect = 1024 + 4L * (2 * N + 2 * rows + 2 * N) + 4L * M * (3 + (long)np);
+    if (h[0] != 20251127 || h[1] != 1 || file_size(fp) != expect || M < 1 || rows % M != 0 || T > model.config.T) {
+        printf("  FAIL: '%s' is not a GRPO reference for this model\n", path);
+        n_fail++;
+        fclose(fp);
+        model_free(&model);
+        return;
+    }
+    Rollouts ro;
+    rollouts_alloc(&ro, rows, T);
+    float *adv_ref = (float*)mallocCheck(rows * sizeof(float)), *w = (float*)mallocCheck(N * sizeof(float));
+    float* grads = (float*)mallocCheck(np * sizeof(float));
+    freadCheck(ro.x, sizeof(int), N, fp, path);
+    freadCheck(ro.y, sizeof(int), N, fp, path);
+    freadCheck(ro.reward, sizeof(float), rows, fp, path);
+    freadCheck(adv_ref, sizeof(float), rows, fp, path);
+    freadCheck(ro.old_logp, sizeof(float), N, fp, path);
+    freadCheck(ro.ref_logp, sizeof(float), N, fp, path);
+    int flat = grpo_advantages(ro.reward, ro.adv, rows, G);
+    float adv_diff = 0.0f;
+    for (int r = 0; r < rows; r++) adv_diff = fmaxf(adv_diff, fabsf(ro.adv[r] - adv_ref[r]));
+    CHECK(adv_diff <= 1e-6f, "[%s grpo] advantages max|diff| %.3e > 1e-6", name, adv_diff);
+    model_alloc_acts(&model, mb, T);
+    printf("[%s grpo] P=%d G=%d M=%d agg %d kl %g clip %g | zero-variance groups %d | advantages max|diff| %.1e\n", name,
+           P, G, M, gc.agg, gc.kl, gc.clip, flat, adv_diff);
+    for (int m = 0; m < M; m++) {
+        float ref3[3];
+        freadCheck(ref3, sizeof(float), 3, fp, path);
+        freadCheck(grads, sizeof(float), np, fp, path);
+        size_t o = (size_t)m * mb * T;
+        GrpoStats gs = {0};
+        model_zero_grad(&model);
+        float loss = grpo_backward(&model, ro.x + o, ro.y + o, ro.adv + m * mb, ro.old_logp + o, ro.ref_logp + o, mb, T,
+                                   &gc, w, &gs);
+        char what[320];
+        snprintf(what, sizeof what, "%s grpo update %d/%d", name, m + 1, M);
+        CHECK(fabsf(loss - ref3[0]) <= 1e-5f * fmaxf(1.0f, fabsf(ref3[0])), "[%s] loss %.7f vs %.7f", what, loss, ref3[0]);
+        CHECK(gs.clipped == (long)ref3[1], "[%s] %ld clipped tokens, the reference %d", what, gs.clipped, (int)ref3[1]);
+        float worst = check_grads(what, &model, grads);
+        float norm = global_grad_norm(&model);
+        CHECK(fabsf(norm - ref3[2]) <= 1e-4f * ref3[2], "[%s] grad norm %.6f vs %.6f", what, norm, ref3[2]);
+        printf("  update %d/%d: loss %.6f (ref %.6f) | clipped tokens %ld (ref %d) of %ld | worst gradient relative error "
+               "%.2e | norm %.5f (ref %.5f)\n", m + 1, M, loss, ref3[0], gs.clipped, (int)ref3[1], gs.tokens, worst, norm,
+               ref3[2]);
+        float scale = (opt[5] > 0 && norm > opt[5]) ? opt[5] / norm : 1.0f;
+        model_update(&model, opt[0], opt[1], opt[2], opt[3], opt[4], m + 1, scale);
+    }
+    fclose(fp);
+    rollouts_free(&ro);
+    free(adv_ref); free(w); free(grads);
+    model_free(&model);
+}
+
+// the sampler's log-probs of its tokens (pi_old in GRPO) == the training forward's log-probs of them
+static void test_sampler_logp(const char* dir, const char* name) {
+    Model model;
+    DebugState d;
+    load_reference(dir, name, &model, &d);
+    int T = d.T, plen = 2, V = model.config.V;
+    model_alloc_acts(&model, 1, T);
+    Tokenizer none;
+    memset(&none, 0, sizeof none);
+    int resp[64];
+    float logp[64];
+    uint64_t rng = 12345;
+    int n = sample_response(&model, d.x, plen, T - plen, -1, 0, &none, resp, logp, 1, 1.0f, &rng);
+    Rollouts ro;
+    rollouts_alloc(&ro, 1, T);
+    rollouts_set_row(&ro, 0, d.x, plen, resp, n, logp, V - 1);
+    model_forward(&model, ro.x, ro.y, 1, T);
+    float worst = 0.0f;
+    int counted = 0;
+    for (int t = 0; t < T; t++)
+        if (ro.y[t] >= 0) { worst = fmaxf(worst, fabsf(-model.losses[t] - ro.old_logp[t])); counted++; }
+    CHECK(counted == n && n == T - plen, "[%s] %d response tokens laid out as %d targets (want %d)", name, n, counted, T - plen);
+    CHECK(worst <= 1e-5f, "[%s] sampler log-probs vs the training forward's: max|diff| %.3e > 1e-5", name, worst);
+    printf("[%s] sampled %d tokens at temperature 1: sampler log-probs == training forward's, max|diff| %.2e\n", name, n,
+           worst);
+    rollouts_free(&ro);
     debug_free(&d);
     model_free(&model);
 }
@@ -489,6 +599,87 @@ static void test_trainer_binary(const char* tmp) {
     free(toks);
 }
 
+// 4. the trainer's GRPO mode (-rl): exact resume, and the errors on bad flags and files. Starts from
+//    the 8-step checkpoint of test_trainer_binary; the prompts are an eval file written here.
+static void write_prompts(const char* path, const char* ref, int kind) {
+    EvalSet es;
+    memset(&es, 0, sizeof es);
+    strcpy(es.name, "rl_test");
+    es.n = 8; es.kind = kind;
+    int plen[8], alen[8], buf[8][5];
+    int* toks[8];
+    char* refs[8];
+    for (int i = 0; i < 8; i++) {
+        plen[i] = 3; alen[i] = 2;
+        for (int j = 0; j < 5; j++) buf[i][j] = (i * 17 + j * 7) % 200;
+        toks[i] = buf[i];
+        refs[i] = (char*)ref;
+    }
+    es.plen = plen; es.alen = alen; es.toks = toks; es.ref = refs;
+    write_eval(path, &es, 200);
+}
+
+static void test_grpo_binary(const char* tmp) {
+    char cmd[16384], start[1024], prompts[1024], blank[1024], a4[1024], b4[1024], b2[1024], args[12288], other[1024];
+    char* out;
+    snprintf(start, sizeof start, "%s/runs/straight/model_00000008.bin", tmp);
+    if (access(start, R_OK) != 0) { CHECK(0, "no starting checkpoint %s: GRPO trainer tests not run", start); return; }
+    snprintf(prompts, sizeof prompts, "%s/rl_prompts.bin", tmp);
+    snprintf(blank, sizeof blank, "%s/rl_blank.bin", tmp);
+    write_prompts(prompts, "7", TASK_MEMORIZATION);
+    write_prompts(blank, " \n ", TASK_MEMORIZATION);
+    char common[6144];
+    snprintf(common, sizeof common, "-e %s -rl %s -j %s/va_000.bin -k none -t 32 -rp 4 -rg 3 -rm 2 -rr 12 -rt 1.0 -rk 0.05 "
+             "-l 1e-3 -x 4 -v 2 -m 1 -s 0 -ev %s -ea 4", start, prompts, tmp, prompts);
+    snprintf(cmd, sizeof cmd, "%s %s -o %s/rl_straight", trainer, common, tmp);
+    int rc1 = run_cmd(cmd, &out);
+    int lines = 0;
+    for (char* q = strstr(out, "rl step"); q; q = strstr(q + 1, "rl step")) lines++;
+    CHECK(rc1 == 0 && lines == 4 && strstr(out, "task rl_test") != NULL,
+          "GRPO run: exit %d, %d 'rl step' lines (want 4), held-out eval line %s:\n%s", rc1, lines,
+          strstr(out, "task rl_test") ? "present" : "missing", out);
+    free(out);
+    snprintf(cmd, sizeof cmd, "%s %s -n 2 -o %s/rl_resumed", trainer, common, tmp);
+    int rc2 = run_cmd(cmd, &out); free(out);
+    snprintf(b4, sizeof b4, "%s/rl_resumed/model_00000004.bin", tmp);
+    snprintf(b2, sizeof b2, "%s/rl_resumed/model_00000002.bin", tmp);
+    remove(b4);
+    snprintf(cmd, sizeof cmd, "%s %s -n 2 -o %s/rl_resumed -y 1", trainer, common, tmp);
+    int rc3 = run_cmd(cmd, &out);
+    int from2 = strstr(out, "model_00000002.bin") != NULL;
+    free(out);
+    snprintf(a4, sizeof a4, "%s/rl_straight/model_00000004.bin", tmp);
+    int same = rc2 == 0 && rc3 == 0 && from2 && files_equal(a4, b4);
+    CHECK(same, "GRPO: 4 RL steps straight != 2 + resume + 2 (exit codes %d %d, resumed from step 2: %d)", rc2, rc3, from2);
+    printf("[trainer] GRPO: 4 RL steps straight == 2 + resume + 2, bit for bit (policy, AdamW, prompt order, sampler RNG): %s\n",
+           same ? "yes" : "NO");
+    // bad input: a clear error, a non-zero exit, and the RL checkpoint in -o untouched
+    char backup[1100];
+    snprintf(backup, sizeof backup, "%s.orig", b2);
+    copy_file(b2, backup);
+    printf("[trainer] GRPO bad input:\n");
+    char base[4096];
+    snprintf(base, sizeof base, "-j %s/va_000.bin -k none -t 32 -rp 4 -rg 3 -rm 2 -rr 12 -x 4 -v 0 -s 0 -o %s/rl_resumed", tmp, tmp);
+    snprintf(args, sizeof args, "-rl %s %s", prompts, base);
+    expect_error("-rl without -e", args, "-rl needs -e", b2);
+    snprintf(args, sizeof args, "-e %s -rl %s %s -rg 1", start, prompts, base);
+    expect_error("-rg 1", args, "-rg (samples per prompt) must be >= 2", b2);
+    snprintf(args, sizeof args, "-e %s -rl %s %s -rm 3", start, prompts, base);
+    expect_error("-rm not dividing -rp", args, "-rm (mini-batches) must be positive and divide -rp", b2);
+    snprintf(args, sizeof args, "-e %s -rl %s %s -rr 30", start, prompts, base);
+    expect_error("prompt + R > T", args, "+ -rr R=30 exceeds -t T=32", b2);
+    snprintf(args, sizeof args, "-e %s -rl %s %s", start, blank, base);
+    expect_error("prompts without answers", args, "rl_blank.bin' (flag -rl) item 0 has no reference answer", b2);
+    // a reference (-e) of another shape than the checkpoint being resumed
+    snprintf(cmd, sizeof cmd, "%s -i %s/tr_000.bin -j %s/va_000.bin -nv 200 -nl 1 -nc 16 -nh 2 -ne 2 -nk 1 -nf 16 -b 2 -t 32 "
+             "-x 1 -v 0 -s 0 -k none -o %s/other", trainer, tmp, tmp, tmp);
+    int rc4 = run_cmd(cmd, &out); free(out);
+    snprintf(other, sizeof other, "%s/other/model_00000001.bin", tmp);
+    CHECK(rc4 == 0, "could not train the other-shape checkpoint %s", other);
+    snprintf(args, sizeof args, "-e %s -rl %s %s -y 1", other, prompts, base);
+    expect_error("reference of another shape", args, "other/model_00000001.bin' (flag -e) has another shape", b2);
+}
+
 int main(int argc, char** argv) {
     const char* dir = argc > 1 ? argv[1] : "dev/ref";
     if (argc > 2) trainer = argv[2];
@@ -513,8 +704,17 @@ int main(int argc, char** argv) {
     test_grad_accumulation(dir, "gqa");
     test_kv_cache(dir, "mqa");
     test_kv_cache(dir, "e6");
+    snprintf(path, sizeof path, "%s/grpo_manifest.txt", dir);
+    mf = fopenCheck(path, "r");
+    int ngrpo = 0;
+    while (fscanf(mf, "%255s", name) == 1) { test_grpo(dir, name); ngrpo++; }
+    fclose(mf);
+    CHECK(ngrpo >= 4, "only %d GRPO reference cases in %s", ngrpo, path);
+    test_sampler_logp(dir, "e6");
+    test_sampler_logp(dir, "dense");
     test_checkpoint_roundtrip(dir, first, tmp);
     test_trainer_binary(tmp);
+    test_grpo_binary(tmp);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     if (system(cmd) != 0) printf("(could not remove %s)\n", tmp);

@@ -690,6 +690,97 @@ static void test_trainer_binary(const char* tmp, const char* trainer, const char
     free(toks);
 }
 
+// ----------------------------------------------------------------------------
+// GRPO: one update on the GPU against train_moe.c's on the same fixed rollouts (dev/ref NAME_grpo.bin,
+// made by dev/moe_ref.py): the first mini-batch's loss, clipped-token count and every gradient, then
+// the parameters after its AdamW step. BF16: gradients where the routing agrees with the CPU's, and
+// the clipped count may move by a token whose ratio sits within bf16 rounding of 1 +- eps.
+
+static void test_grpo_update(const char* dir, const char* name) {
+    char path[1024];
+    Model g;
+    cpu::Model cm;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    if (checkpoint_load(&g, path, &st, 0) != 0 || cpu::checkpoint_load(&cm, path, &st, 0) != 0) exit(EXIT_FAILURE);
+    snprintf(path, sizeof path, "%s/%s_grpo.bin", dir, name);
+    FILE* fp = fopenCheck(path, "rb");
+    int h[256];
+    freadCheck(h, sizeof(int), 256, fp, path);
+    int rows = h[2], T = h[3], P = h[4], G = h[5], M = h[6], mb = rows / M;
+    GrpoConfig gc = {P, G, h[8], M, h[7], 1.0f, 0.0f, 0.0f};
+    float opt[6];
+    memcpy(&gc.clip, &h[9], 4);
+    memcpy(&gc.kl, &h[10], 4);
+    memcpy(opt, &h[11], 6 * sizeof(float)); // lr, beta1, beta2, eps, weight decay, grad clip
+    size_t N = (size_t)rows * T, np = g.num_params;
+    Rollouts ro;
+    cpu::rollouts_alloc(&ro, rows, T);
+    float* w = (float*)mallocCheck(N * sizeof(float));
+    freadCheck(ro.x, sizeof(int), N, fp, path);
+    freadCheck(ro.y, sizeof(int), N, fp, path);
+    freadCheck(ro.reward, sizeof(float), rows, fp, path);
+    freadCheck(ro.adv, sizeof(float), rows, fp, path); // the reference's advantages
+    freadCheck(ro.old_logp, sizeof(float), N, fp, path);
+    freadCheck(ro.ref_logp, sizeof(float), N, fp, path);
+    fclose(fp);
+    model_alloc_acts(&g, mb, T);
+    cpu::model_alloc_acts(&cm, mb, T);
+    GrpoStats gs = {0}, cs = {0};
+    model_zero_grad(&g);
+    cpu::model_zero_grad(&cm);
+    float gl = grpo_backward(&g, ro.x, ro.y, ro.adv, ro.old_logp, ro.ref_logp, mb, T, &gc, w, &gs);
+    float cl = cpu::grpo_backward(&cm, ro.x, ro.y, ro.adv, ro.old_logp, ro.ref_logp, mb, T, &gc, w, &cs);
+    const MoEConfig* c = &g.config;
+    size_t NK = (size_t)mb * T * c->K;
+    int* topi = (int*)mallocCheck((size_t)c->L * NK * sizeof(int));
+    cudaCheck(cudaMemcpy(topi, g.topi, (size_t)c->L * NK * sizeof(int), cudaMemcpyDeviceToHost));
+    int flips = 0;
+    for (size_t i = 0; i < (size_t)c->L * NK; i++) flips += topi[i] != cm.topi[i];
+    float* gg = download_grads(&g);
+    float worst = 0.0f;
+    size_t off = 0;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        double gd = 0.0, gr = 0.0;
+        for (size_t i = off; i < off + g.param_sizes[t]; i++) {
+            double d = (double)gg[i] - cm.grads_memory[i];
+            gd += d * d;
+            gr += (double)cm.grads_memory[i] * cm.grads_memory[i];
+        }
+        float rel = gr > 0 ? (float)sqrt(gd / gr) : (float)sqrt(gd);
+        worst = fmaxf(worst, rel);
+#ifdef PRECISION_BF16
+        if (flips == 0) CHECK(rel <= BF16_GRAD, "[%s grpo] grad %s GPU vs CPU relative error %.3e > %.0e", name, param_names[t], rel, BF16_GRAD);
+#else
+        CHECK(rel <= 1e-4f, "[%s grpo] grad %s GPU vs CPU relative error %.3e > 1e-4", name, param_names[t], rel);
+#endif
+        off += g.param_sizes[t];
+    }
+    float gn = global_grad_norm(&g), cn = cpu::global_grad_norm(&cm);
+    model_update(&g, opt[0], opt[1], opt[2], opt[3], opt[4], 1, opt[5] > 0 && gn > opt[5] ? opt[5] / gn : 1.0f);
+    cpu::model_update(&cm, opt[0], opt[1], opt[2], opt[3], opt[4], 1, opt[5] > 0 && cn > opt[5] ? opt[5] / cn : 1.0f);
+    float* gp = (float*)mallocCheck(np * sizeof(float));
+    model_download(&g, gp, NULL, NULL);
+    float pmax = 0.0f;
+    for (size_t i = 0; i < np; i++) pmax = fmaxf(pmax, fabsf(gp[i] - cm.params_memory[i]));
+#ifdef PRECISION_BF16
+    CHECK(fabsf(gl - cl) <= BF16_CE, "[%s grpo] loss GPU %.6f vs CPU %.6f", name, gl, cl);
+    CHECK(labs(gs.clipped - cs.clipped) <= 1 + cs.tokens / 10, "[%s grpo] clipped tokens GPU %ld vs CPU %ld", name, gs.clipped, cs.clipped);
+    CHECK(pmax <= 2.0f * opt[0], "[%s grpo] parameters after the AdamW step: max|diff| %.3e > 2 lr", name, pmax);
+#else
+    CHECK(fabsf(gl - cl) <= 1e-5f * fmaxf(1.0f, fabsf(cl)), "[%s grpo] loss GPU %.7f vs CPU %.7f", name, gl, cl);
+    CHECK(gs.clipped == cs.clipped, "[%s grpo] clipped tokens GPU %ld vs CPU %ld", name, gs.clipped, cs.clipped);
+    CHECK(pmax <= 1e-5f, "[%s grpo] parameters after the AdamW step: max|diff| %.3e > 1e-5", name, pmax);
+#endif
+    printf("[%s grpo] update 1/%d on the GPU vs the CPU: loss %.6f vs %.6f | clipped %ld vs %ld of %ld | worst gradient "
+           "relative error %.2e (experts flipped %d) | params after AdamW max|diff| %.2e\n", name, M, gl, cl, gs.clipped,
+           cs.clipped, cs.tokens, worst, flips, pmax);
+    free(topi); free(gg); free(gp); free(w);
+    cpu::rollouts_free(&ro);
+    model_free(&g);
+    cpu::model_free(&cm);
+}
+
 int main(int argc, char** argv) {
     int quick = argc > 1 && strcmp(argv[1], "-q") == 0;
     if (quick) { argc--; argv++; }
@@ -727,6 +818,12 @@ int main(int argc, char** argv) {
     test_determinism_and_resume(dir, first, tmp);
     test_task_eval(dir, "gqa");
     test_task_eval(dir, "mqa");
+    snprintf(path, sizeof path, "%s/grpo_manifest.txt", dir);
+    mf = fopenCheck(path, "r");
+    int ngrpo = 0;
+    while (fscanf(mf, "%255s", name) == 1) { test_grpo_update(dir, name); ngrpo++; }
+    fclose(mf);
+    CHECK(ngrpo >= 4, "only %d GRPO reference cases in %s", ngrpo, path);
     test_trainer_binary(tmp, trainer, cpu_trainer);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);

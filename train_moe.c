@@ -242,24 +242,33 @@ static float* scratch_get(Scratch* s, size_t n) {
 #define GEMM_NR 32
 static Scratch gemm_apack, gemm_bpack;
 
-// A(r,k) = ap[r*ars + k*aks] for the MR rows of the tile; B is a packed NR-wide sliver
-static inline void gemm_micro(int K, const float* ap, size_t ars, size_t aks, const float* bp, float* c, size_t ldc,
-                              int mr, int nr, int accumulate) {
+// A(r,k) = ap[r*ars + k*aks] for the MR rows of the tile; B(k,j) = bp[k*bks + j], an NR-wide
+// sliver (packed: bks = NR; read in place: the row stride); c(r,j) = c[r*csr + j*csc]
+static inline void gemm_micro(int K, const float* ap, size_t ars, size_t aks, const float* bp, size_t bks,
+                              float* c, size_t csr, size_t csc, int mr, int nr, int accumulate) {
     float acc[GEMM_MR][GEMM_NR];
     for (int r = 0; r < GEMM_MR; r++)
         for (int j = 0; j < GEMM_NR; j++) acc[r][j] = 0.0f;
     for (int k = 0; k < K; k++) {
-        const float* bk = bp + (size_t)k * GEMM_NR;
+        const float* bk = bp + (size_t)k * bks;
         const float* ak = ap + (size_t)k * aks;
         for (int r = 0; r < GEMM_MR; r++) {
             float av = ak[r * ars];
             for (int j = 0; j < GEMM_NR; j++) acc[r][j] += av * bk[j];
         }
     }
-    for (int r = 0; r < mr; r++) {
-        float* crow = c + r * ldc;
-        if (accumulate) { for (int j = 0; j < nr; j++) crow[j] += acc[r][j]; }
-        else            { for (int j = 0; j < nr; j++) crow[j] = acc[r][j]; }
+    if (csc == 1) {
+        for (int r = 0; r < mr; r++) {
+            float* crow = c + r * csr;
+            if (accumulate) { for (int j = 0; j < nr; j++) crow[j] += acc[r][j]; }
+            else            { for (int j = 0; j < nr; j++) crow[j] = acc[r][j]; }
+        }
+    } else { // c transposed (gemm_batch's swapped problems): a column of the tile is contiguous
+        for (int j = 0; j < nr; j++) {
+            float* ccol = c + j * csc;
+            if (accumulate) { for (int r = 0; r < mr; r++) ccol[r * csr] += acc[r][j]; }
+            else            { for (int r = 0; r < mr; r++) ccol[r * csr] = acc[r][j]; }
+        }
     }
 }
 
@@ -297,8 +306,29 @@ static int blas_layout(size_t sr, size_t sc, int rows, int cols, CBLAS_TRANSPOSE
 typedef struct { float* c; const float* a; const float* b; int M, N, K; } GemmProblem;
 
 static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size_t sbk, size_t sbj, int accumulate) {
-    // A is read in place (no packing) when its rows are contiguous along k; otherwise, and for a
-    // ragged last sliver, it is packed like B
+    // B is packed into NR-wide slivers; A is read in place when its rows are contiguous along k
+    // (and packed otherwise, and for a ragged last sliver). When packing A instead costs less, the
+    // batch computes the transposed problem c^T = B^T.A^T (the same products summed in the same
+    // order, so the same bits) and stores c transposed: x.W^T with fewer rows than W (an expert's
+    // rows) packs x instead of W. (Reading B in place too, with its row stride, was measured
+    // slower: a 32-float sliver strided by a power-of-two row fights over a few cache sets.)
+    int swap = 0;
+#ifndef USE_BLAS
+    {
+        size_t mk = 0, nk = 0;
+        for (int g = 0; g < G; g++) { mk += (size_t)p[g].M * p[g].K; nk += (size_t)p[g].N * p[g].K; }
+        size_t cost = (sak == 1 ? 0 : mk) + nk, cost_swapped = (sbk == 1 ? 0 : nk) + mk;
+        swap = cost_swapped < cost;
+    }
+#endif
+    GemmProblem* ps = NULL;
+    if (swap) {
+        ps = (GemmProblem*)mallocCheck((size_t)G * sizeof(GemmProblem));
+        for (int g = 0; g < G; g++) ps[g] = (GemmProblem){p[g].c, p[g].b, p[g].a, p[g].N, p[g].M, p[g].K};
+        p = ps;
+        size_t t1 = sai, t2 = sak;
+        sai = sbj; sak = sbk; sbk = t2; sbj = t1;
+    }
     int direct = sak == 1;
     // per problem: where its packed slivers and its tiles start (prefix sums over the problems)
     size_t* at = (size_t*)mallocCheck(4 * (size_t)(G + 1) * sizeof(size_t));
@@ -364,11 +394,14 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
             int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
             int nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
             const float* bp_t = bp + boff[g] + (size_t)jt * GEMM_NR * K;
-            float* c_t = q->c + (size_t)i0 * N + j0;
-            if (direct && mr == GEMM_MR) gemm_micro(K, q->a + (size_t)i0 * sai, sai, sak, bp_t, c_t, N, mr, nr, accumulate);
-            else gemm_micro(K, ap + aoff[g] + (size_t)it * GEMM_MR * K, 1, GEMM_MR, bp_t, c_t, N, mr, nr, accumulate);
+            size_t bks = GEMM_NR;
+            size_t tr = swap ? 1 : (size_t)N, tc = swap ? (size_t)M : 1; // c's strides: row, column
+            float* c_t = q->c + (size_t)i0 * tr + (size_t)j0 * tc;
+            if (direct && mr == GEMM_MR) gemm_micro(K, q->a + (size_t)i0 * sai, sai, sak, bp_t, bks, c_t, tr, tc, mr, nr, accumulate);
+            else gemm_micro(K, ap + aoff[g] + (size_t)it * GEMM_MR * K, 1, GEMM_MR, bp_t, bks, c_t, tr, tc, mr, nr, accumulate);
         }
     }
+    free(ps);
     free(at);
     free(tiles);
 }
@@ -512,8 +545,8 @@ static void gemm_serial(float* c, size_t ldc, const float* a, size_t sai, size_t
             int j0 = jt * GEMM_NR;
             if (mode == CAUSAL_TILES && j0 > i0 + mr - 1) break;
             int nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
-            gemm_micro(k1 - k0, ap, ars, aks, bpack + (size_t)jt * GEMM_NR * K + (size_t)k0 * GEMM_NR,
-                       c + (size_t)i0 * ldc + j0, ldc, mr, nr, accumulate);
+            gemm_micro(k1 - k0, ap, ars, aks, bpack + (size_t)jt * GEMM_NR * K + (size_t)k0 * GEMM_NR, GEMM_NR,
+                       c + (size_t)i0 * ldc + j0, ldc, 1, mr, nr, accumulate);
         }
     }
 }
@@ -858,15 +891,18 @@ float crossentropy_forward(float* losses, float* probs, const float* logits, con
     for (int n = 0; n < N; n++) if (targets[n] >= 0) { sum += losses[n]; counted++; }
     return counted ? (float)(sum / counted) : 0.0f;
 }
-// in place: probs[N,V] becomes dlogits = dloss * (softmax - onehot) / counted; zero rows for ignored targets
-void crossentropy_backward(float* probs, const int* targets, float dloss, int N, int V) {
+// in place: probs[N,V] becomes dlogits = dloss * (softmax - onehot) / counted; zero rows for ignored targets.
+// With per-token weights (GRPO's objective), token n's loss enters as weights[n] * loss_n instead of
+// loss_n / counted: dlogits = dloss * weights[n] * (softmax - onehot).
+void crossentropy_backward(float* probs, const int* targets, const float* weights, float dloss, int N, int V) {
     int counted = 0;
     for (int n = 0; n < N; n++) counted += targets[n] >= 0;
-    float scale = counted ? dloss / counted : 0.0f;
+    float mean_scale = counted ? dloss / counted : 0.0f;
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         float* d = probs + (size_t)n * V;
         if (targets[n] < 0) { memset(d, 0, V * sizeof(float)); continue; }
+        float scale = weights ? dloss * weights[n] : mean_scale;
         for (int i = 0; i < V; i++) d[i] *= scale;
         d[targets[n]] -= scale;
     }
@@ -957,6 +993,7 @@ typedef struct {
     float ce, loss;
     float *aux, *zl; // L each
     int step;        // the step being trained (1-based, as printed), for error messages; -1: none
+    const float* token_weights; // NULL: the backward is of the mean ce; else of sum_n w[n]*ce_n (GRPO)
 } Model;
 
 // what is wrong with a configuration (NULL: nothing); msg holds the text
@@ -1202,7 +1239,7 @@ void model_backward(Model* model, float dloss) {
     ActTensors a = model->acts;
     // classifier and final norm
     phase_mark(PH_NONE);
-    crossentropy_backward(model->dlogits, model->targets, dloss, N, V); // the probs of the forward, in place
+    crossentropy_backward(model->dlogits, model->targets, model->token_weights, dloss, N, V); // the forward's probs, in place
     memset(model->dbuf, 0, (size_t)N * C * sizeof(float));
     matmul_backward(model->dbuf, g.lm_head, model->dlogits, a.xf, p.lm_head, N, C, V);
     memset(model->dres, 0, (size_t)N * C * sizeof(float));
@@ -1278,8 +1315,14 @@ double sumsq_deterministic(const float* x, size_t n) {
     #pragma omp parallel for schedule(static)
     for (size_t ci = 0; ci < nchunks; ci++) {
         size_t lo = ci * chunk, hi = lo + chunk < n ? lo + chunk : n;
+        // 16 running sums, one per lane, so the loop vectorises without reordering any one sum
+        double lane[16] = {0};
+        size_t i = lo;
+        for (; i + 16 <= hi; i += 16)
+            for (int j = 0; j < 16; j++) lane[j] += (double)x[i + j] * x[i + j];
+        for (; i < hi; i++) lane[0] += (double)x[i] * x[i];
         double s = 0.0;
-        for (size_t i = lo; i < hi; i++) s += (double)x[i] * x[i];
+        for (int j = 0; j < 16; j++) s += lane[j];
         part[ci] = s;
     }
     double total = 0.0;
@@ -1886,8 +1929,12 @@ int pick_token(const float* logits, int V, float temperature, uint64_t* rng, flo
 // each new token runs through the layers alone (N = 1), reusing the layer functions, and attends to
 // the cache. Stops at stop_token, after a token holding a newline (if stop_newline), or after
 // max_new tokens. Returns the number of tokens written to out.
-int generate_answer(Model* model, const int* prompt, int plen, int max_new, int stop_token, int stop_newline,
-                    const Tokenizer* tk, int* out, float temperature, uint64_t* rng) {
+// sample_response is the same with two additions for GRPO's rollouts: keep_stop keeps a sampled
+// stop_token as the response's last token (it is part of what the policy did), and logp (if not NULL)
+// receives log pi(out[i]) under the model's own distribution, softmax(logits) at temperature 1,
+// computed as the training forward's cross-entropy computes it.
+int sample_response(Model* model, const int* prompt, int plen, int max_new, int stop_token, int stop_newline,
+                    const Tokenizer* tk, int* out, float* logp, int keep_stop, float temperature, uint64_t* rng) {
     const MoEConfig* c = &model->config;
     int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
     int HD = H * D, KD = Hkv * D, maxT = model->maxT, group = H / Hkv;
@@ -1910,7 +1957,12 @@ int generate_answer(Model* model, const int* prompt, int plen, int max_new, int 
     const float* last = model->logits + (size_t)(plen - 1) * V;
     for (;;) {
         next = pick_token(last, V, temperature, rng, probs);
-        if (next == stop_token) break;
+        if (logp) { // as crossentropy_forward: max + log(sum exp(l - max)) - l[next]
+            float mx = vmax(last, V);
+            for (int i = 0; i < V; i++) probs[i] = vexpf(last[i] - mx);
+            logp[n] = -(mx + logf(vsum(probs, V)) - last[next]);
+        }
+        if (next == stop_token) { if (keep_stop) n++, out[n - 1] = next; break; }
         out[n++] = next;
         if (stop_newline && tokenizer_piece(tk, next) && strchr(tokenizer_piece(tk, next), '\n')) break;
         if (n == max_new) break;
@@ -1957,6 +2009,10 @@ int generate_answer(Model* model, const int* prompt, int plen, int max_new, int 
     }
     free(kc); free(vc); free(att); free(probs);
     return n;
+}
+int generate_answer(Model* model, const int* prompt, int plen, int max_new, int stop_token, int stop_newline,
+                    const Tokenizer* tk, int* out, float temperature, uint64_t* rng) {
+    return sample_response(model, prompt, plen, max_new, stop_token, stop_newline, tk, out, NULL, 0, temperature, rng);
 }
 
 // does the generated text answer the item? memorization: it equals one of the reference
@@ -2128,6 +2184,271 @@ void report_ttc(FILE* logf, int step, const EvalSet* es, int nn, const int* ns, 
         for (int j = 0; j < nn; j++)
             fprintf(logf, "step %d ttc %s n %d maj %.6f pass %.6f items %d temp %.3f\n", step, es->name, ns[j], maj[j],
                     pass[j], scored, temperature);
+}
+
+// ----------------------------------------------------------------------------
+// GRPO post-training (-rl FILE; README "GRPO post-training"). One RL step:
+//   rollouts   P prompts of an eval-format file, G responses each, sampled with the KV-cached decoder
+//              (sample_response) at a temperature, up to R tokens, the stop token kept
+//   reward     1 if the response's answer passes the task eval's check (answer_matches), else 0
+//   advantage  per group of G: A = (r - mean) / (std + 1e-6), std with Bessel's correction (as
+//              torch.std); a group whose rewards are all equal gets A = 0
+//   update     the P*G rows in M mini-batches, one AdamW step each (one pass). Per response token i
+//              of a row with advantage A, with logp = log pi(token), ratio = exp(logp - logp_old):
+//                pg_i = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))       (PPO-clip)
+//                kl_i = min(exp(d) - d - 1, 10),  d = logp_ref - logp               (k3, clamped)
+//                loss = agg_i(pg_i + beta * kl_i) + aux_coef * sum_l aux_l + z_coef * sum_l z_l
+//              logp_old is what the sampler reported (the policy before this rollout batch's first
+//              update; it equals the training forward's log-prob of the same token, see test_moe),
+//              logp_ref the frozen starting model's. agg is the token mean over the mini-batch's
+//              response tokens (verl's "token-mean", the default), or -ra 1: the mean over rows of each
+//              row's token mean (DeepSeekMath's GRPO), or -ra 2: the mean over rows of each row's
+//              token sum / R (Dr. GRPO's constant normaliser).
+// The whole objective is a weighted cross-entropy on the response tokens (logp = -ce): the forward
+// is the pre-training forward, and the backward is the pre-training backward with per-token weights
+// w_i = d loss / d ce_i in the classifier (Model.token_weights), so no second model path exists.
+
+enum { AGG_TOKEN_MEAN = 0, AGG_SEQ_MEAN = 1, AGG_DR_GRPO = 2 };
+#define GRPO_KL_MAX 10.0f
+
+typedef struct { int P, G, R, M, agg; float temp, clip, kl; } GrpoConfig;
+
+// the statistics of one mini-batch update (sums over its response tokens, and counts)
+typedef struct { double loss, pg, kl, entropy; long tokens, clipped; } GrpoStats;
+
+// advantages of rows groups of G consecutive rows; returns how many groups have all rewards equal
+int grpo_advantages(const float* reward, float* adv, int rows, int G) {
+    int flat = 0;
+    for (int g0 = 0; g0 < rows; g0 += G) {
+        double mean = 0.0, var = 0.0;
+        int same = 1;
+        for (int j = 0; j < G; j++) { mean += reward[g0 + j]; same &= reward[g0 + j] == reward[g0]; }
+        mean /= G;
+        for (int j = 0; j < G; j++) var += (reward[g0 + j] - mean) * (reward[g0 + j] - mean);
+        double sd = sqrt(var / (G - 1));
+        for (int j = 0; j < G; j++) adv[g0 + j] = same ? 0.0f : (float)((reward[g0 + j] - mean) / (sd + 1e-6));
+        flat += same;
+    }
+    return flat;
+}
+
+// the policy part of the GRPO loss of a mini-batch of rows x T positions, from the forward's per-token
+// cross-entropies ce (= -logp; targets y: the response tokens, -1 elsewhere), and in w[rows*T] the
+// per-token weights of its backward (d loss / d ce). adv per row; old_logp and ref_logp per position
+// (read where y >= 0; ref_logp unused if kl == 0). Adds to *st (but not the entropy). Both trainers
+// call this on the host.
+double grpo_token_weights(const float* ce, const int* y, const float* adv, const float* old_logp, const float* ref_logp,
+                          int rows, int T, const GrpoConfig* gc, float* w, GrpoStats* st) {
+    int ntok = 0, nseq = 0;
+    for (int b = 0; b < rows; b++) {
+        int any = 0;
+        for (int t = 0; t < T; t++) if (y[b * T + t] >= 0) { ntok++; any = 1; }
+        nseq += any;
+    }
+    double loss = 0.0;
+    for (int b = 0; b < rows; b++) {
+        int len = 0;
+        for (int t = 0; t < T; t++) len += y[b * T + t] >= 0;
+        // the aggregation's coefficient of every token of this row
+        double coef = gc->agg == AGG_TOKEN_MEAN ? 1.0 / ntok : gc->agg == AGG_SEQ_MEAN ? 1.0 / ((double)nseq * len)
+                                                                                      : 1.0 / ((double)nseq * gc->R);
+        float A = adv[b];
+        for (int t = 0; t < T; t++) {
+            int n = b * T + t;
+            w[n] = 0.0f;
+            if (y[n] < 0) continue;
+            float logp = -ce[n];
+            float ratio = expf(logp - old_logp[n]);
+            float rc = fminf(fmaxf(ratio, 1.0f - gc->clip), 1.0f + gc->clip);
+            float pg1 = -A * ratio, pg2 = -A * rc;
+            int clipped = pg2 > pg1; // the clipped branch is the max: no gradient through the ratio
+            float pg = clipped ? pg2 : pg1;
+            float dl = clipped ? 0.0f : -A * ratio; // d pg / d logp
+            float kl = 0.0f;
+            if (gc->kl > 0) {
+                float d = ref_logp[n] - logp, e = expf(d);
+                kl = e - d - 1.0f;
+                if (kl <= GRPO_KL_MAX) dl += gc->kl * (1.0f - e); // d kl / d logp
+                else kl = GRPO_KL_MAX;
+                st->kl += kl;
+            }
+            loss += coef * ((double)pg + (double)gc->kl * kl);
+            w[n] = (float)(-coef * dl); // d loss / d ce = -d loss / d logp
+            st->pg += pg;
+            st->clipped += clipped;
+            st->tokens++;
+        }
+    }
+    return loss;
+}
+
+// after model_forward on the mini-batch: its whole GRPO loss (the router terms included) and the
+// weights w of its backward; adds to *st, with the policy's entropy at the response tokens
+float grpo_loss_weights(Model* model, const int* y, const float* adv, const float* old_logp, const float* ref_logp,
+                        int rows, int T, const GrpoConfig* gc, float* w, GrpoStats* st) {
+    const MoEConfig* c = &model->config;
+    int V = c->V;
+    double loss = grpo_token_weights(model->losses, y, adv, old_logp, ref_logp, rows, T, gc, w, st);
+    // the entropy -sum p log p = logsumexp(l) - sum p l, from the forward's probs (in dlogits until
+    // the backward) and logits; logsumexp(l) = ce + l[target]
+    for (size_t n = 0; n < (size_t)rows * T; n++) {
+        if (y[n] < 0) continue;
+        const float* lg = model->logits + n * V;
+        st->entropy += model->losses[n] + lg[y[n]] - vdot(model->dlogits + n * V, lg, V);
+    }
+    for (int l = 0; l < c->L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
+    st->loss += loss;
+    return (float)loss;
+}
+
+// one mini-batch's gradient (added to model->grads): forward, weights, weighted backward. Returns the loss.
+float grpo_backward(Model* model, const int* x, const int* y, const float* adv, const float* old_logp,
+                    const float* ref_logp, int rows, int T, const GrpoConfig* gc, float* w, GrpoStats* st) {
+    model_forward(model, x, y, rows, T);
+    float loss = grpo_loss_weights(model, y, adv, old_logp, ref_logp, rows, T, gc, w, st);
+    model->token_weights = w;
+    model_backward(model, 1.0f);
+    model->token_weights = NULL;
+    return loss;
+}
+
+
+// one rollout batch: rows = P*G rows of T positions (prompt, response, eot padding); row r answers
+// item[r]. y holds the response tokens as targets (-1 elsewhere); old_logp[r*T + t] is the sampler's
+// log pi of y[r*T + t], ref_logp the reference model's
+typedef struct {
+    int rows, T;
+    int *x, *y, *plen, *rlen, *item;
+    float *reward, *adv, *old_logp, *ref_logp;
+} Rollouts;
+
+void rollouts_alloc(Rollouts* ro, int rows, int T) {
+    ro->rows = rows; ro->T = T;
+    ro->x = (int*)mallocCheck((size_t)rows * T * sizeof(int));
+    ro->y = (int*)mallocCheck((size_t)rows * T * sizeof(int));
+    ro->plen = (int*)mallocCheck(3 * (size_t)rows * sizeof(int));
+    ro->rlen = ro->plen + rows; ro->item = ro->rlen + rows;
+    ro->reward = (float*)mallocCheck(2 * (size_t)rows * sizeof(float));
+    ro->adv = ro->reward + rows;
+    ro->old_logp = (float*)callocCheck(2 * (size_t)rows * T, sizeof(float));
+    ro->ref_logp = ro->old_logp + (size_t)rows * T;
+}
+void rollouts_free(Rollouts* ro) { free(ro->x); free(ro->y); free(ro->plen); free(ro->reward); free(ro->old_logp); }
+
+// row r holds prompt + response (toks, len tokens, the first plen the prompt): inputs toks[0..len-2],
+// targets the response tokens; logp[j] is the sampler's log-prob of response token j
+void rollouts_set_row(Rollouts* ro, int r, const int* prompt, int plen, const int* resp, int rlen, const float* logp,
+                      int eot) {
+    int T = ro->T, len = plen + rlen;
+    int* x = ro->x + (size_t)r * T;
+    int* y = ro->y + (size_t)r * T;
+    for (int t = 0; t < T; t++) {
+        int tok = t < plen ? prompt[t] : t < len ? resp[t - plen] : eot;
+        int nxt = t + 1 < plen ? -1 : t + 1 < len ? resp[t + 1 - plen] : -1;
+        x[t] = tok;
+        y[t] = nxt;
+        ro->old_logp[(size_t)r * T + t] = nxt >= 0 ? logp[t + 1 - plen] : 0.0f;
+    }
+    ro->plen[r] = plen;
+    ro->rlen[r] = rlen;
+}
+
+// G responses to each of the P items of es listed in items[], rewards from the answer check.
+// Returns how many rows earned reward 1.
+int grpo_rollouts(Model* model, const EvalSet* es, const int* items, const GrpoConfig* gc, const Tokenizer* tk,
+                  int eot, uint64_t* rng, Rollouts* ro) {
+    int* resp = (int*)mallocCheck((size_t)gc->R * sizeof(int));
+    float* logp = (float*)mallocCheck((size_t)gc->R * sizeof(float));
+    size_t cap = 1024;
+    char* text = (char*)mallocCheck(cap);
+    int right = 0;
+    for (int p = 0; p < gc->P; p++)
+        for (int g = 0; g < gc->G; g++) {
+            int r = p * gc->G + g, i = items[p];
+            int n = sample_response(model, es->toks[i], es->plen[i], gc->R, eot, es->kind == TASK_MEMORIZATION, tk, resp,
+                                    logp, 1, gc->temp, rng);
+            rollouts_set_row(ro, r, es->toks[i], es->plen[i], resp, n, logp, eot);
+            ro->item[r] = i;
+            int k = n > 0 && resp[n - 1] == eot ? n - 1 : n; // the answer's text, without the stop token
+            ro->reward[r] = (float)answer_matches(tokens_text(tk, resp, k, &text, &cap), es->ref[i], es->kind);
+            right += ro->reward[r] > 0;
+        }
+    free(resp); free(logp); free(text);
+    return right;
+}
+
+// the reference model's log-probs of the response tokens, mini-batch by mini-batch (rows/M rows each)
+void grpo_ref_logp(Model* ref, Rollouts* ro, int M) {
+    int mb = ro->rows / M, T = ro->T;
+    for (int m = 0; m < M; m++) {
+        size_t o = (size_t)m * mb * T;
+        model_forward(ref, ro->x + o, ro->y + o, mb, T);
+        for (size_t n = 0; n < (size_t)mb * T; n++) ro->ref_logp[o + n] = ro->y[o + n] >= 0 ? -ref->losses[n] : 0.0f;
+    }
+}
+
+// the RL prompt file (flag -rl) must give every item a reference answer and room for R response
+// tokens within T; 0, or -1 after an error naming the file and the item
+int grpo_check_prompts(const EvalSet* es, const char* path, const GrpoConfig* gc, int T) {
+    for (int i = 0; i < es->n; i++) {
+        char* ans = (char*)mallocCheck(strlen(es->ref[i]) + 1);
+        strcpy(ans, es->ref[i]);
+        if (es->kind == TASK_REASONING) strip_commas(ans);
+        trim_lower(ans);
+        int empty = ans[0] == 0;
+        free(ans);
+        if (empty) return read_error("RL prompt file '%s' (flag -rl) item %d has no reference answer", path, i);
+        if (es->plen[i] + gc->R > T)
+            return read_error("RL prompt file '%s' (flag -rl) item %d: prompt (%d tokens) + -rr R=%d exceeds -t T=%d", path,
+                              i, es->plen[i], gc->R, T);
+    }
+    if (es->n < gc->P) return read_error("RL prompt file '%s' (flag -rl) has %d items, fewer than -rp P=%d", path, es->n, gc->P);
+    return 0;
+}
+
+// does the reference model (flag -e) have the policy's shape?
+int grpo_same_shape(const MoEConfig* r, const MoEConfig* c) {
+    return r->V == c->V && r->L == c->L && r->C == c->C && r->H == c->H && r->Hkv == c->Hkv && r->E == c->E &&
+           r->K == c->K && r->F == c->F && r->theta == c->theta && r->eps == c->eps;
+}
+
+// the next P prompts: each epoch visits the n items in its own seeded order; *pos is where we are
+// (saved in checkpoints), perm the order of epoch *perm_epoch (-1: none yet)
+void grpo_next_prompts(int* perm, int* perm_epoch, int n, DataPos* pos, uint64_t seed, int* items, int P) {
+    for (int p = 0; p < P; p++) {
+        if (pos->sample >= n) { pos->epoch++; pos->sample = 0; }
+        if (*perm_epoch != pos->epoch) {
+            random_permutation(perm, n, hash3(seed, (uint64_t)pos->epoch, 0x6E0));
+            *perm_epoch = pos->epoch;
+        }
+        items[p] = perm[pos->sample++];
+    }
+}
+
+// one RL step's line, on the console and in the log (both trainers)
+void grpo_report(FILE* logf, int step, int steps, const GrpoConfig* gc, const Rollouts* ro, int flat, const GrpoStats* gs,
+                 float lr, float norm, double rollout_ms, double update_ms) {
+    int rows = ro->rows, right = 0, solved = 0;
+    long resp = 0;
+    for (int r = 0; r < rows; r++) { right += ro->reward[r] > 0; resp += ro->rlen[r]; }
+    for (int p = 0; p < gc->P; p++) {
+        int any = 0;
+        for (int g = 0; g < gc->G; g++) any |= ro->reward[p * gc->G + g] > 0;
+        solved += any;
+    }
+    double ntok = gs->tokens > 0 ? (double)gs->tokens : 1.0;
+    double reward = (double)right / rows, sol = (double)solved / gc->P, fl = (double)flat / gc->P;
+    double kl = gs->kl / ntok, clipf = gs->clipped / ntok, len = (double)resp / rows, ent = gs->entropy / ntok;
+    double loss = gs->loss / gc->M;
+    printf("rl step %4d/%d | reward %.3f solved %.3f flat %.3f | loss %.5f kl %.5f clip %.4f | len %.1f entropy %.3f "
+           "| lr %.2e norm %.4f | rollout %.0f ms update %.0f ms | %.0f tok/s\n",
+           step, steps, reward, sol, fl, loss, kl, clipf, len, ent, lr, norm, rollout_ms, update_ms,
+           (double)rows * ro->T / ((rollout_ms + update_ms) / 1e3));
+    fflush(stdout);
+    if (logf)
+        fprintf(logf, "step %d rl reward %.6f solved %.6f flat %.6f loss %.6f kl %.6f clip %.6f len %.4f entropy %.6f "
+                      "lr %.6e norm %.6f rollout_ms %.3f update_ms %.3f\n",
+                step, reward, sol, fl, loss, kl, clipf, len, ent, lr, norm, rollout_ms, update_ms);
 }
 
 // ----------------------------------------------------------------------------
@@ -2348,6 +2669,9 @@ typedef struct {
     uint64_t seed;
     MoEConfig model;     // shape for a random init
     int shape_given[9];  // which of V,T,L,C,H,Hkv,E,K,F were given as flags
+    const char* rl_file; // -rl: GRPO post-training on this eval-format prompt file
+    GrpoConfig grpo;
+    int lr_given[3];     // -l, -u, -q given (else GRPO uses its own defaults)
 } Args;
 
 static void usage(void) {
@@ -2385,7 +2709,14 @@ static void usage(void) {
 "  -nh H heads (4)  -nkv Hkv kv heads (default H)  -ne E experts (8)  -nk K top-k (2)\n"
 "  -nf F expert hidden (default 2C)  -ac aux coef (1e-2)  -zc z-loss coef (1e-3)  -th rope theta (1e4)\n"
 "forward only:\n"
-"  -fi FILE -fo FILE   read B*T int32 tokens from -fi, write B*T*V float32 logits to -fo, exit\n");
+"  -fi FILE -fo FILE   read B*T int32 tokens from -fi, write B*T*V float32 logits to -fo, exit\n"
+"GRPO post-training (README \"GRPO post-training\"; -x counts RL steps, one rollout batch each):\n"
+"  -rl FILE  RL prompts: an eval-format file (data/arith/arith_rl.bin); needs -e, the start and the reference\n"
+"  -rp P prompts per rollout batch (16)   -rg G samples per prompt (5)   -rr R max response tokens (64)\n"
+"  -rm M mini-batch updates per rollout batch, dividing P (4)   -rt sampling temperature (1.0)\n"
+"  -rc clip epsilon (0.2)   -rk k3 KL coefficient (0.001, 0 = no reference model)\n"
+"  -ra loss aggregation: 0 token mean (default), 1 per-sequence mean (DeepSeekMath), 2 token sum / R (Dr. GRPO)\n"
+"  with -rl the defaults of -l, -u, -q become 5e-6, 0, 1 (a constant lr without warm-up)\n");
 }
 
 static int parse_int(const char* flag, const char* s) {
@@ -2416,6 +2747,8 @@ static void parse_args(Args* a, int argc, char** argv) {
     a->acc_items = 100; a->ttc_samples = 0; a->ttc_temp = 0.8f;
     a->lr = 3e-3f; a->min_lr_frac = 0.1f; a->weight_decay = 0.1f; a->grad_clip = 1.0f;
     a->beta1 = 0.9f; a->beta2 = 0.95f; a->init_std = 0.02f; a->seed = 1337;
+    GrpoConfig gd = {16, 5, 64, 4, AGG_TOKEN_MEAN, 1.0f, 0.2f, 0.001f};
+    a->grpo = gd;
     MoEConfig d = {0, 0, 4, 128, 4, 0, 8, 2, 0, 10000.0f, 1e-5f, 1e-2f, 1e-3f};
     a->model = d;
     for (int i = 1; i < argc; i++) {
@@ -2436,9 +2769,18 @@ static void parse_args(Args* a, int argc, char** argv) {
         else if (!strcmp(f, "-t")) a->T = parse_int(f, v);
         else if (!strcmp(f, "-x")) a->steps = parse_int(f, v);
         else if (!strcmp(f, "-ga")) a->grad_accum = parse_int(f, v);
-        else if (!strcmp(f, "-l")) a->lr = parse_float(f, v);
-        else if (!strcmp(f, "-u")) a->warmup = parse_int(f, v);
-        else if (!strcmp(f, "-q")) a->min_lr_frac = parse_float(f, v);
+        else if (!strcmp(f, "-l")) { a->lr = parse_float(f, v); a->lr_given[0] = 1; }
+        else if (!strcmp(f, "-u")) { a->warmup = parse_int(f, v); a->lr_given[1] = 1; }
+        else if (!strcmp(f, "-q")) { a->min_lr_frac = parse_float(f, v); a->lr_given[2] = 1; }
+        else if (!strcmp(f, "-rl")) a->rl_file = v;
+        else if (!strcmp(f, "-rp")) a->grpo.P = parse_int(f, v);
+        else if (!strcmp(f, "-rg")) a->grpo.G = parse_int(f, v);
+        else if (!strcmp(f, "-rr")) a->grpo.R = parse_int(f, v);
+        else if (!strcmp(f, "-rm")) a->grpo.M = parse_int(f, v);
+        else if (!strcmp(f, "-ra")) a->grpo.agg = parse_int(f, v);
+        else if (!strcmp(f, "-rt")) a->grpo.temp = parse_float(f, v);
+        else if (!strcmp(f, "-rc")) a->grpo.clip = parse_float(f, v);
+        else if (!strcmp(f, "-rk")) a->grpo.kl = parse_float(f, v);
         else if (!strcmp(f, "-c")) a->weight_decay = parse_float(f, v);
         else if (!strcmp(f, "-gc")) a->grad_clip = parse_float(f, v);
         else if (!strcmp(f, "-b1")) a->beta1 = parse_float(f, v);
@@ -2472,6 +2814,11 @@ static void parse_args(Args* a, int argc, char** argv) {
         else if (!strcmp(f, "-fo")) a->fwd_out = v;
         else { fprintf(stderr, "Error: unknown flag '%s' (-h lists them)\n", f); exit(EXIT_FAILURE); }
     }
+    if (a->rl_file) { // the paper's post-training schedule: a constant lr, no warm-up
+        if (!a->lr_given[0]) a->lr = 5e-6f;
+        if (!a->lr_given[1]) a->warmup = 0;
+        if (!a->lr_given[2]) a->min_lr_frac = 1.0f;
+    }
     if (a->model.Hkv == 0) a->model.Hkv = a->model.H;
     if (a->model.F == 0) a->model.F = 2 * a->model.C;
     const char* bad = NULL;
@@ -2489,6 +2836,16 @@ static void parse_args(Args* a, int argc, char** argv) {
     else if (a->ttc_samples < 0 || a->ttc_samples > 1024) bad = "-tn (samples per item) must be in [0, 1024]";
     else if (a->profile_every < 0) bad = "-pf (profile every N steps) must be >= 0";
     else if (a->ttc_samples > 0 && !(a->ttc_temp > 0)) bad = "-tt (sampling temperature) must be positive";
+    else if (a->rl_file && !a->init_ckpt) bad = "-rl needs -e (the checkpoint GRPO starts from, also its reference model)";
+    else if (a->rl_file && a->grpo.P < 1) bad = "-rp (prompts per rollout batch) must be positive";
+    else if (a->rl_file && a->grpo.G < 2) bad = "-rg (samples per prompt) must be >= 2: a group of one has no advantage";
+    else if (a->rl_file && a->grpo.R < 1) bad = "-rr (max response tokens) must be positive";
+    else if (a->rl_file && (a->grpo.M < 1 || a->grpo.P % a->grpo.M != 0))
+        bad = "-rm (mini-batches) must be positive and divide -rp (prompts per rollout batch)";
+    else if (a->rl_file && (a->grpo.agg < 0 || a->grpo.agg > 2)) bad = "-ra (loss aggregation) must be 0, 1 or 2";
+    else if (a->rl_file && !(a->grpo.temp > 0)) bad = "-rt (sampling temperature) must be positive";
+    else if (a->rl_file && !(a->grpo.clip > 0 && a->grpo.clip < 1)) bad = "-rc (clip epsilon) must be in (0, 1)";
+    else if (a->rl_file && !(a->grpo.kl >= 0)) bad = "-rk (KL coefficient) must be >= 0";
     if (bad) { fprintf(stderr, "Error: %s\n", bad); exit(EXIT_FAILURE); }
 }
 
@@ -2622,6 +2979,82 @@ static void print_phase_table(FILE* logf, int step, int n, double step_ms) {
     memset(phase_clock.ms, 0, sizeof phase_clock.ms);
 }
 
+// -rl: GRPO post-training of the loaded model (README "GRPO post-training"). The reference model is
+// the -e checkpoint, re-read on resume; a checkpoint holds the policy, AdamW, the RL step, the
+// position in the prompt order and the sampler's RNG, so resuming continues bit for bit.
+static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer* tk, EvalSet* sets, int nsets,
+                    DataLoader* val, FILE* logf) {
+    const GrpoConfig* gc = &a->grpo;
+    const MoEConfig* c = &model->config;
+    int T = a->T, eot = tk->ok ? tk->eot : 0, rows = gc->P * gc->G, mb = rows / gc->M;
+    EvalSet es;
+    if (evalset_load(&es, a->rl_file, c->V, T) != 0) return 1;
+    if (grpo_check_prompts(&es, a->rl_file, gc, T) != 0) { evalset_free(&es); return 1; }
+    Model ref;
+    int use_ref = gc->kl > 0;
+    if (use_ref) {
+        TrainState rst;
+        if (checkpoint_load(&ref, a->init_ckpt, &rst, 0) != 0) return 1;
+        if (!grpo_same_shape(&ref.config, c)) {
+            fprintf(stderr, "Error: reference checkpoint '%s' (flag -e) has another shape than the policy being resumed\n",
+                    a->init_ckpt);
+            return 1;
+        }
+        model_alloc_acts(&ref, mb, T);
+    }
+    printf("grpo: %s (%d prompts) | P=%d G=%d R=%d M=%d (%d rows per update) temp=%g clip=%g kl=%g agg=%s | lr=%g\n",
+           a->rl_file, es.n, gc->P, gc->G, gc->R, gc->M, mb, gc->temp, gc->clip, gc->kl,
+           gc->agg == AGG_TOKEN_MEAN ? "token-mean" : gc->agg == AGG_SEQ_MEAN ? "seq-mean" : "dr-grpo", a->lr);
+    Rollouts ro;
+    rollouts_alloc(&ro, rows, T);
+    float* w = (float*)mallocCheck((size_t)mb * T * sizeof(float));
+    int* perm = (int*)mallocCheck((size_t)es.n * sizeof(int));
+    int* items = (int*)mallocCheck((size_t)gc->P * sizeof(int));
+    int perm_epoch = -1;
+    DataPos pos = st->pos;
+    for (int step = st->step; step < a->steps; step++) {
+        double t0 = now_ms();
+        model->step = step + 1;
+        grpo_next_prompts(perm, &perm_epoch, es.n, &pos, st->seed, items, gc->P);
+        grpo_rollouts(model, &es, items, gc, tk, eot, &st->rng, &ro);
+        int flat = grpo_advantages(ro.reward, ro.adv, rows, gc->G);
+        if (use_ref) grpo_ref_logp(&ref, &ro, gc->M);
+        double t1 = now_ms();
+        GrpoStats gs = {0};
+        float lr = lr_schedule(step, a->steps, a->warmup, a->lr, a->lr * a->min_lr_frac), norm = 0.0f;
+        for (int m = 0; m < gc->M; m++) { // one AdamW step per mini-batch, pi_old fixed for the whole batch
+            size_t o = (size_t)m * mb * T;
+            model_zero_grad(model);
+            grpo_backward(model, ro.x + o, ro.y + o, ro.adv + m * mb, ro.old_logp + o, ro.ref_logp + o, mb, T, gc, w, &gs);
+            norm = global_grad_norm(model);
+            float scale = (a->grad_clip > 0 && norm > a->grad_clip) ? a->grad_clip / norm : 1.0f;
+            model_update(model, lr, a->beta1, a->beta2, 1e-8f, a->weight_decay, step * gc->M + m + 1, scale);
+        }
+        grpo_report(logf, step + 1, a->steps, gc, &ro, flat, &gs, lr, norm, t1 - t0, now_ms() - t1);
+        int last = step + 1 == a->steps;
+        if (a->val_every > 0 && ((step + 1) % a->val_every == 0 || last)) {
+            float vl = eval_val_loss(model, val, a->val_batches);
+            printf("val loss %.4f\n", vl);
+            if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
+            run_task_evals(model, sets, nsets, tk, eot, a, logf, step + 1);
+        }
+        if (a->out_dir && ((a->ckpt_every > 0 && (step + 1) % a->ckpt_every == 0) || last)) {
+            char* path = (char*)mallocCheck(strlen(a->out_dir) + 32);
+            sprintf(path, "%s/model_%08d.bin", a->out_dir, step + 1);
+            TrainState now = {step + 1, pos, st->rng, st->seed};
+            checkpoint_save(model, path, 1, &now);
+            printf("saved %s\n", path);
+            free(path);
+        }
+        if (logf) fflush(logf);
+    }
+    if (use_ref) model_free(&ref);
+    rollouts_free(&ro);
+    free(w); free(perm); free(items);
+    evalset_free(&es);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     Args a;
     parse_args(&a, argc, argv);
@@ -2663,10 +3096,13 @@ int main(int argc, char** argv) {
     int nsets = 0;
     EvalSet* sets = evalsets_load(a.eval_files, c->V, a.T, &nsets);
     DataLoader train, val;
-    loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
+    if (!a.rl_file) {
+        loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
+        loader_seek(&train, st.pos);
+    }
     loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
-    loader_seek(&train, st.pos);
-    model_alloc_acts(&model, a.B, a.T);
+    int rl_rows = a.rl_file ? a.grpo.P * a.grpo.G / a.grpo.M : 0;
+    model_alloc_acts(&model, a.B > rl_rows ? a.B : rl_rows, a.T);
     FILE* logf = NULL;
     if (a.out_dir) {
         mkdir_p(a.out_dir);
@@ -2680,6 +3116,17 @@ int main(int argc, char** argv) {
         printf("val loss %.4f\n", eval_val_loss(&model, &val, a.val_batches));
         run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, st.step);
         return 0;
+    }
+    if (a.rl_file) {
+        int rc = run_grpo(&model, &a, &st, &tk, sets, nsets, &val, logf);
+        if (logf) fclose(logf);
+        for (int i = 0; i < nsets; i++) evalset_free(&sets[i]);
+        free(sets);
+        loader_free(&val);
+        tokenizer_free(&tk);
+        model_free(&model);
+        free(resume_path);
+        return rc;
     }
     double tokens_per_step = (double)a.B * a.T * a.grad_accum, profiled_ms = 0;
     int profiled = 0;

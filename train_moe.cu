@@ -1112,21 +1112,36 @@ void crossentropy_forward(float* ce, float* losses, float* row_lse, const floatX
     mean_loss_kernel<<<1, 1024>>>(ce, losses, N, counted);
     cudaCheck(cudaGetLastError());
 }
-__global__ void crossentropy_backward_kernel(floatX* logits, const float* row_lse, const int* targets, float scale, int V) {
+__global__ void crossentropy_backward_kernel(floatX* logits, const float* row_lse, const int* targets, const float* weights,
+                                             float scale, int V) {
     int n = blockIdx.x, t = targets[n];
     floatX* l = logits + (size_t)n * V;
     float lse = row_lse[n];
+    if (weights) scale *= weights[n];
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         float d = 0.0f;
         if (t >= 0) d = expf(tof(l[i]) - lse) * scale - (i == t ? scale : 0.0f);
         l[i] = tox(d);
     }
 }
-// logits[N,V] := dloss * (softmax - onehot) / counted, in place; zero rows for ignored targets
-void crossentropy_backward(floatX* logits, const float* row_lse, const int* targets, float dloss, int counted, int N, int V) {
-    float scale = counted ? dloss / counted : 0.0f;
-    crossentropy_backward_kernel<<<N, 256>>>(logits, row_lse, targets, scale, V);
+// logits[N,V] := dloss * (softmax - onehot) / counted, in place; zero rows for ignored targets. With
+// per-token weights (device, GRPO): dloss * weights[n] * (softmax - onehot), as train_moe.c.
+void crossentropy_backward(floatX* logits, const float* row_lse, const int* targets, const float* weights, float dloss,
+                           int counted, int N, int V) {
+    float scale = weights ? dloss : counted ? dloss / counted : 0.0f;
+    crossentropy_backward_kernel<<<N, 256>>>(logits, row_lse, targets, weights, scale, V);
     cudaCheck(cudaGetLastError());
+}
+// GRPO's entropy statistic: ent[n] = -sum p log p = lse - sum_i p_i l_i of each row with a target
+__global__ void entropy_kernel(float* ent, const floatX* logits, const float* row_lse, const int* targets, int V) {
+    __shared__ float sh[256];
+    int n = blockIdx.x;
+    const floatX* l = logits + (size_t)n * V;
+    float lse = row_lse[n], s = 0.0f;
+    if (targets[n] >= 0)
+        for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(tof(l[i]) - lse) * tof(l[i]);
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) ent[n] = targets[n] >= 0 ? lse - s : 0.0f;
 }
 
 // ----------------------------------------------------------------------------
@@ -1205,6 +1220,8 @@ typedef struct {
     float ce, loss;
     float *aux, *zl;  // L each
     int step;         // the step being trained (1-based, as printed), for error messages; -1: none
+    const float* token_weights; // host, NULL: the backward is of the mean ce; else of sum_n w[n]*ce_n (GRPO)
+    float* token_weights_d;     // device copy, N
 } Model;
 
 // allocate parameters, gradients and the optimizer state (zeros) on the GPU
@@ -1305,6 +1322,7 @@ static void model_alloc_acts(Model* model, int B, int T) {
     model->logits = (floatX*)cudaMallocCheck(N * V * X);
     model->losses = (float*)cudaMallocCheck(N * S);
     model->logit_lse = (float*)cudaMallocCheck(N * S);
+    model->token_weights_d = (float*)cudaMallocCheck(N * S);
     model->topi = (int*)cudaMallocCheck(L * NK * sizeof(int));
     model->counts = (int*)cudaMallocCheck(L * E * sizeof(int));
     model->offs = (int*)cudaMallocCheck(L * (E + 1) * sizeof(int));
@@ -1351,7 +1369,7 @@ static void model_alloc_acts(Model* model, int B, int T) {
 }
 
 static void model_free_acts(Model* model) {
-    void* dev[] = {model->acts_memory, model->f_rstd, model->logits, model->losses, model->logit_lse, model->topi,
+    void* dev[] = {model->acts_memory, model->f_rstd, model->logits, model->losses, model->logit_lse, model->token_weights_d, model->topi,
                    model->counts, model->offs, model->row_of, model->tok_of, model->plan_hist, model->freqs_cos,
                    model->freqs_sin, model->inputs_d, model->targets_d, model->dres, model->dbuf, model->dq, model->dk,
                    model->dv, model->datty, model->dz, model->dgate, model->dxe, model->dye, model->dact, model->dh1,
@@ -1512,7 +1530,10 @@ void model_backward(Model* model, float dloss) {
     size_t X = sizeof(floatX);
     // classifier and final norm
     floatX* dlogits = model->logits;
-    crossentropy_backward(dlogits, model->logit_lse, model->targets_d, dloss, model->counted, N, V);
+    if (model->token_weights) // GRPO: per-token weights from the host
+        cudaCheck(cudaMemcpy(model->token_weights_d, model->token_weights, N * sizeof(float), cudaMemcpyHostToDevice));
+    crossentropy_backward(dlogits, model->logit_lse, model->targets_d, model->token_weights ? model->token_weights_d : NULL,
+                          dloss, model->counted, N, V);
     cudaCheck(cudaMemset(model->dbuf, 0, (size_t)N * C * X));
     matmul_backward(model->dbuf, g.lm_head, dlogits, a.xf, p.lm_head, N, C, V);
     cudaCheck(cudaMemset(model->dres, 0, (size_t)N * C * X));
@@ -1893,9 +1914,12 @@ static void decode_step(Model* model, const int* toks, int R, int pos) {
 // each position. Prefill: one forward over R copies of the prompt, whose per-layer k and v (after
 // RoPE) become the cache. A row stops as train_moe.c's generate_answer does (stop_token, a newline
 // if stop_newline, max_new tokens); finished rows ride along until all are done. Row r's tokens go to
-// out[r * max_new ...], their number to lens[r].
+// out[r * max_new ...], their number to lens[r]. For GRPO's rollouts (train_moe.c's sample_response):
+// keep_stop keeps a sampled stop token as the row's last token, and logp (if not NULL, laid out as out)
+// receives each token's log-prob under softmax(logits) at temperature 1.
 void generate_answers(Model* model, const int* prompt, int plen, int R, int max_new, int stop_token, int stop_newline,
-                      const Tokenizer* tk, int* out, int* lens, float temperature, uint64_t* rng) {
+                      const Tokenizer* tk, int* out, int* lens, float temperature, uint64_t* rng, float* logp = NULL,
+                      int keep_stop = 0) {
     const MoEConfig* c = &model->config;
     int L = c->L, V = c->V, KD = c->Hkv * (c->C / c->H), maxB = model->maxB, maxT = model->maxT;
     if (R > maxB) { fprintf(stderr, "Error: generate_answers: %d rows, more than B=%d\n", R, maxB); exit(EXIT_FAILURE); }
@@ -1927,8 +1951,18 @@ void generate_answers(Model* model, const int* prompt, int plen, int R, int max_
         for (int r = 0; r < R; r++) {
             next[r] = 0; // what a finished row feeds (ignored)
             if (done[r]) continue;
-            int t = cpu::pick_token(logits + (size_t)r * V, V, temperature, rng, probs);
-            if (t == stop_token) { done[r] = 1; continue; }
+            const float* lr = logits + (size_t)r * V;
+            int t = cpu::pick_token(lr, V, temperature, rng, probs);
+            if (logp) { // as the training forward's cross-entropy: max + log(sum exp(l - max)) - l[t]
+                float mx = cpu::vmax(lr, V);
+                for (int i = 0; i < V; i++) probs[i] = cpu::vexpf(lr[i] - mx);
+                logp[(size_t)r * stride + lens[r]] = -(mx + logf(cpu::vsum(probs, V)) - lr[t]);
+            }
+            if (t == stop_token) {
+                if (keep_stop) out[(size_t)r * stride + lens[r]++] = t;
+                done[r] = 1;
+                continue;
+            }
             out[(size_t)r * stride + lens[r]++] = t;
             const char* piece = cpu::tokenizer_piece(tk, t);
             if ((stop_newline && piece && strchr(piece, '\n')) || lens[r] == max_new) { done[r] = 1; continue; }
@@ -1985,6 +2019,79 @@ int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
     free(out); free(lens); free(text); free(ans); free(right);
     *scored = items;
     return nn;
+}
+
+// ----------------------------------------------------------------------------
+// GRPO post-training (-rl): train_moe.c's algorithm and its host code (advantages, token weights,
+// rollout rows, prompt order, the report); here each prompt's G samples decode together, and the
+// forward and the weighted backward run on the GPU
+
+using cpu::GrpoConfig; using cpu::GrpoStats; using cpu::Rollouts;
+
+// one mini-batch's gradient (added to model->grads): the forward, its per-token losses to the host,
+// train_moe.c's weights, the weighted backward. Returns the loss (router terms included).
+float grpo_backward(Model* model, const int* x, const int* y, const float* adv, const float* old_logp,
+                    const float* ref_logp, int rows, int T, const GrpoConfig* gc, float* w, GrpoStats* st) {
+    const MoEConfig* c = &model->config;
+    size_t N = (size_t)rows * T;
+    model_forward(model, x, y, rows, T);
+    float* ce = (float*)mallocCheck(2 * N * sizeof(float));
+    float* ent = ce + N;
+    cudaCheck(cudaMemcpy(ce, model->losses, N * sizeof(float), cudaMemcpyDeviceToHost));
+    // the entropy, through token_weights_d (free until the backward uploads the weights)
+    entropy_kernel<<<N, 256>>>(model->token_weights_d, model->logits, model->logit_lse, model->targets_d, c->V);
+    cudaCheck(cudaGetLastError());
+    cudaCheck(cudaMemcpy(ent, model->token_weights_d, N * sizeof(float), cudaMemcpyDeviceToHost));
+    double loss = cpu::grpo_token_weights(ce, y, adv, old_logp, ref_logp, rows, T, gc, w, st);
+    for (size_t n = 0; n < N; n++) if (y[n] >= 0) st->entropy += ent[n];
+    for (int l = 0; l < c->L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
+    st->loss += loss;
+    model->token_weights = w;
+    model_backward(model, 1.0f);
+    model->token_weights = NULL;
+    free(ce);
+    return (float)loss;
+}
+
+// G responses to each of the P items, a prompt's G rows decoded together; rewards from the answer check
+int grpo_rollouts(Model* model, const EvalSet* es, const int* items, const GrpoConfig* gc, const Tokenizer* tk,
+                  int eot, uint64_t* rng, Rollouts* ro) {
+    int G = gc->G, R = gc->R, right = 0;
+    int* out = (int*)mallocCheck((size_t)G * R * sizeof(int));
+    float* logp = (float*)mallocCheck((size_t)G * R * sizeof(float));
+    int* lens = (int*)mallocCheck(G * sizeof(int));
+    size_t cap = 1024;
+    char* text = (char*)mallocCheck(cap);
+    for (int p = 0; p < gc->P; p++) {
+        int i = items[p];
+        generate_answers(model, es->toks[i], es->plen[i], G, R, eot, es->kind == TASK_MEMORIZATION, tk, out, lens, gc->temp,
+                         rng, logp, 1);
+        for (int g = 0; g < G; g++) {
+            int r = p * G + g, n = lens[g];
+            const int* resp = out + (size_t)g * R;
+            cpu::rollouts_set_row(ro, r, es->toks[i], es->plen[i], resp, n, logp + (size_t)g * R, eot);
+            ro->item[r] = i;
+            int k = n > 0 && resp[n - 1] == eot ? n - 1 : n; // the answer's text, without the stop token
+            ro->reward[r] = (float)cpu::answer_matches(cpu::tokens_text(tk, resp, k, &text, &cap), es->ref[i], es->kind);
+            right += ro->reward[r] > 0;
+        }
+    }
+    free(out); free(logp); free(lens); free(text);
+    return right;
+}
+
+// the reference model's log-probs of the response tokens, mini-batch by mini-batch
+void grpo_ref_logp(Model* ref, Rollouts* ro, int M) {
+    int mb = ro->rows / M, T = ro->T;
+    size_t n = (size_t)mb * T;
+    float* ce = (float*)mallocCheck(n * sizeof(float));
+    for (int m = 0; m < M; m++) {
+        size_t o = (size_t)m * n;
+        model_forward(ref, ro->x + o, ro->y + o, mb, T);
+        cudaCheck(cudaMemcpy(ce, ref->losses, n * sizeof(float), cudaMemcpyDeviceToHost));
+        for (size_t j = 0; j < n; j++) ro->ref_logp[o + j] = ro->y[o + j] >= 0 ? -ce[j] : 0.0f;
+    }
+    free(ce);
 }
 
 // ----------------------------------------------------------------------------
@@ -2090,6 +2197,81 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
     }
 }
 
+// -rl: GRPO post-training, as train_moe.c's run_grpo
+static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer* tk, EvalSet* sets, int nsets,
+                    DataLoader* val, FILE* logf) {
+    const GrpoConfig* gc = &a->grpo;
+    const MoEConfig* c = &model->config;
+    int T = a->T, eot = tk->ok ? tk->eot : 0, rows = gc->P * gc->G, mb = rows / gc->M;
+    EvalSet es;
+    if (cpu::evalset_load(&es, a->rl_file, c->V, T) != 0) return 1;
+    if (cpu::grpo_check_prompts(&es, a->rl_file, gc, T) != 0) { cpu::evalset_free(&es); return 1; }
+    Model ref;
+    int use_ref = gc->kl > 0;
+    if (use_ref) {
+        TrainState rst;
+        if (checkpoint_load(&ref, a->init_ckpt, &rst, 0) != 0) return 1;
+        if (!cpu::grpo_same_shape(&ref.config, c)) {
+            fprintf(stderr, "Error: reference checkpoint '%s' (flag -e) has another shape than the policy being resumed\n",
+                    a->init_ckpt);
+            return 1;
+        }
+        model_alloc_acts(&ref, mb, T);
+    }
+    printf("grpo: %s (%d prompts) | P=%d G=%d R=%d M=%d (%d rows per update) temp=%g clip=%g kl=%g agg=%d | lr=%g\n",
+           a->rl_file, es.n, gc->P, gc->G, gc->R, gc->M, mb, gc->temp, gc->clip, gc->kl, gc->agg, a->lr);
+    Rollouts ro;
+    cpu::rollouts_alloc(&ro, rows, T);
+    float* w = (float*)mallocCheck((size_t)mb * T * sizeof(float));
+    int* perm = (int*)mallocCheck((size_t)es.n * sizeof(int));
+    int* items = (int*)mallocCheck((size_t)gc->P * sizeof(int));
+    int perm_epoch = -1;
+    DataPos pos = st->pos;
+    for (int step = st->step; step < a->steps; step++) {
+        cudaCheck(cudaDeviceSynchronize());
+        double t0 = now_ms();
+        model->step = step + 1;
+        cpu::grpo_next_prompts(perm, &perm_epoch, es.n, &pos, st->seed, items, gc->P);
+        grpo_rollouts(model, &es, items, gc, tk, eot, &st->rng, &ro);
+        int flat = cpu::grpo_advantages(ro.reward, ro.adv, rows, gc->G);
+        if (use_ref) grpo_ref_logp(&ref, &ro, gc->M);
+        double t1 = now_ms();
+        GrpoStats gs = {0};
+        float lr = lr_schedule(step, a->steps, a->warmup, a->lr, a->lr * a->min_lr_frac), norm = 0.0f;
+        for (int m = 0; m < gc->M; m++) {
+            size_t o = (size_t)m * mb * T;
+            model_zero_grad(model);
+            grpo_backward(model, ro.x + o, ro.y + o, ro.adv + m * mb, ro.old_logp + o, ro.ref_logp + o, mb, T, gc, w, &gs);
+            norm = global_grad_norm(model);
+            float scale = (a->grad_clip > 0 && norm > a->grad_clip) ? a->grad_clip / norm : 1.0f;
+            model_update(model, lr, a->beta1, a->beta2, 1e-8f, a->weight_decay, step * gc->M + m + 1, scale);
+        }
+        cudaCheck(cudaDeviceSynchronize());
+        cpu::grpo_report(logf, step + 1, a->steps, gc, &ro, flat, &gs, lr, norm, t1 - t0, now_ms() - t1);
+        int last = step + 1 == a->steps;
+        if (a->val_every > 0 && ((step + 1) % a->val_every == 0 || last)) {
+            float vl = eval_val_loss(model, val, a->val_batches);
+            printf("val loss %.4f\n", vl);
+            if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
+            run_task_evals(model, sets, nsets, tk, eot, a, logf, step + 1);
+        }
+        if (a->out_dir && ((a->ckpt_every > 0 && (step + 1) % a->ckpt_every == 0) || last)) {
+            char* path = (char*)mallocCheck(strlen(a->out_dir) + 32);
+            sprintf(path, "%s/model_%08d.bin", a->out_dir, step + 1);
+            TrainState now = {step + 1, pos, st->rng, st->seed};
+            checkpoint_save(model, path, 1, &now);
+            printf("saved %s\n", path);
+            free(path);
+        }
+        if (logf) fflush(logf);
+    }
+    if (use_ref) model_free(&ref);
+    cpu::rollouts_free(&ro);
+    free(w); free(perm); free(items);
+    cpu::evalset_free(&es);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     Args a;
     cpu::parse_args(&a, argc, argv);
@@ -2129,10 +2311,13 @@ int main(int argc, char** argv) {
     int nsets = 0;
     EvalSet* sets = cpu::evalsets_load(a.eval_files, c->V, a.T, &nsets);
     DataLoader train, val;
-    loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
+    if (!a.rl_file) {
+        loader_init(&train, a.train_glob, "-i", a.B, a.T, c->V, a.shuffle, st.seed);
+        loader_seek(&train, st.pos);
+    }
     loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
-    loader_seek(&train, st.pos);
-    model_alloc_acts(&model, a.B, a.T);
+    int rl_rows = a.rl_file ? a.grpo.P * a.grpo.G / a.grpo.M : 0;
+    model_alloc_acts(&model, a.B > rl_rows ? a.B : rl_rows, a.T);
     printf("gpu memory: %.1f MiB allocated by the trainer, %.1f MiB in use on the device\n",
            gpu_bytes_allocated / (1024.0 * 1024.0), gpu_mem_sample());
     FILE* logf = NULL;
@@ -2148,6 +2333,18 @@ int main(int argc, char** argv) {
         printf("val loss %.4f\n", eval_val_loss(&model, &val, a.val_batches));
         run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, st.step);
         return 0;
+    }
+    if (a.rl_file) {
+        int rc = run_grpo(&model, &a, &st, &tk, sets, nsets, &val, logf);
+        if (logf) fclose(logf);
+        for (int i = 0; i < nsets; i++) cpu::evalset_free(&sets[i]);
+        free(sets);
+        loader_free(&val);
+        tokenizer_free(&tk);
+        model_free(&model);
+        gpu_free();
+        free(resume_path);
+        return rc;
     }
     double tokens_per_step = (double)a.B * a.T * a.grad_accum;
     double flops_per_step = tokens_per_step * flops_per_token(c, a.T), peak = peak_flops();

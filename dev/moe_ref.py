@@ -10,6 +10,10 @@ For each small test configuration NAME it writes into OUTDIR (default dev/ref/):
                      chosen experts, every parameter gradient (checkpoint layout), then the losses and
                      global gradient norms (before clipping) of 10 AdamW steps on that same batch
     manifest.txt     one NAME per line
+    NAME_grpo.bin    for the GRPO_CASES configurations: a rollout batch (rows, targets, rewards,
+                     advantages, sampler and reference log-probs) and, per mini-batch update, the
+                     GRPO loss, its clipped-token count, grad norm and every gradient
+    grpo_manifest.txt  one NAME per line of those
 
 Notes
 - Initialisation is Megatron's scheme from a seed (torch.Generator seeded with the config's seed,
@@ -522,6 +526,158 @@ def generate(name, spec, index, outdir, init_std, nsteps, verbose=True):
 
 
 # --------------------------------------------------------------------------------------------------
+# GRPO (README "GRPO post-training"): group advantages, the PPO-clipped surrogate with the k3 KL to a
+# reference, the three loss aggregations, and M mini-batch AdamW updates on one rollout batch.
+# NAME_grpo.bin (next to NAME_model.bin, listed in grpo_manifest.txt) holds a rollout batch made up
+# here (random prompts and responses, rewards, the sampler's and the reference's log-probs) and,
+# per mini-batch update, the loss, the clipped token count, the grad norm and every gradient.
+
+GRPO_MAGIC = 20251127
+GRPO_KL_MAX = 10.0
+# NAME (a TEST_CONFIGS name), P prompts, G samples each, M mini-batches, aggregation (0 token mean,
+# 1 per-sequence mean, 2 Dr. GRPO), rewards ("mixed": group 0 all equal, the others random with both
+# values; "equal": every reward 1), KL coefficient, clip epsilon
+GRPO_CASES = [
+    ("dense", 4, 3, 2, 0, "mixed", 0.05, 0.2),
+    ("e6",    3, 3, 3, 0, "mixed", 0.05, 0.2),
+    ("gqa",   2, 5, 1, 1, "equal", 0.05, 0.2),
+    ("mqa",   2, 3, 2, 2, "mixed", 0.0, 0.2),
+]
+GRPO_OPT = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+
+
+def grpo_advantages(reward, G):
+    """(r - group mean) / (group std + 1e-6), std with Bessel's correction; all-equal groups: 0."""
+    g = reward.double().view(-1, G)
+    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)
+    adv[(g == g[:, :1]).all(1)] = 0.0
+    return adv.view(-1).float()
+
+
+def grpo_loss(cfg, p, x, y, adv, old_logp, ref_logp, clip, beta, agg, R):
+    """The GRPO loss of rows x (targets y: response tokens, -1 elsewhere) plus the router terms.
+    Returns (loss, number of clipped tokens, per-position log-probs)."""
+    out = forward(cfg, p, x, y)
+    B, T = x.shape
+    yf = y.reshape(-1)
+    logp_all = -Fn.cross_entropy(out["logits"].reshape(B * T, -1), yf.clamp(min=0), reduction="none")
+    sel = (yf >= 0).nonzero().view(-1)                  # the response tokens
+    row = sel // T
+    logp = logp_all[sel]
+    ratio = torch.exp(logp - old_logp.reshape(-1)[sel])
+    A = adv[row]
+    pg1, pg2 = -A * ratio, -A * torch.clamp(ratio, 1 - clip, 1 + clip)
+    tok = torch.maximum(pg1, pg2)
+    if beta > 0:
+        d = ref_logp.reshape(-1)[sel] - logp
+        tok = tok + beta * torch.clamp(torch.exp(d) - d - 1, max=GRPO_KL_MAX)
+    lens = torch.bincount(row, minlength=B).to(tok.dtype)
+    nseq = int((lens > 0).sum())
+    if agg == 0:
+        L = tok.sum() / sel.numel()
+    elif agg == 1:
+        L = (tok / lens[row]).sum() / nseq
+    else:
+        L = tok.sum() / (nseq * R)
+    loss = L + cfg["aux_coef"] * out["aux"].sum() + cfg["z_coef"] * out["zl"].sum()
+    return loss, int((pg2 > pg1).sum()), logp_all.view(B, T), ratio
+
+
+def grpo_rollout_batch(cfg, P, G, rewards, g):
+    """Random prompt + response rows laid out as the trainer's rollouts (rollouts_set_row)."""
+    V, T = cfg["V"], cfg["T"]
+    eot = V - 1
+    rows = P * G
+    x = torch.full((rows, T), eot, dtype=torch.long)
+    y = torch.full((rows, T), -1, dtype=torch.long)
+    for pi in range(P):
+        plen = int(torch.randint(1, 4, (1,), generator=g))
+        prompt = torch.randint(0, V, (plen,), generator=g)
+        for j in range(G):
+            rlen = int(torch.randint(1, T + 2 - plen, (1,), generator=g))
+            seq = torch.cat([prompt, torch.randint(0, V, (rlen,), generator=g)])
+            n = min(plen + rlen, T)
+            x[pi * G + j, :n] = seq[:n]
+            y[pi * G + j, plen - 1:plen + rlen - 1] = seq[plen:plen + rlen]
+    if rewards == "equal":
+        r = torch.ones(rows)
+    else:
+        r = torch.zeros(rows)
+        r[:G] = 1.0                                      # group 0: all right (zero variance)
+        for pi in range(1, P):
+            k = 1 + int(torch.randint(0, G - 1, (1,), generator=g))   # 1..G-1 right: both values
+            r[pi * G + torch.randperm(G, generator=g)[:k]] = 1.0
+    return x, y, r
+
+
+def grpo_generate(case, outdir, verbose=True):
+    name, P, G, M, agg, rewards, beta, clip = case
+    index = [c[0] for c in TEST_CONFIGS].index(name)
+    ck = read_checkpoint(os.path.join(outdir, f"{name}_model.bin"))
+    cfg = ck["cfg"]
+    R = cfg["T"]
+    opt = {k: f32(v) for k, v in GRPO_OPT.items()}
+    beta, clip = f32(beta), f32(clip)
+    for trial in range(50):  # a batch whose ratios all stay clear of the clip boundaries
+        g = torch.Generator().manual_seed(BASE_SEED + 100 * index + trial)
+        p = {k: torch.from_numpy(a.copy()) for k, a in ck["params"].items()}
+        x, y, reward = grpo_rollout_batch(cfg, P, G, rewards, g)
+        adv = grpo_advantages(reward, G)
+        with torch.no_grad():
+            logp0 = grpo_loss(cfg, p, x, y, adv, torch.zeros(x.shape), torch.zeros(x.shape), clip, 0.0, 0, R)[2]
+        mask = y >= 0
+        # pi_old: the current policy moved by a random amount, so some ratios fall outside 1 +- eps
+        old_logp = torch.where(mask, logp0 + 0.3 * torch.randn(x.shape, generator=g), torch.zeros(x.shape))
+        ref_logp = torch.where(mask, logp0 + 0.5 * torch.randn(x.shape, generator=g), torch.zeros(x.shape))
+        m_state = {k: torch.zeros_like(t) for k, t in p.items()}
+        v_state = {k: torch.zeros_like(t) for k, t in p.items()}
+        mb, steps, margin = P * G // M, [], float("inf")
+        for m in range(M):
+            s = slice(m * mb, (m + 1) * mb)
+            ps = {k: t.clone().requires_grad_(True) for k, t in p.items()}
+            loss, clipped, _, ratio = grpo_loss(cfg, ps, x[s], y[s], adv[s], old_logp[s], ref_logp[s], clip, beta, agg, R)
+            loss.backward()
+            grads = {k: t.grad.detach().clone() for k, t in ps.items()}
+            r_ = ratio.detach()
+            margin = min(margin, float(torch.minimum((r_ - (1 - clip)).abs(), (r_ - (1 + clip)).abs()).min()))
+            norm = global_norm(grads)
+            scale = opt["grad_clip"] / norm if norm > opt["grad_clip"] else 1.0
+            t = m + 1
+            for k in p:
+                gk = grads[k] * scale
+                m_state[k] = opt["beta1"] * m_state[k] + (1 - opt["beta1"]) * gk
+                v_state[k] = opt["beta2"] * v_state[k] + (1 - opt["beta2"]) * gk * gk
+                mhat = m_state[k] / (1 - opt["beta1"] ** t)
+                vhat = v_state[k] / (1 - opt["beta2"] ** t)
+                dk = opt["weight_decay"] if k in MATRICES else 0.0
+                p[k] = p[k] - opt["lr"] * (mhat / (torch.sqrt(vhat) + opt["eps"]) + dk * p[k])
+            steps.append(dict(loss=float(loss), clipped=clipped, norm=norm, grads=grads))
+        if margin > 1e-3:
+            break
+    else:
+        raise RuntimeError(f"{name}: no rollout batch with ratios clear of the clip boundaries")
+    clipped_total = sum(st["clipped"] for st in steps)
+    if rewards == "mixed" and clipped_total == 0:
+        raise RuntimeError(f"{name}: no clipped token")
+    h = np.zeros(HEADER_INTS, dtype="<i4")
+    h[0], h[1] = GRPO_MAGIC, VERSION
+    h[2:9] = [P * G, cfg["T"], P, G, M, agg, R]
+    for i, v in enumerate((clip, beta, opt["lr"], opt["beta1"], opt["beta2"], opt["eps"], opt["weight_decay"],
+                           opt["grad_clip"])):
+        h[9 + i] = f32_bits(v)
+    chunks = [h, x.numpy().astype("<i4"), y.numpy().astype("<i4"), reward.numpy().astype("<f4"),
+              adv.numpy().astype("<f4"), old_logp.numpy().astype("<f4"), ref_logp.numpy().astype("<f4")]
+    for st in steps:
+        chunks += [np.array([st["loss"], st["clipped"], st["norm"]], dtype="<f4"), flatten_params(cfg, st["grads"])]
+    _write_atomic(os.path.join(outdir, f"{name}_grpo.bin"), chunks)
+    if verbose:
+        print(f"grpo {name:6s} P {P} G {G} M {M} agg {agg} rewards {rewards} kl {beta:g} | losses "
+              f"{[round(st['loss'], 5) for st in steps]} clipped {[st['clipped'] for st in steps]} "
+              f"norms {[round(st['norm'], 4) for st in steps]} | zero-variance groups "
+              f"{int((reward.view(-1, G) == reward.view(-1, G)[:, :1]).all(1).sum())} | min ratio margin {margin:.1e}")
+
+
+# --------------------------------------------------------------------------------------------------
 # checks
 
 def selftest(outdir, init_std):
@@ -695,6 +851,10 @@ def main():
         if spec[0] in names:
             generate(spec[0], spec[1:], index, args.outdir, args.init_std, args.nsteps)
     _write_atomic(os.path.join(args.outdir, "manifest.txt"), ["".join(n + "\n" for n in names).encode()])
+    cases = [c for c in GRPO_CASES if c[0] in names]
+    for case in cases:
+        grpo_generate(case, args.outdir)
+    _write_atomic(os.path.join(args.outdir, "grpo_manifest.txt"), ["".join(c[0] + "\n" for c in cases).encode()])
     return 0
 
 

@@ -17,6 +17,14 @@ Writes to --out:
                        (x = step) for one run, one panel per layer, from the "router layer" lines
                        of its log.txt (default: the run with the most experts; --heatmap-run NAME)
 
+GRPO post-training (train_moe -rl, README "GRPO post-training"):
+
+    python3 scripts/plot.py --grpo out/grpo/log.txt --out out/grpo
+
+writes grpo.png: the reward (share of right samples) and the share of prompts with a right sample
+over RL steps, the held-out greedy accuracy of each -ev task at its eval steps, and beside them the
+KL to the reference, the clipped-token share, the mean response length and the policy's entropy.
+
 Families come from plan.json next to the CSV (written by sweep.py); without it they are inferred
 from the CSV's families column. Only finished runs (status done) are plotted unless --all.
 Needs matplotlib (pip install matplotlib, or apt-get install python3-matplotlib for Debian's
@@ -334,10 +342,86 @@ def plot_heatmap(plt, run_dir, name, path, layer=None):
     return path
 
 
+def read_grpo_log(path):
+    """The 'step N rl key value ...' lines and the 'step N task NAME ... acc X' lines of a GRPO
+    run's log.txt: (dict key -> [(step, value)], dict task -> [(step, accuracy)])."""
+    rl, acc = {}, {}
+    with open(path) as f:
+        for line in f:
+            w = line.split()
+            if len(w) >= 4 and w[0] == "step" and w[2] == "rl":
+                step = int(w[1])
+                for k, v in zip(w[3::2], w[4::2]):
+                    rl.setdefault(k, []).append((step, float(v)))
+            elif len(w) >= 5 and w[0] == "step" and w[2] == "task" and "acc" in w:
+                acc.setdefault(w[3], []).append((int(w[1]), float(w[w.index("acc") + 1])))
+    return rl, acc
+
+
+def smooth(ys, n):
+    """Running mean over the last n values (n = 1: the values)."""
+    out, s = [], 0.0
+    for i, y in enumerate(ys):
+        s += y
+        if i >= n:
+            s -= ys[i - n]
+        out.append(s / min(i + 1, n))
+    return out
+
+
+def plot_grpo(plt, log_path, out_dir):
+    rl, acc = read_grpo_log(log_path)
+    if "reward" not in rl:
+        print(f"plot.py: '{log_path}' has no 'step N rl ...' lines (a train_moe -rl log)", file=sys.stderr)
+        return None
+    n = max(1, len(rl["reward"]) // 40)  # smoothing window: about 40 points across
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    ax = axes[0]
+    for key, label, colour in (("reward", "reward (right samples)", "C0"), ("solved", "prompts with a right sample", "C1")):
+        xs, ys = zip(*rl[key])
+        ax.plot(xs, ys, color=colour, alpha=0.2, lw=0.8)
+        ax.plot(xs, smooth(list(ys), n), color=colour, lw=1.6, label=label + (f", mean of {n}" if n > 1 else ""))
+    ax.set_title("rollouts (training prompts)")
+    ax.set_ylim(0, 1)
+    ax = axes[1]
+    for i, (task, pts) in enumerate(sorted(acc.items())):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, "o-", ms=3, color=f"C{i + 2}", label=task)
+    ax.set_title("held-out greedy accuracy")
+    ax.set_ylim(0, 1)
+    for ax, keys, title in ((axes[2], (("kl", "KL to the reference (k3)"), ("clip", "clipped token share")), "KL and clipping"),
+                            (axes[3], (("len", "response tokens"), ("entropy", "entropy (nats)")), "responses")):
+        twin = None
+        for j, (key, label) in enumerate(keys):
+            if key not in rl:
+                continue
+            a = ax if j == 0 else (twin or ax.twinx())
+            if j:
+                twin = a
+            xs, ys = zip(*rl[key])
+            a.plot(xs, smooth(list(ys), n), color=f"C{j + 4}", lw=1.4, label=label)
+            a.set_ylabel(label, color=f"C{j + 4}")
+        ax.set_title(title)
+    for ax in axes:
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    if acc:
+        axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"GRPO: {log_path}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "grpo.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("csv", help="results.csv of a sweep")
+    ap.add_argument("csv", nargs="?", help="results.csv of a sweep")
+    ap.add_argument("--grpo", metavar="LOG", help="plot a GRPO run's log.txt instead (grpo.png in --out)")
     ap.add_argument("--runs", help="the sweep directory holding the run directories (default: the CSV's directory)")
     ap.add_argument("--out", required=True, help="directory for the PNGs")
     ap.add_argument("--heatmap-run", help="run name(s) for the expert-load heatmap, comma-separated "
@@ -347,6 +431,16 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true", help="plot unfinished runs too")
     args = ap.parse_args(argv)
 
+    if args.grpo:
+        if not os.path.isfile(args.grpo):
+            print(f"plot.py: no such file '{args.grpo}'", file=sys.stderr)
+            return 2
+        made = plot_grpo(need_matplotlib(), args.grpo, args.out)
+        if made:
+            print(f"wrote {made}")
+        return 0 if made else 1
+    if not args.csv:
+        ap.error("a results.csv (or --grpo LOG) is needed")
     if not os.path.isfile(args.csv):
         print(f"plot.py: no such file '{args.csv}'", file=sys.stderr)
         return 2
