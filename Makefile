@@ -29,7 +29,7 @@ BLAS_LIBS = $(if $(wildcard $(BLAS_OMP_DIR)/libopenblas.so.0),-L$(BLAS_OMP_DIR) 
 comma := ,
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
+.PHONY: all train arith grpo-demo test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
@@ -47,6 +47,16 @@ test_moe_blas: test_moe.c train_moe.c
 # the default job: the bundled data, a small MoE, under 10 minutes on 2 cores
 train: train_moe
 	./train_moe -o out/default
+
+# the arithmetic task of the GRPO demo (generated, seconds; git ignores the .bin files)
+ARITH_DATA = data/arith/arith_train_000.bin data/arith/arith_val_000.bin data/arith/arith_rl.bin data/arith/arith_eval.bin
+$(ARITH_DATA) &: data/build_arith.py data/build_default.py data/build_tasks.py
+	python3 data/build_arith.py > /dev/null
+arith: $(ARITH_DATA)
+
+# GRPO in miniature: pre-train on data/arith, then GRPO from a partly right checkpoint (~35 min on 2 cores)
+grpo-demo: train_moe arith
+	bash scripts/grpo_demo.sh
 
 # everything: the Python environment (first time only), the CUDA compile check, the HF interchange,
 # the sweep scripts and figures, the C suite against PyTorch, the C suite again under ASan+UBSan, and

@@ -240,7 +240,7 @@ static float* scratch_get(Scratch* s, size_t n) {
 
 #define GEMM_MR 8
 #define GEMM_NR 32
-static Scratch gemm_apack, gemm_bpack;
+static __thread Scratch gemm_apack, gemm_bpack; // per calling thread: GRPO's rollouts decode on several at once
 
 // A(r,k) = ap[r*ars + k*aks] for the MR rows of the tile; B(k,j) = bp[k*bks + j], an NR-wide
 // sliver (packed: bks = NR; read in place: the row stride); c(r,j) = c[r*csr + j*csc]
@@ -2053,7 +2053,8 @@ int answer_correct(const char* ans, const char* ref, int kind) {
     char* alts = (char*)mallocCheck(strlen(ref) + 1);
     strcpy(alts, ref);
     int ok = 0;
-    for (char* tok = strtok(alts, "\n"); tok && !ok; tok = strtok(NULL, "\n")) {
+    char* save = NULL; // strtok_r: GRPO's rollouts check answers on several threads at once
+    for (char* tok = strtok_r(alts, "\n", &save); tok && !ok; tok = strtok_r(NULL, "\n", &save)) {
         if (kind == TASK_REASONING) strip_commas(tok);
         trim_lower(tok);
         ok = strcmp(ans, tok) == 0;
@@ -2353,27 +2354,58 @@ void rollouts_set_row(Rollouts* ro, int r, const int* prompt, int plen, const in
     ro->rlen[r] = rlen;
 }
 
-// G responses to each of the P items of es listed in items[], rewards from the answer check.
-// Returns how many rows earned reward 1.
-int grpo_rollouts(Model* model, const EvalSet* es, const int* items, const GrpoConfig* gc, const Tokenizer* tk,
-                  int eot, uint64_t* rng, Rollouts* ro) {
-    int* resp = (int*)mallocCheck((size_t)gc->R * sizeof(int));
-    float* logp = (float*)mallocCheck((size_t)gc->R * sizeof(float));
-    size_t cap = 1024;
-    char* text = (char*)mallocCheck(cap);
-    int right = 0;
-    for (int p = 0; p < gc->P; p++)
-        for (int g = 0; g < gc->G; g++) {
-            int r = p * gc->G + g, i = items[p];
-            int n = sample_response(model, es->toks[i], es->plen[i], gc->R, eot, es->kind == TASK_MEMORIZATION, tk, resp,
-                                    logp, 1, gc->temp, rng);
-            rollouts_set_row(ro, r, es->toks[i], es->plen[i], resp, n, logp, eot);
-            ro->item[r] = i;
-            int k = n > 0 && resp[n - 1] == eot ? n - 1 : n; // the answer's text, without the stop token
-            ro->reward[r] = (float)answer_matches(tokens_text(tk, resp, k, &text, &cap), es->ref[i], es->kind);
-            right += ro->reward[r] > 0;
-        }
-    free(resp); free(logp); free(text);
+// Rollouts decode one response per thread at a time (the responses are independent), each thread on
+// its own decoder: a Model sharing the policy's parameters with activations of its own for one row.
+// Within a rollout the matmuls then run single-threaded (nested OpenMP regions get one thread).
+typedef struct { Model* m; int n; } Decoders;
+
+Decoders decoders_make(const Model* policy, int T) {
+    Decoders d = {NULL, 1};
+#ifdef OMP
+    d.n = omp_get_max_threads();
+#endif
+    d.m = (Model*)callocCheck(d.n, sizeof(Model));
+    for (int i = 0; i < d.n; i++) {
+        d.m[i] = *policy; // the parameter pointers; everything the forward writes is its own
+        d.m[i].acts_memory = NULL;
+        d.m[i].aux = (float*)callocCheck(policy->config.L, sizeof(float));
+        d.m[i].zl = (float*)callocCheck(policy->config.L, sizeof(float));
+        model_alloc_acts(&d.m[i], 1, T);
+    }
+    return d;
+}
+void decoders_free(Decoders* d) {
+    for (int i = 0; i < d->n; i++) { model_free_acts(&d->m[i]); free(d->m[i].aux); free(d->m[i].zl); }
+    free(d->m);
+}
+
+// G responses to each of the P items of es listed in items[], rewards from the answer check. Row r
+// samples with its own stream, hash3(seed, r): the same rollouts for any number of threads. Returns
+// how many rows earned reward 1.
+int grpo_rollouts(Decoders* dec, const EvalSet* es, const int* items, const GrpoConfig* gc, const Tokenizer* tk,
+                  int eot, uint64_t seed, Rollouts* ro) {
+    int rows = gc->P * gc->G, right = 0;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(dec->n) reduction(+ : right)
+    for (int r = 0; r < rows; r++) {
+        int tid = 0;
+#ifdef OMP
+        tid = omp_get_thread_num();
+#endif
+        int i = items[r / gc->G];
+        int* resp = (int*)mallocCheck((size_t)gc->R * sizeof(int));
+        float* logp = (float*)mallocCheck((size_t)gc->R * sizeof(float));
+        size_t cap = 256;
+        char* text = (char*)mallocCheck(cap);
+        uint64_t rng = hash3(seed, (uint64_t)r, 0x7011);
+        int n = sample_response(&dec->m[tid], es->toks[i], es->plen[i], gc->R, eot, es->kind == TASK_MEMORIZATION, tk,
+                                resp, logp, 1, gc->temp, &rng);
+        rollouts_set_row(ro, r, es->toks[i], es->plen[i], resp, n, logp, eot);
+        ro->item[r] = i;
+        int k = n > 0 && resp[n - 1] == eot ? n - 1 : n; // the answer's text, without the stop token
+        ro->reward[r] = (float)answer_matches(tokens_text(tk, resp, k, &text, &cap), es->ref[i], es->kind);
+        right += ro->reward[r] > 0;
+        free(resp); free(logp); free(text);
+    }
     return right;
 }
 
@@ -3012,11 +3044,19 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
     int* items = (int*)mallocCheck((size_t)gc->P * sizeof(int));
     int perm_epoch = -1;
     DataPos pos = st->pos;
+    Decoders dec = decoders_make(model, T);
+    if (a->val_every > 0 && st->step == 0) { // where GRPO starts from, as "step 0"
+        float vl = eval_val_loss(model, val, a->val_batches);
+        printf("val loss %.4f\n", vl);
+        if (logf) fprintf(logf, "step 0 val %.6f\n", vl);
+        run_task_evals(model, sets, nsets, tk, eot, a, logf, 0);
+    }
     for (int step = st->step; step < a->steps; step++) {
         double t0 = now_ms();
         model->step = step + 1;
+        for (int i = 0; i < dec.n; i++) dec.m[i].step = step + 1;
         grpo_next_prompts(perm, &perm_epoch, es.n, &pos, st->seed, items, gc->P);
-        grpo_rollouts(model, &es, items, gc, tk, eot, &st->rng, &ro);
+        grpo_rollouts(&dec, &es, items, gc, tk, eot, rng_u64(&st->rng), &ro);
         int flat = grpo_advantages(ro.reward, ro.adv, rows, gc->G);
         if (use_ref) grpo_ref_logp(&ref, &ro, gc->M);
         double t1 = now_ms();
@@ -3049,6 +3089,7 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
         if (logf) fflush(logf);
     }
     if (use_ref) model_free(&ref);
+    decoders_free(&dec);
     rollouts_free(&ro);
     free(w); free(perm); free(items);
     evalset_free(&es);

@@ -2227,6 +2227,12 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
     int* items = (int*)mallocCheck((size_t)gc->P * sizeof(int));
     int perm_epoch = -1;
     DataPos pos = st->pos;
+    if (a->val_every > 0 && st->step == 0) { // where GRPO starts from, as "step 0"
+        float vl = eval_val_loss(model, val, a->val_batches);
+        printf("val loss %.4f\n", vl);
+        if (logf) fprintf(logf, "step 0 val %.6f\n", vl);
+        run_task_evals(model, sets, nsets, tk, eot, a, logf, 0);
+    }
     for (int step = st->step; step < a->steps; step++) {
         cudaCheck(cudaDeviceSynchronize());
         double t0 = now_ms();

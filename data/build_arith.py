@@ -2,17 +2,26 @@
 """Build data/arith/: the smallest reasoning task on which a ~1M-parameter model trained for a few
 minutes on 2 cores is right some of the time (the state GRPO post-training starts from).
 
-Every problem is a two-step chain of 2-digit additions and subtractions with a worked solution:
+Every problem is one addition or subtraction of a 2-digit number to or from a 2- or 3-digit one:
 
-    Q: 47 + 26 - 38 = ?
-    A: 47 + 26 = 73. 73 - 38 = 35. The answer is 35.
+    Q: 478 + 36 = ?
+    A: The answer is 514.
 
-The operands a, b, c are in 10..99, the operators in {+, -}, and every intermediate and final result
-is in 0..199. The answer check is the task eval's reasoning rule (the number after the last
-"The answer is"), so the eval files are kind 2 like data/tasks/reason_eval.bin.
+a is in 10..999, b in 10..99, the operator + or -, and a - b >= 0 (digits are single tokens, so the
+answer is written most significant digit first, carries included). The answer check is the task
+eval's reasoning rule (the number after the last "The answer is"), so the eval files are kind 2 like
+data/tasks/reason_eval.bin.
 
-Each problem (a, op1, b, op2, c) goes to one of three disjoint pools by a hash of the tuple, so no
-eval problem is ever a pre-training document or an RL prompt:
+Half of the pre-training documents (--checked-frac) end in that form; the other half state the same
+number as "A: So it is 514." which the checker does not read. A pre-trained model therefore answers
+in either form, and only its "The answer is" answers can score: this is the gap between what a
+model can compute and what it is rewarded for that GRPO closes first, and so it is visible within
+minutes on 2 cores. The eval and RL files give only the checked form as their answer. (A two-step chain with a worked solution, "47 + 26 = 73. 73 - 38 = 35.",
+was tried first: a small model's chains are often wrong in the first step and right at the end, so
+an answer-only reward reinforced wrong arithmetic, and GRPO did not raise held-out accuracy.)
+
+Each problem (a, op, b) goes to one of three disjoint pools by a hash of the tuple, so no eval
+problem is ever a pre-training document or an RL prompt:
     pre-training  80%   arith_train_000.bin / arith_val_000.bin (shards, one problem per document)
     RL prompts    10%   arith_rl.bin    (eval layout: prompt tokens, reference answer)
     held out      10%   arith_eval.bin  (the accuracy eval, never trained on in either stage)
@@ -43,29 +52,16 @@ def pool_of(tup, seed):
 
 
 def all_problems():
-    """Every (a, op1, b, op2, c) with operands 10..99 and results 0..199, in a fixed order."""
-    out = []
-    for a in range(10, 100):
-        for b in range(10, 100):
-            for op1 in "+-":
-                r1 = a + b if op1 == "+" else a - b
-                if not 0 <= r1 <= 199:
-                    continue
-                for c in range(10, 100):
-                    for op2 in "+-":
-                        r2 = r1 + c if op2 == "+" else r1 - c
-                        if 0 <= r2 <= 199:
-                            out.append((a, op1, b, op2, c))
-    return out
+    """Every (a, op, b) with a in 10..999, b in 10..99 and a non-negative result, in a fixed order."""
+    return [(a, op, b) for a in range(10, 1000) for b in range(10, 100) for op in "+-" if op == "+" or a >= b]
 
 
-def texts(tup):
-    a, op1, b, op2, c = tup
-    r1 = a + b if op1 == "+" else a - b
-    r2 = r1 + c if op2 == "+" else r1 - c
-    prompt = "Q: %d %s %d %s %d = ?\nA:" % (a, op1, b, op2, c)
-    answer = " %d %s %d = %d. %d %s %d = %d. The answer is %d.\n" % (a, op1, b, r1, r1, op2, c, r2, r2)
-    return prompt, answer, str(r2)
+def texts(tup, checked=True):
+    """Prompt, answer and reference; checked=False: the answer in the form the checker does not read."""
+    a, op, b = tup
+    r = a + b if op == "+" else a - b
+    answer = (" The answer is %d.\n" if checked else " So it is %d.\n") % r
+    return "Q: %d %s %d = ?\nA:" % (a, op, b), answer, str(r)
 
 
 def build(args):
@@ -81,7 +77,7 @@ def build(args):
     for name, part in (("arith_train_000.bin", docs[:args.train]), ("arith_val_000.bin", docs[args.train:])):
         toks = []
         for tup in part:
-            prompt, answer, _ = texts(tup)
+            prompt, answer, _ = texts(tup, rng.random() < args.checked_frac)
             toks += [EOT] + encode(prompt + answer)
         shards[name] = toks
     evals = {}
@@ -94,10 +90,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--seed", type=int, default=20251201)
-    ap.add_argument("--train", type=int, default=40000, help="pre-training problems")
+    ap.add_argument("--train", type=int, default=100000, help="pre-training problems")
     ap.add_argument("--val", type=int, default=2000, help="validation problems (same pool)")
     ap.add_argument("--rl", type=int, default=4000, help="RL prompts")
     ap.add_argument("--eval", type=int, default=1000, help="held-out eval problems")
+    ap.add_argument("--checked-frac", type=float, default=0.5,
+                    help="share of pre-training answers in the checked form 'The answer is N.'")
     ap.add_argument("--check", action="store_true", help="rebuild and compare with --out")
     args = ap.parse_args()
     shards, evals, info = build(args)

@@ -132,7 +132,7 @@ GPU_BIN_NVCC = $(NVCC) $(NVCC_FLAGS) -lineinfo
 GPU_BIN_PROGS = train_moe_cu train_moe_cu_fp32 test_moe_cu test_moe_cu_fp32 $(if $(CUDNN_FOUND),train_moe_cu_cudnn test_moe_cu_cudnn) train_moe
 REF_PYTHON := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-gpu-check-build: $(addprefix $(GPU_BIN)/,$(GPU_BIN_PROGS)) gpu-check-ref
+gpu-check-build: $(addprefix $(GPU_BIN)/,$(GPU_BIN_PROGS)) gpu-check-ref data/arith/arith_rl.bin
 	$(MAKE) --no-print-directory -C dev/cuda NVCC=$(NVCC) GPU_ARCH=$(GPU_ARCH) BIN_DIR=$(abspath $(GPU_BIN))/lab bin
 	@$(if $(CUDNN_FOUND),true,rm -f $(GPU_BIN)/train_moe_cu_cudnn $(GPU_BIN)/test_moe_cu_cudnn; \
 	    echo "gpu-check-build: no cudnn_frontend.h: no cuDNN binaries (gpu_check.sh reports their parts as not run)")
@@ -173,6 +173,10 @@ gpu-check-ref:
 	        echo "$(REF_PYTHON) dev/moe_ref.py --outdir dev/ref"; $(REF_PYTHON) dev/moe_ref.py --outdir dev/ref > /dev/null || exit 1; fi; \
 	elif [ -f dev/ref/manifest.txt ]; then echo "gpu-check-build: no torch for $(REF_PYTHON): dev/ref kept as it is"; \
 	else echo "gpu-check-build: no torch for $(REF_PYTHON) and no dev/ref: the GPU tests will not run (python dev/moe_ref.py --outdir dev/ref)"; fi
+
+# the GRPO part's data (generated: data/build_arith.py)
+data/arith/arith_rl.bin: data/build_arith.py
+	python3 data/build_arith.py > /dev/null
 
 gpu-check:
 	@GPU_BIN=$(GPU_BIN) GPU_CHECK_PREBUILT=$(if $(filter command line environment,$(origin GPU_BIN)),1,0) \

@@ -26,9 +26,12 @@
 #                                  top-k on NaN/Inf, decoding over 16k positions, one configuration)
 #   racecheck                  35  compute-sanitizer --tool racecheck on the same
 #   gpu test cuDNN             50  test_moe_cu_cudnn (USE_CUDNN=1 attention), where it was built
-#   kernel lab                 90  dev/cuda/run_all.sh: every version of every kernel file validated
+#   grpo                       25  train_moe_cu on data/arith (python3 data/build_arith.py): 300 pre-training
+#                                  steps of the default model, then 10 GRPO steps (-rl) from that checkpoint
+#                                  with the held-out eval before and after (50 items): it runs, and the figures
+#   kernel lab                 75  dev/cuda/run_all.sh: every version of every kernel file validated
 #                                  against the CPU, then timed (30 s at most per file)
-#   bench                      70  scripts/bench_gpu.py on d1024-E8-k2, 4 steps per side: train_moe_cu,
+#   bench                      60  scripts/bench_gpu.py on d1024-E8-k2, 4 steps per side: train_moe_cu,
 #                                  PyTorch eager and torch.compile, a third of the part each (a PyTorch
 #                                  side that runs out of time is n/a; only train_moe_cu's can fail it)
 #                             ---
@@ -299,10 +302,32 @@ sanitize racecheck 35
 
 gpu_test "gpu test cuDNN" test_moe_cu_cudnn train_moe_cu_cudnn 50
 
+# GRPO on the GPU: a short pre-training on the arithmetic task, then RL steps from its checkpoint
+echo "[grpo] $GPU_BIN/train_moe_cu: 300 steps on data/arith, then 10 GRPO steps (-rl data/arith/arith_rl.bin)"
+if [ ! -f data/arith/arith_rl.bin ]; then
+    record "grpo" "not run" "no data/arith (python3 data/build_arith.py)"
+elif ! skip_or_dry "grpo" train_moe_cu; then
+    allowed=$(allowance 25); gd="$LOG/grpo"; mkdir -p "$gd"
+    timed "$gd/pre.log" "$(( allowed / 2 ))" "$GPU_BIN/train_moe_cu" -i data/arith/arith_train_000.bin \
+        -j data/arith/arith_val_000.bin -b 32 -t 128 -x 300 -u 30 -v 0 -s 0 -o "$gd/pre"
+    prc=$rc
+    if [ $prc -eq 0 ]; then
+        timed "$gd/rl.log" "$(( allowed - secs ))" "$GPU_BIN/train_moe_cu" -e "$gd/pre/model_00000300.bin" \
+            -rl data/arith/arith_rl.bin -j data/arith/arith_val_000.bin -t 64 -rp 16 -rg 5 -rm 2 -rr 41 -l 5e-5 \
+            -x 10 -v 10 -m 4 -s 0 -ev data/arith/arith_eval.bin -ea 50 -o "$gd/rl"
+    fi
+    steps=$(grep -c '^rl step' "$gd/rl.log" 2> /dev/null)
+    accs=$(grep -o 'accuracy [0-9.]*' "$gd/rl.log" 2> /dev/null | awk '{print $2}' | paste -sd ' ' -)
+    last=$(grep '^rl step' "$gd/rl.log" 2> /dev/null | tail -n 1 | grep -o 'reward [0-9.]*\|rollout [0-9]* ms update [0-9]* ms' | paste -sd ' ' -)
+    if [ $prc -eq 0 ] && [ $rc -eq 0 ] && [ "${steps:-0}" = 10 ]; then
+        record "grpo" ok "10 RL steps; held-out acc (50 items) before/after: ${accs:-?}; last: ${last:-?}"
+    else record "grpo" FAIL "$(timeout_or "$secs" "pre-training exit $prc, RL exit $rc, ${steps:-0} RL steps")"; fi
+fi
+
 # the kernel lab: every version of every file validated, then timed
 echo "[kernel lab] LAB_BIN=$GPU_BIN/lab LAB_TIMEOUT=30 dev/cuda/run_all.sh"
 if ! skip_or_dry "kernel lab" lab/adamw; then
-    timed "$LOG/kernel_lab.log" "$(allowance 90)" env LAB_BIN="$GPU_BIN/lab" LAB_TIMEOUT=30 LOG_DIR="$(pwd)/$LOG/kernel_lab" \
+    timed "$LOG/kernel_lab.log" "$(allowance 75)" env LAB_BIN="$GPU_BIN/lab" LAB_TIMEOUT=30 LOG_DIR="$(pwd)/$LOG/kernel_lab" \
         dev/cuda/run_all.sh
     summary=$(grep -E '^[0-9]+ results, [0-9]+ failed validation' "$LOG/kernel_lab.log" | tail -n 1 | sed 's/\. peaks.*//')
     files=$(grep -c '^ran ' "$LOG/kernel_lab.log"); badfiles=$(grep -E '^ran ' "$LOG/kernel_lab.log" | grep -vc 'exit 0,')
@@ -311,7 +336,7 @@ if ! skip_or_dry "kernel lab" lab/adamw; then
 fi
 
 # the benchmark against PyTorch: train_moe_cu, eager, torch.compile; each side gets a third of the part
-allowed=$(allowance 70); side=$(( (allowed - 10) / 3 )); [ $side -lt 20 ] && side=20
+allowed=$(allowance 60); side=$(( (allowed - 10) / 3 )); [ $side -lt 20 ] && side=20
 bench_cmd=("$PY" scripts/bench_gpu.py --configs d1024-E8-k2 --steps 4 --warmup 1 --timeout "$side"
            --trainer "$GPU_BIN/train_moe_cu" --python "$PY" --json "$LOG/bench.json")
 echo "[bench] ${bench_cmd[*]}"
