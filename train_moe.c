@@ -3026,10 +3026,12 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
     int use_ref = gc->kl > 0;
     if (use_ref) {
         TrainState rst;
-        if (checkpoint_load(&ref, a->init_ckpt, &rst, 0) != 0) return 1;
+        if (checkpoint_load(&ref, a->init_ckpt, &rst, 0) != 0) { evalset_free(&es); return 1; }
         if (!grpo_same_shape(&ref.config, c)) {
             fprintf(stderr, "Error: reference checkpoint '%s' (flag -e) has another shape than the policy being resumed\n",
                     a->init_ckpt);
+            model_free(&ref);
+            evalset_free(&es);
             return 1;
         }
         model_alloc_acts(&ref, mb, T);

@@ -388,7 +388,8 @@ def plot_grpo(plt, log_path, out_dir):
         xs, ys = zip(*pts)
         ax.plot(xs, ys, "o-", ms=3, color=f"C{i + 2}", label=task)
     ax.set_title("held-out greedy accuracy")
-    ax.set_ylim(0, 1)
+    top = max((y for pts in acc.values() for _, y in pts), default=1.0)
+    ax.set_ylim(0, min(1.0, max(0.1, 1.5 * top)))
     for ax, keys, title in ((axes[2], (("kl", "KL to the reference (k3)"), ("clip", "clipped token share")), "KL and clipping"),
                             (axes[3], (("len", "response tokens"), ("entropy", "entropy (nats)")), "responses")):
         twin = None
@@ -405,7 +406,7 @@ def plot_grpo(plt, log_path, out_dir):
     for ax in axes:
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="upper right")
     if acc:
         axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"GRPO: {log_path}", fontsize=10)
