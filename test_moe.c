@@ -205,34 +205,20 @@ static void test_grpo(const char* dir, const char* name) {
     snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
     if (checkpoint_load(&model, path, &st, 0) != 0) exit(EXIT_FAILURE);
     snprintf(path, sizeof path, "%s/%s_grpo.bin", dir, name);
-    FILE* fp = fopenCheck(path, "rb");
-    int h[256];
-    freadCheck(h, sizeof(int), 256, fp, path);
-    int rows = h[2], T = h[3], P = h[4], G = h[5], M = h[6], mb = rows / M;
-    GrpoConfig gc = {P, G, h[8], M, h[7], 1.0f, 0.0f, 0.0f};
-    float opt[8];
-    memcpy(&gc.clip, &h[9], 4);
-    memcpy(&gc.kl, &h[10], 4);
-    memcpy(opt, &h[11], 6 * sizeof(float)); // lr, beta1, beta2, eps, weight decay, grad clip
-    size_t N = (size_t)rows * T, np = model.num_params;
-    long expect = 1024 + 4L * (2 * N + 2 * rows + 2 * N) + 4L * M * (3 + (long)np);
-    if (h[0] != 20251127 || h[1] != 1 || file_size(fp) != expect || M < 1 || rows % M != 0 || T > model.config.T) {
-        printf("  FAIL: '%s' is not a GRPO reference for this model\n", path);
+    GrpoRef ref;
+    if (grpo_ref_read(&ref, path, model.config.T, model.num_params) != 0) {
+        printf("  FAIL: [%s grpo] cannot read its GRPO reference (above)\n", name);
         n_fail++;
-        fclose(fp);
         model_free(&model);
         return;
     }
-    Rollouts ro;
-    rollouts_alloc(&ro, rows, T);
-    float *adv_ref = (float*)mallocCheck(rows * sizeof(float)), *w = (float*)mallocCheck(N * sizeof(float));
-    float* grads = (float*)mallocCheck(np * sizeof(float));
-    freadCheck(ro.x, sizeof(int), N, fp, path);
-    freadCheck(ro.y, sizeof(int), N, fp, path);
-    freadCheck(ro.reward, sizeof(float), rows, fp, path);
-    freadCheck(adv_ref, sizeof(float), rows, fp, path);
-    freadCheck(ro.old_logp, sizeof(float), N, fp, path);
-    freadCheck(ro.ref_logp, sizeof(float), N, fp, path);
+    GrpoConfig gc = ref.gc;
+    Rollouts ro = ref.ro;
+    int rows = ro.rows, T = ro.T, P = gc.P, G = gc.G, M = gc.M, mb = rows / M;
+    const float* opt = ref.opt;
+    const float* adv_ref = ref.adv_ref;
+    size_t N = (size_t)rows * T, np = model.num_params;
+    float* w = (float*)mallocCheck(N * sizeof(float));
     int flat = grpo_advantages(ro.reward, ro.adv, rows, G);
     float adv_diff = 0.0f;
     for (int r = 0; r < rows; r++) adv_diff = fmaxf(adv_diff, fabsf(ro.adv[r] - adv_ref[r]));
@@ -241,9 +227,8 @@ static void test_grpo(const char* dir, const char* name) {
     printf("[%s grpo] P=%d G=%d M=%d agg %d kl %g clip %g | zero-variance groups %d | advantages max|diff| %.1e\n", name,
            P, G, M, gc.agg, gc.kl, gc.clip, flat, adv_diff);
     for (int m = 0; m < M; m++) {
-        float ref3[3];
-        freadCheck(ref3, sizeof(float), 3, fp, path);
-        freadCheck(grads, sizeof(float), np, fp, path);
+        const float* ref3 = ref.updates + (size_t)m * (3 + np); // loss, clipped tokens, grad norm
+        const float* grads = ref3 + 3;
         size_t o = (size_t)m * mb * T;
         GrpoStats gs = {0};
         model_zero_grad(&model);
@@ -262,9 +247,8 @@ static void test_grpo(const char* dir, const char* name) {
         float scale = (opt[5] > 0 && norm > opt[5]) ? opt[5] / norm : 1.0f;
         model_update(&model, opt[0], opt[1], opt[2], opt[3], opt[4], m + 1, scale);
     }
-    fclose(fp);
-    rollouts_free(&ro);
-    free(adv_ref); free(w); free(grads);
+    grpo_ref_free(&ref);
+    free(w);
     model_free(&model);
 }
 

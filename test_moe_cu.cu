@@ -704,26 +704,21 @@ static void test_grpo_update(const char* dir, const char* name) {
     snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
     if (checkpoint_load(&g, path, &st, 0) != 0 || cpu::checkpoint_load(&cm, path, &st, 0) != 0) exit(EXIT_FAILURE);
     snprintf(path, sizeof path, "%s/%s_grpo.bin", dir, name);
-    FILE* fp = fopenCheck(path, "rb");
-    int h[256];
-    freadCheck(h, sizeof(int), 256, fp, path);
-    int rows = h[2], T = h[3], P = h[4], G = h[5], M = h[6], mb = rows / M;
-    GrpoConfig gc = {P, G, h[8], M, h[7], 1.0f, 0.0f, 0.0f};
-    float opt[6];
-    memcpy(&gc.clip, &h[9], 4);
-    memcpy(&gc.kl, &h[10], 4);
-    memcpy(opt, &h[11], 6 * sizeof(float)); // lr, beta1, beta2, eps, weight decay, grad clip
+    cpu::GrpoRef ref;
+    if (cpu::grpo_ref_read(&ref, path, g.config.T, g.num_params) != 0) {
+        printf("  FAIL: [%s grpo] cannot read its GRPO reference (above)\n", name);
+        n_fail++;
+        model_free(&g);
+        cpu::model_free(&cm);
+        return;
+    }
+    GrpoConfig gc = ref.gc;
+    Rollouts ro = ref.ro;
+    memcpy(ro.adv, ref.adv_ref, ro.rows * sizeof(float)); // the reference's advantages
+    int rows = ro.rows, T = ro.T, M = gc.M, mb = rows / M;
+    const float* opt = ref.opt;
     size_t N = (size_t)rows * T, np = g.num_params;
-    Rollouts ro;
-    cpu::rollouts_alloc(&ro, rows, T);
     float* w = (float*)mallocCheck(N * sizeof(float));
-    freadCheck(ro.x, sizeof(int), N, fp, path);
-    freadCheck(ro.y, sizeof(int), N, fp, path);
-    freadCheck(ro.reward, sizeof(float), rows, fp, path);
-    freadCheck(ro.adv, sizeof(float), rows, fp, path); // the reference's advantages
-    freadCheck(ro.old_logp, sizeof(float), N, fp, path);
-    freadCheck(ro.ref_logp, sizeof(float), N, fp, path);
-    fclose(fp);
     model_alloc_acts(&g, mb, T);
     cpu::model_alloc_acts(&cm, mb, T);
     GrpoStats gs = {0}, cs = {0};
@@ -776,7 +771,7 @@ static void test_grpo_update(const char* dir, const char* name) {
            "relative error %.2e (experts flipped %d) | params after AdamW max|diff| %.2e\n", name, M, gl, cl, gs.clipped,
            cs.clipped, cs.tokens, worst, flips, pmax);
     free(topi); free(gg); free(gp); free(w);
-    cpu::rollouts_free(&ro);
+    cpu::grpo_ref_free(&ref);
     model_free(&g);
     cpu::model_free(&cm);
 }

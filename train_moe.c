@@ -2314,12 +2314,12 @@ float grpo_backward(Model* model, const int* x, const int* y, const float* adv, 
 }
 
 
-// one rollout batch: rows = P*G rows of T positions (prompt, response, eot padding); row r answers
-// item[r]. y holds the response tokens as targets (-1 elsewhere); old_logp[r*T + t] is the sampler's
-// log pi of y[r*T + t], ref_logp the reference model's
+// one rollout batch: rows = P*G rows of T positions (prompt, response, eot padding), rows p*G ..
+// p*G+G-1 answering prompt p. y holds the response tokens as targets (-1 elsewhere); old_logp[r*T + t]
+// is the sampler's log pi of y[r*T + t], ref_logp the reference model's
 typedef struct {
     int rows, T;
-    int *x, *y, *plen, *rlen, *item;
+    int *x, *y, *plen, *rlen;
     float *reward, *adv, *old_logp, *ref_logp;
 } Rollouts;
 
@@ -2327,8 +2327,8 @@ void rollouts_alloc(Rollouts* ro, int rows, int T) {
     ro->rows = rows; ro->T = T;
     ro->x = (int*)mallocCheck((size_t)rows * T * sizeof(int));
     ro->y = (int*)mallocCheck((size_t)rows * T * sizeof(int));
-    ro->plen = (int*)mallocCheck(3 * (size_t)rows * sizeof(int));
-    ro->rlen = ro->plen + rows; ro->item = ro->rlen + rows;
+    ro->plen = (int*)mallocCheck(2 * (size_t)rows * sizeof(int));
+    ro->rlen = ro->plen + rows;
     ro->reward = (float*)mallocCheck(2 * (size_t)rows * sizeof(float));
     ro->adv = ro->reward + rows;
     ro->old_logp = (float*)callocCheck(2 * (size_t)rows * T, sizeof(float));
@@ -2400,7 +2400,6 @@ int grpo_rollouts(Decoders* dec, const EvalSet* es, const int* items, const Grpo
         int n = sample_response(&dec->m[tid], es->toks[i], es->plen[i], gc->R, eot, es->kind == TASK_MEMORIZATION, tk,
                                 resp, logp, 1, gc->temp, &rng);
         rollouts_set_row(ro, r, es->toks[i], es->plen[i], resp, n, logp, eot);
-        ro->item[r] = i;
         int k = n > 0 && resp[n - 1] == eot ? n - 1 : n; // the answer's text, without the stop token
         ro->reward[r] = (float)answer_matches(tokens_text(tk, resp, k, &text, &cap), es->ref[i], es->kind);
         right += ro->reward[r] > 0;
@@ -2606,6 +2605,54 @@ int debug_read(DebugState* d, const char* path, const MoEConfig* c, size_t num_p
 }
 
 // files and commands, for the tests of both trainers
+// dev/moe_ref.py's GRPO reference (NAME_grpo.bin, read by test_moe and test_moe_cu): a rollout batch
+// with the GRPO and AdamW settings it was made with and, per mini-batch update, the loss, the clipped
+// token count, the grad norm and every gradient. Returns 0, or -1 after an error naming the file
+// (nothing left allocated).
+#define GRPO_REF_MAGIC 20251127
+typedef struct {
+    GrpoConfig gc;
+    float opt[6];   // AdamW: lr, beta1, beta2, eps, weight decay, grad clip
+    Rollouts ro;    // x, y, rewards, old and reference log-probs (ro.adv is left to the reader)
+    float* adv_ref; // per row: the reference's advantages
+    float* updates; // per update: loss, clipped tokens, grad norm, then num_params gradients
+} GrpoRef;
+
+void grpo_ref_free(GrpoRef* g) { rollouts_free(&g->ro); free(g->adv_ref); free(g->updates); memset(g, 0, sizeof(*g)); }
+
+int grpo_ref_read(GrpoRef* g, const char* path, int maxT, size_t num_params) {
+    memset(g, 0, sizeof(*g));
+    FILE* fp = fopen_report(path);
+    if (!fp) return -1;
+    int h[256];
+    if (fread_report(h, sizeof(int), 256, fp, path)) { fclose(fp); return -1; }
+    int rows = h[2], T = h[3], M = h[6];
+    if (h[0] != GRPO_REF_MAGIC || h[1] != 1 || rows <= 0 || T <= 0 || T > maxT || M < 1 || rows % M || h[5] < 2) {
+        fclose(fp);
+        return read_error("'%s' is not a GRPO reference for this model (magic, version or sizes)", path);
+    }
+    size_t N = (size_t)rows * T;
+    long expect = 1024 + 4L * (4 * (long)N + 2L * rows) + 4L * M * (3 + (long)num_params);
+    if (file_size(fp) != expect) { fclose(fp); return read_error("'%s' has the wrong size for its header", path); }
+    GrpoConfig gc = {h[4], h[5], h[8], M, h[7], 1.0f, 0.0f, 0.0f};
+    memcpy(&gc.clip, &h[9], 4);
+    memcpy(&gc.kl, &h[10], 4);
+    memcpy(g->opt, &h[11], sizeof g->opt);
+    g->gc = gc;
+    rollouts_alloc(&g->ro, rows, T);
+    g->adv_ref = (float*)mallocCheck(rows * sizeof(float));
+    g->updates = (float*)mallocCheck((size_t)M * (3 + num_params) * sizeof(float));
+    int bad = fread_report(g->ro.x, sizeof(int), N, fp, path) || fread_report(g->ro.y, sizeof(int), N, fp, path) ||
+              fread_report(g->ro.reward, sizeof(float), rows, fp, path) ||
+              fread_report(g->adv_ref, sizeof(float), rows, fp, path) ||
+              fread_report(g->ro.old_logp, sizeof(float), N, fp, path) ||
+              fread_report(g->ro.ref_logp, sizeof(float), N, fp, path) ||
+              fread_report(g->updates, sizeof(float), (size_t)M * (3 + num_params), fp, path);
+    fclose(fp);
+    if (bad) { grpo_ref_free(g); return -1; }
+    return 0;
+}
+
 int files_equal(const char* a, const char* b) {
     FILE* fa = fopen(a, "rb");
     FILE* fb = fopen(b, "rb");

@@ -2070,7 +2070,6 @@ int grpo_rollouts(Model* model, const EvalSet* es, const int* items, const GrpoC
             int r = p * G + g, n = lens[g];
             const int* resp = out + (size_t)g * R;
             cpu::rollouts_set_row(ro, r, es->toks[i], es->plen[i], resp, n, logp + (size_t)g * R, eot);
-            ro->item[r] = i;
             int k = n > 0 && resp[n - 1] == eot ? n - 1 : n; // the answer's text, without the stop token
             ro->reward[r] = (float)cpu::answer_matches(cpu::tokens_text(tk, resp, k, &text, &cap), es->ref[i], es->kind);
             right += ro->reward[r] > 0;
