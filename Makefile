@@ -54,7 +54,7 @@ $(ARITH_DATA) &: data/build_arith.py data/build_default.py data/build_tasks.py
 	python3 data/build_arith.py > /dev/null
 arith: $(ARITH_DATA)
 
-# GRPO in miniature: pre-train on data/arith, then GRPO from a partly right checkpoint (~35 min on 2 cores)
+# GRPO in miniature: pre-train on data/arith, then GRPO from its last checkpoint (~20 min on 2 cores)
 grpo-demo: train_moe arith
 	bash scripts/grpo_demo.sh
 

@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
-"""Build data/arith/: the smallest reasoning task on which a ~1M-parameter model trained for a few
-minutes on 2 cores is right some of the time (the state GRPO post-training starts from).
+"""Build data/arith/: the smallest reasoning task on which GRPO post-training of a ~1M-parameter model,
+pre-trained for a few minutes on 2 cores, has something to find.
 
-Every problem is one addition or subtraction of a 2-digit number to or from a 2- or 3-digit one:
+Every problem is one addition or subtraction of a 2-digit number to or from a 2- or 3-digit one
+(a in 10..max_a, b in 10..max_b, a - b >= 0). A pre-training document answers it in one of two ways:
 
-    Q: 478 + 36 = ?
-    A: The answer is 514.
+    worked (--worked-frac, 15%)               direct (the rest)
+    Q: 478 + 36 = ?                           Q: 478 + 36 = ?
+    A: 8+6=14, 7+3+1=11, 4+0+1=5. The answer is 514.     A: The answer is 514.
 
-a is in 10..999, b in 10..99, the operator + or -, and a - b >= 0 (digits are single tokens, so the
-answer is written most significant digit first, carries included). The answer check is the task
-eval's reasoning rule (the number after the last "The answer is"), so the eval files are kind 2 like
-data/tasks/reason_eval.bin.
+The worked solution goes column by column from the units: each step is a one-digit fact (with the
+carry or the borrow shown), and the answer is the steps' last digits read backwards. A small model
+learns those steps well, but writing a 3-digit sum most significant digit first with no steps is
+beyond it after minutes of training. Both forms end in "The answer is N.", which is what the task
+eval's reasoning check reads (kind 2 eval files, like data/tasks/reason_eval.bin), so both can
+score. Greedy decoding follows the majority form, direct, and is mostly wrong; sampling at
+temperature 1 writes the steps in about one sample in six (the demo's start) and is then mostly
+right. GRPO's reward sees only the final answer, and so it should learn to show its work: the way RL
+on a pre-trained model elicits chain-of-thought, in miniature. The eval and RL files give the worked
+form as the answer (the task loss measures it), and only the number is the reference.
 
-Half of the pre-training documents (--checked-frac) end in that form; the other half state the same
-number as "A: So it is 514." which the checker does not read. A pre-trained model therefore answers
-in either form, and only its "The answer is" answers can score: this is the gap between what a
-model can compute and what it is rewarded for that GRPO closes first, and so it is visible within
-minutes on 2 cores. The eval and RL files give only the checked form as their answer. (A two-step chain with a worked solution, "47 + 26 = 73. 73 - 38 = 35.",
-was tried first: a small model's chains are often wrong in the first step and right at the end, so
-an answer-only reward reinforced wrong arithmetic, and GRPO did not raise held-out accuracy.)
+(Two earlier versions gave GRPO too little to find. In the first, a two-step chain "47 + 26 = 73.
+73 - 38 = 35." whose first step a small model often got wrong and whose end it still got right, so
+the answer-only reward reinforced wrong arithmetic. In the second, half the answers were "So it is
+N." which the checker does not read; GRPO then learnt the checked form, but it could only raise
+accuracy to what the model computed directly, about 12%.)
 
 Each problem (a, op, b) goes to one of three disjoint pools by a hash of the tuple, so no eval
 problem is ever a pre-training document or an RL prompt:
@@ -51,33 +57,67 @@ def pool_of(tup, seed):
     return 0 if h < 8 else (1 if h == 8 else 2)
 
 
-def all_problems():
-    """Every (a, op, b) with a in 10..999, b in 10..99 and a non-negative result, in a fixed order."""
-    return [(a, op, b) for a in range(10, 1000) for b in range(10, 100) for op in "+-" if op == "+" or a >= b]
+def all_problems(max_a, max_b):
+    """Every (a, op, b) with a in 10..max_a, b in 10..max_b and a non-negative result, in a fixed order."""
+    return [(a, op, b) for a in range(10, max_a + 1) for b in range(10, max_b + 1) for op in "+-"
+            if op == "+" or a >= b]
 
 
-def texts(tup, checked=True):
-    """Prompt, answer and reference; checked=False: the answer in the form the checker does not read."""
+def worked(a, op, b):
+    """The column-by-column solution, least significant column first: one step per digit of a, b's
+    missing digits written as 0; addition shows the carry as "+1", subtraction takes the borrow from
+    the top digit and adds 10 when it is needed. The answer's digits are the last digits of the steps
+    read backwards (the last step whole, for a final carry), leading zeros dropped."""
+    da, db = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0")
+    steps, carry = [], 0
+    for x, y in zip((int(c) for c in da), (int(c) for c in db)):
+        if op == "+":
+            s = x + y + carry
+            steps.append("%d+%d%s=%d" % (x, y, "+1" if carry else "", s))
+            carry = s // 10
+        else:
+            top = x - carry
+            carry = 1 if top < y else 0
+            top += 10 * carry
+            steps.append("%d-%d=%d" % (top, y, top - y))
+    return ", ".join(steps) + "."
+
+
+def read_steps(steps):
+    """The answer a worked solution spells: the last step's result, then the other steps' last digits
+    from the last to the first (what a reader of the steps does; build() checks it on every problem)."""
+    results = [st.split("=")[1] for st in steps.rstrip(".").split(", ")]
+    return str(int(results[-1] + "".join(r[-1] for r in reversed(results[:-1]))))
+
+
+def texts(tup, style="worked"):
+    """Prompt, answer and reference. style "worked": the column steps, then "The answer is N.";
+    "direct": "The answer is N." alone."""
     a, op, b = tup
     r = a + b if op == "+" else a - b
-    answer = (" The answer is %d.\n" if checked else " So it is %d.\n") % r
+    answer = (" %s The answer is %d.\n" % (worked(a, op, b), r)) if style == "worked" else " The answer is %d.\n" % r
     return "Q: %d %s %d = ?\nA:" % (a, op, b), answer, str(r)
 
 
 def build(args):
     rng = random.Random(args.seed)
     pools = [[], [], []]
-    for tup in all_problems():
+    for tup in all_problems(args.max_a, args.max_b):
+        a, op, b = tup
+        assert read_steps(worked(*tup)) == str(a + b if op == "+" else a - b), tup
         pools[pool_of(tup, args.seed)].append(tup)
     for p in pools:
         rng.shuffle(p)
     train_pool, rl_pool, eval_pool = pools
-    docs = train_pool[:args.train + args.val]
+    n = args.train + args.val
+    # a pool smaller than the documents asked for is sampled with replacement (each problem then
+    # appears several times, in either answer form)
+    docs = train_pool[:n] if len(train_pool) >= n else [rng.choice(train_pool) for _ in range(n)]
     shards = {}
     for name, part in (("arith_train_000.bin", docs[:args.train]), ("arith_val_000.bin", docs[args.train:])):
         toks = []
         for tup in part:
-            prompt, answer, _ = texts(tup, rng.random() < args.checked_frac)
+            prompt, answer, _ = texts(tup, "worked" if rng.random() < args.worked_frac else "direct")
             toks += [EOT] + encode(prompt + answer)
         shards[name] = toks
     evals = {}
@@ -90,12 +130,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--seed", type=int, default=20251201)
+    ap.add_argument("--max-a", type=int, default=999, help="largest first operand")
+    ap.add_argument("--max-b", type=int, default=99, help="largest second operand")
     ap.add_argument("--train", type=int, default=100000, help="pre-training problems")
     ap.add_argument("--val", type=int, default=2000, help="validation problems (same pool)")
     ap.add_argument("--rl", type=int, default=4000, help="RL prompts")
     ap.add_argument("--eval", type=int, default=1000, help="held-out eval problems")
-    ap.add_argument("--checked-frac", type=float, default=0.5,
-                    help="share of pre-training answers in the checked form 'The answer is N.'")
+    ap.add_argument("--worked-frac", type=float, default=0.15,
+                    help="share of pre-training answers with the worked column steps (the rest answer directly)")
     ap.add_argument("--check", action="store_true", help="rebuild and compare with --out")
     args = ap.parse_args()
     shards, evals, info = build(args)

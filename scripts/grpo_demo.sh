@@ -2,10 +2,10 @@
 # GRPO in miniature (README "GRPO post-training"), on 2 CPU cores:
 #   1. data/arith (python3 data/build_arith.py, seconds) if it is missing
 #   2. pre-train the default MoE on the arithmetic problems: 4000 steps, a checkpoint every 250 and a
-#      held-out eval every 500 (about 9 minutes)
+#      held-out eval every 500 (about 7 minutes)
 #   3. GRPO from the step-START checkpoint (default: the last) for RL_STEPS steps, the held-out eval
-#      on 500 problems (never pre-training documents, never RL prompts) at the start and every 50
-#      steps
+#      on 500 problems (never pre-training documents, never RL prompts) at the start and every 10
+#      steps (about 10 minutes)
 #   4. the figure, OUT/grpo.png (scripts/plot.py --grpo; needs matplotlib, which make test installs)
 #
 #   bash scripts/grpo_demo.sh                 (make grpo-demo)
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/grpo_demo}
 PRE_STEPS=${PRE_STEPS:-4000}
 START=${START:-4000}
-RL_STEPS=${RL_STEPS:-700}
+RL_STEPS=${RL_STEPS:-150}
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 [ -x ./train_moe ] || make train_moe
 [ -f data/arith/arith_rl.bin ] || python3 data/build_arith.py > /dev/null
@@ -27,8 +27,8 @@ if [ ! -f "$start_ckpt" ]; then
 fi
 echo "== GRPO: $RL_STEPS steps from $start_ckpt, log in $OUT/rl/log.txt"
 t0=$(date +%s)
-./train_moe -e "$start_ckpt" -rl data/arith/arith_rl.bin -j data/arith/arith_val_000.bin -t 32 \
-    -rp 32 -rg 8 -rm 2 -rr 12 -rt 1.0 -rc 0.2 -rk 0.001 -l 1e-4 -x "$RL_STEPS" -v 50 -m 10 -s 0 -n 100 \
-    -ev data/arith/arith_eval.bin -ea 500 -o "$OUT/rl" | grep -E '^(rl step .*(0|5)0/|task|grpo|val|saved)'
+./train_moe -e "$start_ckpt" -rl data/arith/arith_rl.bin -j data/arith/arith_val_000.bin -t 64 \
+    -rp 32 -rg 8 -rm 2 -rr 40 -rt 1.0 -rc 0.2 -rk 0.001 -l 1e-4 -x "$RL_STEPS" -v 10 -m 10 -s 0 -n 50 \
+    -ev data/arith/arith_eval.bin -ea 500 -o "$OUT/rl" | grep -E '^(rl step .*0/|task|grpo|val|saved)'
 echo "== GRPO took $(( $(date +%s) - t0 )) s"
 "$PY" scripts/plot.py --grpo "$OUT/rl/log.txt" --out "$OUT"
