@@ -3145,7 +3145,26 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
     return 0;
 }
 
+// libgomp reads its wait policy once, when the program loads, and by default a thread that reaches
+// a barrier first spins 300,000 times before it sleeps. A step has over a thousand barriers, so on a
+// machine where another process wants the cores the spinning threads take the time the lagging one
+// needs, and a step can take 10x longer. A spin count of 3000 costs nothing measurable on a quiet
+// machine and degrades gently on a busy one (README, "Threads on a busy machine"). Since the
+// setting must be in the environment before libgomp starts, the trainer sets it and re-executes
+// itself, unless the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT).
+static void gentle_omp_wait_policy(char** argv) {
+#ifdef OMP
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
+    setenv("GOMP_SPINCOUNT", "3000", 1);
+    execv("/proc/self/exe", argv); // returns only if it failed: then run as we are
+    unsetenv("GOMP_SPINCOUNT");
+#else
+    (void)argv;
+#endif
+}
+
 int main(int argc, char** argv) {
+    gentle_omp_wait_policy(argv);
     Args a;
     parse_args(&a, argc, argv);
     Tokenizer tk;
