@@ -83,7 +83,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from build_default import encode, decode, read_shard, write_shard  # noqa: E402
 from build_tasks import (EOT, KIND_SHORT, KIND_NUMBER, ANS, STRUCTURES, PROFESSIONS,  # noqa: E402
-                         COLOURS, _GOODS, _names, capitalize_first, check_wording_holdout,
+                         COLOURS, _GOODS, check_wording_holdout, fill_wording,
                          literal_ngrams, make_item, qa_text, read_eval, stable_hash, write_eval)
 from build_arith import pool_of, read_steps, worked  # noqa: E402
 
@@ -376,15 +376,7 @@ def check_solution(sol, ans):
 def render(rng, structure, wi, tv, column):
     """build_tasks.render_problem for any structure (also the new ones), optionally with column
     steps; checks the solution."""
-    _name, _f, wordings = structure
-    v = dict(tv[1])
-    v.update(_names(rng))
-    while v["name"] in (v.get("name2"), v.get("name3")):
-        v.update(_names(rng))
-    v["him"] = "her" if v["he"] == "she" else "him"
-    q, s = wordings[wi]
-    question = capitalize_first(q.format(**v))
-    solution = capitalize_first(s.format(**v))
+    question, solution, v = fill_wording(rng, structure[2], wi, tv)
     if column:
         solution = EXPR.sub(column_steps, solution)
     solution += ANS.format(**v)

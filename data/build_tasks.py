@@ -583,8 +583,9 @@ STRUCTURES = [
 ]
 
 
-def render_problem(rng, si, wi, nums_vals):
-    _name, _f, wordings = STRUCTURES[si]
+def fill_wording(rng, wordings, wi, nums_vals):
+    """Question and solution (without the answer sentence) of wording wi, with names drawn from
+    rng, and the values they were filled with."""
     tup, vals = nums_vals
     v = dict(vals)
     v.update(_names(rng))
@@ -592,9 +593,12 @@ def render_problem(rng, si, wi, nums_vals):
         v.update(_names(rng))
     v["him"] = "her" if v["he"] == "she" else "him"
     q, s = wordings[wi]
-    question = capitalize_first(q.format(**v))
-    solution = capitalize_first(s.format(**v)) + ANS.format(**v)
-    return question, solution, str(v["ans"])
+    return capitalize_first(q.format(**v)), capitalize_first(s.format(**v)), v
+
+
+def render_problem(rng, si, wi, nums_vals):
+    question, solution, v = fill_wording(rng, STRUCTURES[si][2], wi, nums_vals)
+    return question, solution + ANS.format(**v), str(v["ans"])
 
 
 def is_eval_tuple(seed, si, tup):
