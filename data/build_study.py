@@ -34,8 +34,8 @@ Reasoning: multi-step arithmetic word problems with worked solutions, one per do
   * Each number tuple of a structure goes to one of three pools by a hash of (structure, tuple), as
     in build_arith.pool_of: training 80%, RL 10%, eval 10%. Validation problems come from the
     training pool and are kept out of the train shards.
-  * --column-steps (off by default) adds build_arith's column steps, in brackets before the result,
-    to every addition or subtraction of two numbers whose result is >= 100:
+  * --column-steps N (0, off, by default) adds build_arith's column steps, in brackets before the
+    result, to every addition or subtraction of two numbers whose result is >= N (100, say):
     "48 + 67 = [8+7=15, 4+6+1=11] 115". A sum of three numbers (the ages structure) is left as is.
 
 Files (every document starts with the eot token 4095; eval files use build_tasks' layout):
@@ -334,10 +334,10 @@ EXPR = re.compile(r"(\d+(?: [-+*/] \d+)+) = (?:\[([^\]]*)\] )?(\d+)")
 COLUMN_STEP = re.compile(r"(\d+)([-+])(\d+)(\+1)?=(\d+)")
 
 
-def column_steps(m):
-    """EXPR match -> the same text with column steps before a two-number +/- result >= 100."""
+def column_steps(m, min_result):
+    """EXPR match -> the same text with column steps before a two-number +/- result >= min_result."""
     parts = m.group(1).split(" ")
-    if len(parts) != 3 or parts[1] not in "+-" or int(m.group(3)) < 100:
+    if len(parts) != 3 or parts[1] not in "+-" or int(m.group(3)) < min_result:
         return m.group(0)
     x, op, y = int(parts[0]), parts[1], int(parts[2])
     if len(str(x)) < len(str(y)):   # worked() wants the longer operand first; + commutes
@@ -378,7 +378,7 @@ def render(rng, structure, wi, tv, column):
     steps; checks the solution."""
     question, solution, v = fill_wording(rng, structure[2], wi, tv)
     if column:
-        solution = EXPR.sub(column_steps, solution)
+        solution = EXPR.sub(lambda m: column_steps(m, column), solution)
     solution += ANS.format(**v)
     check_solution(solution, v["ans"])
     return question, solution, str(v["ans"])
@@ -687,8 +687,8 @@ def main():
                     help="share of reason_shift_eval items from the new structures")
     ap.add_argument("--max-problem-tokens", type=int, default=128,
                     help="longest reasoning problem, prompt + answer - 1 tokens (every file)")
-    ap.add_argument("--column-steps", action="store_true",
-                    help="column steps in brackets for +/- results >= 100")
+    ap.add_argument("--column-steps", type=int, default=0,
+                    help="N: column steps in brackets for +/- results >= N (0: none)")
     ap.add_argument("--val-tokens", type=int, default=200_000, help="validation shard tokens")
     ap.add_argument("--shard-tokens", type=int, default=10_000_000,
                     help="most tokens per train shard")
