@@ -29,7 +29,7 @@ BLAS_LIBS = $(if $(wildcard $(BLAS_OMP_DIR)/libopenblas.so.0),-L$(BLAS_OMP_DIR) 
 comma := ,
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train arith grpo-demo test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
+.PHONY: all train arith grpo-demo study test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
@@ -57,6 +57,11 @@ arith: $(ARITH_DATA)
 # GRPO in miniature: pre-train on data/arith, then GRPO from its last checkpoint (~20 min on 2 cores)
 grpo-demo: train_moe arith
 	bash scripts/grpo_demo.sh
+
+# the sparsity study in miniature: resumable chunks of HOURS (default 2.5) hours, figures and verdict
+# in scripts/sweep_results/study/
+study: train_moe venv
+	bash scripts/study.sh
 
 # everything: the Python environment (first time only), the CUDA compile check, the HF interchange,
 # the sweep scripts and figures, the C suite against PyTorch, the C suite again under ASan+UBSan, and

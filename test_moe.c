@@ -511,6 +511,8 @@ static void test_trainer_binary(const char* tmp) {
         fclose(fp);
         snprintf(args, sizeof args, "-i %s %s -ev %s -t 3", train, base, bad);
         expect_error("eval prompt longer than T", args, "good_eval.bin' item 0: prompt of 4 tokens is longer than the sequence length T=3", keep);
+        snprintf(args, sizeof args, "-i %s %s -ev %s:loss -t 3", train, base, bad); // loss only: such items are left out
+        expect_error("loss-only eval file with no prompt that fits", args, "good_eval.bin': no prompt fits in T=3", keep);
         h[10] = 2; // the header now promises a second answer token
         snprintf(bad, sizeof bad, "%s/bad_eval.bin", tmp);
         fp = fopenCheck(bad, "wb");

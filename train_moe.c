@@ -11,6 +11,7 @@ N*K rows (N = B*T tokens), never N*E.
 
 Build: make train_moe          Run: ./train_moe -h
 */
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -1769,6 +1770,7 @@ typedef struct {
     int *plen, *alen;   // per item
     int** toks;         // per item: prompt then answer tokens
     char** ref;         // per item: the reference answer(s), alternatives separated by '\n'
+    int loss_only;      // listed as FILE:loss in -ev: task loss only, no generation (accuracy, test-time compute)
 } EvalSet;
 
 static int eval_bad(const char* path, const char* what, long item) {
@@ -1855,7 +1857,25 @@ EvalSet* evalsets_load(const char* list, int V, int T, int* nsets) {
     for (char* f = strtok(copy, ","); f; f = strtok(NULL, ",")) {
         sets = (EvalSet*)realloc(sets, (*nsets + 1) * sizeof(EvalSet));
         if (!sets) { fprintf(stderr, "Error: out of memory reading eval files\n"); exit(EXIT_FAILURE); }
-        if (evalset_load(&sets[*nsets], f, V, T) != 0) exit(EXIT_FAILURE);
+        size_t len = strlen(f);
+        int loss_only = len > 5 && !strcmp(f + len - 5, ":loss");
+        if (loss_only) f[len - 5] = '\0';
+        EvalSet* es = &sets[*nsets];
+        if (evalset_load(es, f, V, loss_only ? INT_MAX : T) != 0) exit(EXIT_FAILURE);
+        es->loss_only = loss_only;
+        if (loss_only) { // its task loss is over the items whose prompt fits in T (the answer is cut at T)
+            int kept = 0;
+            for (int i = 0; i < es->n; i++) {
+                if (es->plen[i] > T) { free(es->toks[i]); free(es->ref[i]); continue; }
+                es->plen[kept] = es->plen[i]; es->alen[kept] = es->alen[i];
+                es->toks[kept] = es->toks[i]; es->ref[kept] = es->ref[i];
+                kept++;
+            }
+            if (kept < es->n) printf("eval %s: %d of %d items have prompts longer than T=%d and are left out\n", es->name,
+                                     es->n - kept, es->n, T);
+            es->n = kept;
+            if (kept == 0) { fprintf(stderr, "Error: eval file '%s': no prompt fits in T=%d (flag -t)\n", f, T); exit(EXIT_FAILURE); }
+        }
         (*nsets)++;
     }
     free(copy);
@@ -2170,6 +2190,12 @@ int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
 // one eval file's results on the console and in the log (both trainers)
 void report_task_eval(FILE* logf, int step, const EvalSet* es, double bpt, double bpb, int truncated, double acc,
                       int scored) {
+    if (es->loss_only) {
+        printf("task %-10s | loss %.4f bits/token %.4f bits/byte (%d items, %d answers cut at T) | accuracy not scored (:loss)\n",
+               es->name, bpt, bpb, es->n, truncated);
+        if (logf) fprintf(logf, "step %d task %s bpt %.6f bpb %.6f\n", step, es->name, bpt, bpb);
+        return;
+    }
     printf("task %-10s | loss %.4f bits/token %.4f bits/byte (%d items, %d answers cut at T) | accuracy %.4f (%d items, greedy)\n",
            es->name, bpt, bpb, es->n, truncated, acc, scored);
     if (logf) fprintf(logf, "step %d task %s bpt %.6f bpb %.6f acc %.6f n %d\n", step, es->name, bpt, bpb, acc, scored);
@@ -2777,6 +2803,7 @@ static void usage(void) {
 "  -s  sample every N steps and at the end (default 500, 0 = never)  -g  tokens per sample (default 64)\n"
 "  -n  checkpoint every N steps (default 0: only at the end, when -o is set)\n"
 "  -ev eval files, comma-separated (data/tasks/*_eval.bin): task loss and greedy accuracy at every val step\n"
+"      (FILE:loss: task loss only)\n"
 "  -ea items per eval file scored for accuracy (default 100, 0 = all)\n"
 "  -ex 1: evaluate the model (-e or -y) on the val set and the -ev files, then exit\n"
 "  -tn N test-time compute: N samples per item (majority vote and pass@n, n = 1, 2, 4 .. N; default 0 = off)\n"
@@ -3025,9 +3052,11 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
         double bpt, bpb;
         int trunc, scored;
         eval_task_loss(model, &sets[i], tk, a->B, a->T, eot, &bpt, &bpb, &trunc);
-        double acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
+        double acc = 0.0;
+        scored = 0;
+        if (!sets[i].loss_only) acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
         report_task_eval(logf, step, &sets[i], bpt, bpb, trunc, acc, scored);
-        if (a->ttc_samples > 0) {
+        if (a->ttc_samples > 0 && !sets[i].loss_only) {
             int ns[16];
             double maj[16], pass[16];
             uint64_t rng = hash3(a->seed, (uint64_t)step, 0x77C + i); // its own stream: training is not affected

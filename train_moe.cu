@@ -2186,9 +2186,11 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
         double bpt, bpb, maj[16], pass[16];
         int trunc, scored, ns[16];
         eval_task_loss(model, &sets[i], tk, a->B, a->T, eot, &bpt, &bpb, &trunc);
-        double acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
+        double acc = 0.0;
+        scored = 0;
+        if (!sets[i].loss_only) acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
         cpu::report_task_eval(logf, step, &sets[i], bpt, bpb, trunc, acc, scored);
-        if (a->ttc_samples <= 0) continue;
+        if (a->ttc_samples <= 0 || sets[i].loss_only) continue;
         uint64_t rng = hash3(a->seed, (uint64_t)step, 0x77C + i); // its own stream: training is not affected
         int nn = eval_test_time_compute(model, &sets[i], tk, eot, a->acc_items, a->ttc_samples, a->ttc_temp, &rng, ns,
                                         maj, pass, &scored);

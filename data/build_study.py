@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 r"""Build data/study/: pre-training data for a miniature of "Optimal Sparsity of Mixture-of-Experts
-Language Models for Reasoning Tasks", sized for ~0.3-1M-parameter models trained on ~5-10M tokens.
+Language Models for Reasoning Tasks", sized for ~0.3-1M-parameter models trained on ~5-10M tokens. The defaults are the
+study's data (scripts/sweep_configs/study.json; calibration in scripts/sweep_results/study_calibration).
 Two corpora, shuffled together, and eval files for each kind of task. Every size is a flag, and
 manifest.json records them.
 
@@ -34,8 +35,8 @@ Reasoning: multi-step arithmetic word problems with worked solutions, one per do
   * Each number tuple of a structure goes to one of three pools by a hash of (structure, tuple), as
     in build_arith.pool_of: training 80%, RL 10%, eval 10%. Validation problems come from the
     training pool and are kept out of the train shards.
-  * --column-steps N (0, off, by default) adds build_arith's column steps, in brackets before the
-    result, to every addition or subtraction of two numbers whose result is >= N (100, say):
+  * --column-steps N (default 10; 0: off) adds build_arith's column steps, in brackets before the
+    result, to every addition or subtraction of two numbers whose result is >= N:
     "48 + 67 = [8+7=15, 4+6+1=11] 115". A sum of three numbers (the ages structure) is left as is.
 
 Files (every document starts with the eot token 4095; eval files use build_tasks' layout):
@@ -44,11 +45,14 @@ Files (every document starts with the eot token 4095; eval files use build_tasks
     study_val_000.bin        --val-tokens tokens in the same proportions
     facts_eval.bin           kind 1: --fact-eval training facts, asked by their canonical prefix
     reason_id_eval.bin       kind 2: eval-pool tuples in training structures and wordings
-    reason_shift_eval.bin    kind 2: a share --shift-new-share of the items comes from
+    reason_shift_eval.bin    kind 2: eval-pool tuples in the training structures, shifted by
+                             --shift: "distractor" (default) adds an irrelevant sentence before
+                             the question proper (another person and a number the solution does
+                             not use, DISTRACTORS below), as GSM-IC does to GSM8K; "wording"
+                             uses each structure's held-out last wording instead. A share
+                             --shift-new-share (default 0) of the items comes from
                              NEW_STRUCTURES below (three structures that no training document
-                             has); the rest use each structure's held-out last wording with
-                             eval-pool tuples. The new structures have no pools. So the only
-                             difference from reason_id is the wording or the structure.
+                             has; they have no pools).
     reason_rl.bin            kind 2: RL prompts, RL-pool tuples in training structures and wordings
     manifest.json            arguments, counts, tokens and share of each corpus, sha256 of each file
 Every reasoning problem, in any file, has prompt + answer - 1 <= --max-problem-tokens tokens.
@@ -83,7 +87,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from build_default import encode, decode, read_shard, write_shard  # noqa: E402
 from build_tasks import (EOT, KIND_SHORT, KIND_NUMBER, ANS, STRUCTURES, PROFESSIONS,  # noqa: E402
-                         COLOURS, _GOODS, check_wording_holdout, fill_wording,
+                         COLOURS, _GOODS, FEMALE, MALE, check_wording_holdout, fill_wording,
                          literal_ngrams, make_item, qa_text, read_eval, stable_hash, write_eval)
 from build_arith import pool_of, read_steps, worked  # noqa: E402
 
@@ -325,6 +329,8 @@ def check_new_structures():
             unseen = (words(q) | words(s)) - vocab
             assert not unseen, "new structure %s uses words no training wording has: %s" % (
                 name, sorted(unseen))
+    unseen = set().union(*(words(d) for d in DISTRACTORS)) - vocab - {"n", "k", "zs"}
+    assert not unseen, "distractor sentences use words no training wording has: %s" % sorted(unseen)
 
 # ----------------------------------------------------------------------------------------
 # Reasoning: rendering and checking worked solutions
@@ -373,10 +379,29 @@ def check_solution(sol, ans):
     assert int(exprs[-1][2]) == ans and sol.endswith(ANS.format(ans=ans)), sol
 
 
-def render(rng, structure, wi, tv, column):
+# An irrelevant sentence for the distractor shift (as GSM-IC adds to GSM8K problems): another
+# person and a number that the solution does not use, in words that the training wordings have.
+DISTRACTORS = ["{n} has {k} {zs}.", "{n} buys {k} {zs}.", "{n} is {k} years old.",
+               "{n} has {k} dollars."]
+
+
+def distract(rng, question):
+    """The question with a distractor sentence before its last sentence (the question proper)."""
+    while True:
+        n = rng.choice(FEMALE + MALE)
+        if n not in question:
+            break
+    sent = rng.choice(DISTRACTORS).format(n=n, k=rng.randint(2, 19), zs=rng.choice(_GOODS)[1])
+    i = question.rfind(". ") + 2
+    return question[:i] + sent + " " + question[i:] if i > 1 else sent + " " + question
+
+
+def render(rng, structure, wi, tv, column, distractor=False):
     """build_tasks.render_problem for any structure (also the new ones), optionally with column
-    steps; checks the solution."""
+    steps and a distractor sentence; checks the solution."""
     question, solution, v = fill_wording(rng, structure[2], wi, tv)
+    if distractor:
+        question = distract(rng, question)
     if column:
         solution = EXPR.sub(lambda m: column_steps(m, column), solution)
     solution += ANS.format(**v)
@@ -388,12 +413,13 @@ def new_problem(rng, source, pool, a, seen):
     """A problem of one source (structure, wording indices) whose tuple is in `pool` (None: any)
     and whose question is not in `seen` (then added), at most --max-problem-tokens long; None if
     MAX_FAILS draws give none (too few tuples in the pool, or only long problems)."""
-    structure, wordings = source
+    structure, wordings = source[:2]
+    distractor = len(source) > 2 and source[2]
     for _ in range(MAX_FAILS):
         tv = structure[1](rng)
         if pool is not None and pool_of((structure[0], tv[0]), a.seed) != pool:
             continue
-        q, sol, ans = render(rng, structure, rng.choice(wordings), tv, a.column_steps)
+        q, sol, ans = render(rng, structure, rng.choice(wordings), tv, a.column_steps, distractor)
         toks = [EOT] + encode("".join(qa_text(q, sol)))
         if q not in seen and len(toks) - 1 <= a.max_problem_tokens:
             seen.add(q)
@@ -417,6 +443,8 @@ def problem_stream(rng, sources, pool, a, seen):
 def take(stream, n=None, tokens=None):
     """The first n problems of a stream, or the first ones holding at least `tokens` tokens."""
     out, tok = [], 0
+    if n == 0:
+        return out
     for p in stream:
         out.append(p)
         tok += len(p[5])
@@ -508,8 +536,12 @@ def reasoning_sets(a, val_tokens):
     sets["id"] = draw("reason-id", training_sources(), EVAL_POOL, a.reason_eval)
     sets["rl"] = draw("reason-rl", training_sources(), RL_POOL, a.reason_rl)
     n_new = round(a.reason_eval * a.shift_new_share)
-    shift = (draw("reason-shift-wording", training_sources(held_out=True), EVAL_POOL,
-                  a.reason_eval - n_new) +
+    if a.shift == "distractor":
+        near = draw("reason-shift-distractor", [s + (True,) for s in training_sources()], EVAL_POOL,
+                    a.reason_eval - n_new)
+    else:
+        near = draw("reason-shift-wording", training_sources(held_out=True), EVAL_POOL, a.reason_eval - n_new)
+    shift = (near +
              draw("reason-shift-structure", [(s, list(range(len(s[2])))) for s in NEW_STRUCTURES],
                   None, n_new))
     random.Random(stable_hash("reason-shift", a.seed)).shuffle(shift)
@@ -672,22 +704,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--seed", type=int, default=20251210)
-    ap.add_argument("--entities", type=int, default=3000, help="invented entities")
+    ap.add_argument("--entities", type=int, default=1000, help="invented entities")
     ap.add_argument("--attributes", type=int, default=4,
                     help="attributes per entity, 1-%d (%s, in this order)" % (
                         len(ATTRIBUTES), ", ".join(x for x, _, _ in ATTRIBUTES)))
     ap.add_argument("--towns", type=int, default=200, help="invented town names (the town values)")
-    ap.add_argument("--mentions", type=int, default=20, help="statements of each fact in train")
+    ap.add_argument("--mentions", type=int, default=50, help="statements of each fact in train")
     ap.add_argument("--fact-eval", type=int, default=1000, help="facts in facts_eval.bin")
-    ap.add_argument("--reason-tokens", type=int, default=12_000_000, help="reasoning train tokens")
+    ap.add_argument("--reason-tokens", type=int, default=4_000_000, help="reasoning train tokens")
     ap.add_argument("--reason-eval", type=int, default=1000,
                     help="items in reason_id_eval.bin and in reason_shift_eval.bin")
     ap.add_argument("--reason-rl", type=int, default=4000, help="RL prompts in reason_rl.bin")
-    ap.add_argument("--shift-new-share", type=float, default=0.5,
+    ap.add_argument("--shift", choices=("distractor", "wording"), default="distractor",
+                    help="reason_shift_eval: training wordings with an irrelevant sentence added, or each "
+                    "structure's held-out wording")
+    ap.add_argument("--shift-new-share", type=float, default=0.0,
                     help="share of reason_shift_eval items from the new structures")
     ap.add_argument("--max-problem-tokens", type=int, default=128,
                     help="longest reasoning problem, prompt + answer - 1 tokens (every file)")
-    ap.add_argument("--column-steps", type=int, default=0,
+    ap.add_argument("--column-steps", type=int, default=10,
                     help="N: column steps in brackets for +/- results >= N (0: none)")
     ap.add_argument("--val-tokens", type=int, default=200_000, help="validation shard tokens")
     ap.add_argument("--shard-tokens", type=int, default=10_000_000,

@@ -66,6 +66,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -81,10 +82,12 @@ TOP_KEYS = {
     "eval_files", "B", "T", "grad_accum", "lr", "warmup", "warmup_frac", "min_lr_frac", "weight_decay",
     "grad_clip", "seed", "evals", "val_batches", "acc_items", "checkpoints", "keep_checkpoints",
     "model", "families", "extra_args", "threads", "notes", "ttc_samples", "ttc_temp",
+    "seeds", "results_dir", "grpo",
 }
+GRPO_KEYS = {"rl_file", "steps", "eval_every", "eval_files", "args", "families", "seeds"}
 MODEL_KEYS = {"V", "L", "C", "H", "Hkv", "E", "K", "F", "aux_coef", "z_coef", "rope_theta"}
 RUN_KEYS = MODEL_KEYS | {"lr", "warmup", "warmup_frac", "init_std"}
-FAMILY_KEYS = RUN_KEYS | {"name", "label", "KF", "runs"}
+FAMILY_KEYS = RUN_KEYS | {"name", "label", "KF", "runs", "seeds", "budget_flops", "ttc_samples"}
 DEFAULT_MODEL = {"V": 4096, "L": 2, "C": 64, "H": 4, "Hkv": None, "E": 8, "K": 2, "F": 128}
 FLOPS_PARAMS = ("active_nonembedding", "active")
 
@@ -132,6 +135,32 @@ def resolve(p):
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(ROOT, p))
 
 
+def data_file_problem(path, kind):
+    """None, or why the file does not match its own header (read as the trainer reads it): a token
+    shard (llm.c's layout, uint16 or uint32 tokens) or an eval file (build_tasks' layout)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(1024)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if len(raw) < 1024:
+        return f"is {len(raw)} bytes, shorter than its 1024-byte header"
+    h = struct.unpack("<256i", raw)
+    if kind == "shard":
+        width = 2 if (h[0], h[1]) == (20240520, 1) else 4 if (h[0], h[1]) == (20240801, 7) else None
+        if width is None:
+            return f"is not a token shard (magic {h[0]} version {h[1]})"
+        if h[2] < 1 or size != 1024 + width * h[2]:
+            return f"is {size} bytes but its header says {h[2]} tokens (truncated or corrupt)"
+        return None
+    if (h[0], h[1]) != (20251125, 1):
+        return f"is not an eval file (magic {h[0]} version {h[1]})"
+    if h[2] < 1 or size != 1024 + 12 * h[2] + 4 * (h[9] + h[10]) + h[11]:
+        return f"is {size} bytes, which does not match its header ({h[2]} items; truncated or corrupt)"
+    return None
+
+
 def plan_sweep(cfg, check_files=True):
     """Expand the families into runs, compute steps from the budget, validate everything.
     Returns (runs, families). Raises ConfigError listing every problem found."""
@@ -167,6 +196,40 @@ def plan_sweep(cfg, check_files=True):
         err("config", "ttc_temp", f"must be a positive temperature (got {cfg['ttc_temp']!r})")
     if cfg.get("ttc_samples") and not cfg.get("eval_files"):
         err("config", "ttc_samples", "test-time compute needs eval_files")
+    seeds_top = cfg.get("seeds")
+    if seeds_top is not None and (not isinstance(seeds_top, list) or not seeds_top
+                                  or not all(_is_int(x) and x >= 0 for x in seeds_top)
+                                  or len(set(seeds_top)) != len(seeds_top)):
+        err("config", "seeds", f"must be a non-empty list of distinct integers >= 0 (got {seeds_top!r})")
+        seeds_top = None
+    if "seeds" in cfg and "seed" in cfg:
+        err("config", "seed", "give 'seed' or 'seeds', not both")
+    if "results_dir" in cfg and not isinstance(cfg["results_dir"], str):
+        err("config", "results_dir", "must be a path (relative to the repository root)")
+    g = cfg.get("grpo")
+    if g is not None:
+        if not isinstance(g, dict):
+            err("config", "grpo", "must be an object")
+        else:
+            bad = sorted(set(g) - GRPO_KEYS)
+            if bad:
+                err("config grpo", bad[0], f"unknown field(s) {bad} (allowed: {sorted(GRPO_KEYS)})")
+            for k in ("steps", "eval_every"):
+                if not _is_int(g.get(k)) or g[k] < 1:
+                    err("config grpo", k, f"must be an integer >= 1 (got {g.get(k)!r})")
+            if not isinstance(g.get("rl_file"), str):
+                err("config grpo", "rl_file", "is required: an RL prompt file (eval format)")
+            elif check_files and not os.path.isfile(resolve(g["rl_file"])):
+                err("config grpo", "rl_file", f"'{g['rl_file']}' does not exist")
+            elif check_files and data_file_problem(resolve(g["rl_file"]), "eval"):
+                err("config grpo", "rl_file", f"'{g['rl_file']}' {data_file_problem(resolve(g['rl_file']), 'eval')}")
+            for f in g.get("eval_files", []):
+                if check_files and not os.path.isfile(resolve(f)):
+                    err("config grpo", "eval_files", f"'{f}' does not exist")
+            if not isinstance(g.get("families", []), list) or not isinstance(g.get("args", []), list):
+                err("config grpo", "families", "'families' and 'args' must be lists")
+            if "seeds" in g and (not isinstance(g["seeds"], list) or not all(_is_int(x) for x in g["seeds"])):
+                err("config grpo", "seeds", "must be a list of seeds")
     if cfg.get("keep_checkpoints", "final") not in ("final", "all"):
         err("config", "keep_checkpoints", "must be 'final' or 'all'")
     ev = cfg.get("eval_files", [])
@@ -191,9 +254,17 @@ def plan_sweep(cfg, check_files=True):
                 err("config", k, "is required (a shard glob)")
             elif not glob.glob(resolve(cfg[k])):
                 err("config", k, f"no file matches '{cfg[k]}'")
-        for f in ev:
-            if not os.path.isfile(resolve(f)):
+            else:
+                for path in sorted(glob.glob(resolve(cfg[k]))):
+                    why = data_file_problem(path, "shard")
+                    if why:
+                        err("config", k, f"'{path}' {why}")
+        for f in ev:  # FILE:loss is scored for task loss only
+            path = resolve(f[:-5] if f.endswith(":loss") else f)
+            if not os.path.isfile(path):
                 err("config", "eval_files", f"'{f}' does not exist")
+            elif data_file_problem(path, "eval"):
+                err("config", "eval_files", f"'{f}' {data_file_problem(path, 'eval')}")
         if "tokenizer" in cfg and not os.path.isfile(resolve(cfg["tokenizer"])):
             err("config", "tokenizer", f"'{cfg['tokenizer']}' does not exist")
 
@@ -263,7 +334,20 @@ def plan_sweep(cfg, check_files=True):
             kind = "single"
             members.append(("", {}))
         families.append({"name": fname, "label": fam.get("label", fname), "kind": kind, "runs": []})
-        for label, over in members:
+        fbudget = fam.get("budget_flops", budget)
+        if "budget_flops" in fam and (not _num(fbudget) or fbudget <= 0):
+            err(where, "budget_flops", f"must be a positive number of training FLOPs (got {fbudget!r})")
+            fbudget = None
+        fseeds = fam.get("seeds", seeds_top)
+        if "seeds" in fam and (not isinstance(fseeds, list) or not fseeds
+                               or not all(_is_int(x) and x >= 0 for x in fseeds)):
+            err(where, "seeds", f"must be a non-empty list of integers >= 0 (got {fseeds!r})")
+            fseeds = None
+        fttc = fam.get("ttc_samples", cfg.get("ttc_samples", 0))
+        if not _is_int(fttc) or fttc < 0:
+            err(where, "ttc_samples", f"must be an integer >= 0 (got {fttc!r})")
+            fttc = 0
+        for label, over, seed in [(lb, ov, sd) for lb, ov in members for sd in (fseeds or [None])]:
             r = dict(base)
             r.update(over)
             if r.get("Hkv") is None:
@@ -294,13 +378,13 @@ def plan_sweep(cfg, check_files=True):
                 if k in r and (not _num(r[k]) or r[k] < 0):
                     err(rw, k, f"must be a number >= 0 (got {r[k]!r})")
                     ok = False
-            if not ok or budget is None or tok_per_step is None:
+            if not ok or fbudget is None or tok_per_step is None:
                 continue
             counts = count_params(r["V"], r["L"], r["C"], r["H"], r["Hkv"], r["E"], r["K"], r["F"])
             n_flops = counts["active_nonembed_params"] if fp == "active_nonembedding" else counts["active_params"]
-            steps = int(round(budget / (6.0 * n_flops) / tok_per_step))
+            steps = int(round(fbudget / (6.0 * n_flops) / tok_per_step))
             if steps < 1:
-                err(rw, "budget_flops", f"budget {budget:.3g} gives {budget / (6.0 * n_flops):.0f} tokens for "
+                err(rw, "budget_flops", f"budget {fbudget:.3g} gives {fbudget / (6.0 * n_flops):.0f} tokens for "
                     f"N={n_flops}: less than one step of B*T={tok_per_step} tokens")
                 continue
             lr = r.get("lr", cfg.get("lr"))
@@ -328,7 +412,8 @@ def plan_sweep(cfg, check_files=True):
                 "val_every": val_every, "ckpt_every": ckpt_every,
                 "n_evals": len(set(list(range(val_every, steps + 1, val_every)) + [steps])),
                 "extra": {k: r[k] for k in ("aux_coef", "z_coef", "rope_theta", "init_std") if k in r},
-                "where": rw,
+                "where": rw, "seed": seed, "ttc_samples": fttc, "budget_flops": fbudget,
+                "own_lr": "lr" in r,
             }
             run["args"] = trainer_args(cfg, run)
             runs.append(run)
@@ -338,9 +423,13 @@ def plan_sweep(cfg, check_files=True):
     merged = []
     by_name = {}
     for run in runs:
-        nm = f"L{run['L']}-C{run['C']}-H{run['H']}-E{run['E']}-K{run['K']}-F{run['F']}"
+        model = f"L{run['L']}-C{run['C']}-H{run['H']}-E{run['E']}-K{run['K']}-F{run['F']}"
         if run["Hkv"] != run["H"]:
-            nm += f"-kv{run['Hkv']}"
+            model += f"-kv{run['Hkv']}"
+        if run["own_lr"]:  # a family's or run's own learning rate (an lr scan)
+            model += f"-lr{run['lr']:g}"
+        sfx = f"-s{run['seed']}" if run["seed"] is not None else ""
+        nm = model + sfx
         if nm in by_name and by_name[nm]["args"] == run["args"]:
             other = by_name[nm]
             for f in run["families"]:
@@ -349,8 +438,9 @@ def plan_sweep(cfg, check_files=True):
                     other["labels"].update(run["labels"])
             continue
         if nm in by_name:  # same shape, other arguments (a family's lr, say)
-            nm += "-" + run["families"][0]
-        run["name"] = nm
+            model += "-" + run["families"][0]
+            nm = model + sfx
+        run["name"], run["model"] = nm, model
         by_name[nm] = run
         merged.append(run)
     for fam in families:
@@ -372,6 +462,8 @@ def trainer_args(cfg, run):
     for key, flag in opt:
         if key in cfg:
             a += [flag, cfg[key]]
+    if run.get("seed") is not None:
+        a += ["-sd", run["seed"]]
     for key, flag in (("aux_coef", "-ac"), ("z_coef", "-zc"), ("rope_theta", "-th"), ("init_std", "-is")):
         if key in run["extra"]:
             a += [flag, run["extra"][key]]
@@ -433,7 +525,7 @@ def parse_log(path):
 
 def needs_ttc(cfg, run, run_dir):
     """Test-time compute is configured and the final checkpoint has not been through it yet."""
-    if not cfg.get("ttc_samples"):
+    if not run.get("ttc_samples", cfg.get("ttc_samples")):
         return False
     return run["steps"] not in parse_log(os.path.join(run_dir, "log.txt"))["ttc"]
 
@@ -441,9 +533,10 @@ def needs_ttc(cfg, run, run_dir):
 def run_ttc(cfg, run, run_dir, trainer, env, tag):
     """Test-time compute on the final checkpoint: -y 1 -ex 1 -tn S -tt T (the trainer logs the
     "ttc" lines, and the task lines again, at the final step)."""
-    cmd = cmd_for(cfg, run, run_dir, trainer) + ["-ex", "1", "-tn", str(cfg["ttc_samples"]),
+    n_samples = run.get("ttc_samples", cfg.get("ttc_samples"))
+    cmd = cmd_for(cfg, run, run_dir, trainer) + ["-ex", "1", "-tn", str(n_samples),
                                                  "-tt", str(cfg.get("ttc_temp", 0.8))]
-    log(f"{tag} {run['name']}: test-time compute, {cfg['ttc_samples']} samples per item")
+    log(f"{tag} {run['name']}: test-time compute, {n_samples} samples per item")
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.txt"), "a") as so:
         so.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
@@ -462,6 +555,119 @@ def run_ttc(cfg, run, run_dir, trainer, env, tag):
     if rc != 0 and not STOP.is_set():
         log(f"{tag} {run['name']}: test-time compute FAILED (exit status {rc}; see stdout.txt)")
     return rc == 0
+
+
+def grpo_wanted(cfg, run):
+    """The config's GRPO stage applies to this run: one of its families, and its seed (by default
+    the first seed of the sweep, or every run when the sweep has no seeds)."""
+    g = cfg.get("grpo")
+    if not g or not set(run["families"]) & set(g.get("families", [])):
+        return False
+    seeds = g.get("seeds")
+    if seeds is None:
+        seeds = cfg.get("seeds", [None])[:1]
+    return run.get("seed") in seeds
+
+
+def grpo_log_done(cfg, path):
+    """The GRPO log holds its final step's task lines."""
+    return cfg["grpo"]["steps"] in parse_log(path)["task"]
+
+
+def needs_grpo(cfg, run, run_dir):
+    return grpo_wanted(cfg, run) and not grpo_log_done(cfg, os.path.join(run_dir, "grpo", "log.txt"))
+
+
+def run_grpo(cfg, run, run_dir, trainer, env, tag):
+    """GRPO from the final checkpoint into <run dir>/grpo (resumable with -y 1): the held-out task
+    lines at step 0 and every eval_every steps are in grpo/log.txt."""
+    g = cfg["grpo"]
+    gdir = os.path.join(run_dir, "grpo")
+    os.makedirs(gdir, exist_ok=True)
+    cmd = [trainer, "-e", os.path.join(run_dir, f"model_{run['steps']:08d}.bin"), "-rl", resolve(g["rl_file"]),
+           "-j", cfg["val"], "-x", str(g["steps"]), "-v", str(g["eval_every"]), "-s", "0",
+           "-o", gdir, "-y", "1", "-n", str(g["steps"])]
+    for key, flag in (("val_batches", "-m"), ("acc_items", "-ea"), ("tokenizer", "-k")):
+        if key in cfg:
+            cmd += [flag, str(cfg[key])]
+    if run.get("seed") is not None:
+        cmd += ["-sd", str(run["seed"])]
+    ev = g.get("eval_files", cfg.get("eval_files", []))
+    if ev:
+        cmd += ["-ev", ",".join(ev)]
+    cmd += [str(x) for x in g.get("args", [])]
+    log(f"{tag} {run['name']}: GRPO, {g['steps']} steps")
+    t0 = time.time()
+    with open(os.path.join(gdir, "stdout.txt"), "a") as so:
+        so.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        so.flush()
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=so, stderr=subprocess.STDOUT, env=env)
+        with LIVE_LOCK:
+            LIVE.add(p)
+        try:
+            rc = p.wait()
+        finally:
+            with LIVE_LOCK:
+                LIVE.discard(p)
+    info = read_json(os.path.join(run_dir, "run.json")) or {}
+    info["grpo_s"] = info.get("grpo_s", 0.0) + time.time() - t0
+    info["grpo_command"] = cmd
+    write_json(os.path.join(run_dir, "run.json"), info)
+    if rc != 0 and not STOP.is_set():
+        log(f"{tag} {run['name']}: GRPO FAILED (exit status {rc}; see grpo/stdout.txt)")
+    return rc == 0 and grpo_log_done(cfg, os.path.join(gdir, "log.txt"))
+
+
+def finish_stages(cfg, run, run_dir, trainer, env, tag):
+    """After training: test-time compute and GRPO where configured, then the export of the run's
+    logs to results_dir. Returns True when every stage is done."""
+    if needs_ttc(cfg, run, run_dir) and not run_ttc(cfg, run, run_dir, trainer, env, tag):
+        return False
+    if needs_grpo(cfg, run, run_dir) and not run_grpo(cfg, run, run_dir, trainer, env, tag):
+        return False
+    export_run(cfg, run, run_dir)
+    return True
+
+
+def committed_dir(cfg, run):
+    return os.path.join(resolve(cfg["results_dir"]), run["name"]) if cfg.get("results_dir") else None
+
+
+def export_run(cfg, run, run_dir):
+    """Copies a finished run's log.txt, run.json and GRPO log into results_dir/<run>/ (committed,
+    so that a fresh clone finds the run finished and does not train it again)."""
+    d = committed_dir(cfg, run)
+    if not d:
+        return
+    os.makedirs(d, exist_ok=True)
+    for src, dst in (("log.txt", "log.txt"), ("run.json", "run.json"), (os.path.join("grpo", "log.txt"), "grpo_log.txt")):
+        if os.path.exists(os.path.join(run_dir, src)):
+            shutil.copyfile(os.path.join(run_dir, src), os.path.join(d, dst) + ".tmp")
+            os.replace(os.path.join(d, dst) + ".tmp", os.path.join(d, dst))
+
+
+def committed_done(cfg, run):
+    """results_dir holds this run, with the same arguments, trained to the end and through every
+    configured stage."""
+    d = committed_dir(cfg, run)
+    if not d:
+        return False
+    info = read_json(os.path.join(d, "run.json"))
+    if not info or info.get("args") != run["args"]:
+        return False
+    lg = parse_log(os.path.join(d, "log.txt"))
+    if run["steps"] not in lg["val"]:
+        return False
+    if run.get("ttc_samples", cfg.get("ttc_samples")) and run["steps"] not in lg["ttc"]:
+        return False
+    return not grpo_wanted(cfg, run) or grpo_log_done(cfg, os.path.join(d, "grpo_log.txt"))
+
+
+def source_dir(cfg, run, run_dir):
+    """Where a run's results are read from: its run directory, unless only results_dir has it."""
+    if run_state(run, run_dir)[0] != "done" and committed_done(cfg, run):
+        return committed_dir(cfg, run)
+    return run_dir
 
 
 def ckpt_steps(run_dir):
@@ -637,8 +843,8 @@ def execute(cfg, run, run_dir, trainer, eta, ctx):
     if ctx.get("threads"):
         env["OMP_NUM_THREADS"] = str(ctx["threads"])
     i, n = ctx["index"][run["name"]], ctx["n"]
-    if state == "done":  # trained already: only the test-time compute is missing
-        return run_ttc(cfg, run, run_dir, trainer, env, f"[{i}/{n}]") if needs_ttc(cfg, run, run_dir) else True
+    if state == "done":  # trained already: only test-time compute, GRPO or the export may be missing
+        return finish_stages(cfg, run, run_dir, trainer, env, f"[{i}/{n}]")
     cks = ckpt_steps(run_dir)
     if state == "partial" and not cks and os.path.exists(os.path.join(run_dir, "log.txt")):
         # no checkpoint: the trainer starts over; keep the interrupted log aside
@@ -736,9 +942,7 @@ def execute(cfg, run, run_dir, trainer, eta, ctx):
     lg = parse_log(os.path.join(run_dir, "log.txt"))
     log(f"[{i}/{n}] {run['name']}: done in {fmt_s(time.time() - t0)} "
         f"({t['tok_s']:.0f} train tok/s), val {lg['val'].get(run['steps'], float('nan')):.4f}")
-    if needs_ttc(cfg, run, run_dir):
-        return run_ttc(cfg, run, run_dir, trainer, env, f"[{i}/{n}]")
-    return True
+    return finish_stages(cfg, run, run_dir, trainer, env, f"[{i}/{n}]")
 
 
 def repair_final_eval(cfg, run, run_dir, trainer, env):
@@ -755,10 +959,16 @@ def repair_final_eval(cfg, run, run_dir, trainer, env):
 # ----------------------------------------------------------------------------------------------
 # results
 
-def final_metrics(run, run_dir):
+def final_metrics(cfg, run, run_dir):
+    committed = source_dir(cfg, run, run_dir) != run_dir
+    if committed:
+        run_dir = committed_dir(cfg, run)
+        state, at = "done", run["steps"]
+    else:
+        state, at = run_state(run, run_dir)
     lg = parse_log(os.path.join(run_dir, "log.txt"))
-    state, at = run_state(run, run_dir)
-    row = {"name": run["name"], "families": ";".join(run["families"]), "status": state if state != "partial" else f"partial@{at}"}
+    row = {"name": run["name"], "model": run["model"], "seed": "" if run["seed"] is None else run["seed"],
+           "families": ";".join(run["families"]), "status": state if state != "partial" else f"partial@{at}"}
     for k in ("L", "C", "H", "Hkv", "E", "K", "F", "V", "total_params", "active_params", "total_nonembed_params",
               "active_nonembed_params", "flops_N"):
         row[k] = run[k]
@@ -790,6 +1000,13 @@ def final_metrics(run, run_dir):
             for nn in sorted(byn):
                 row[f"{tname}_maj{nn}"] = byn[nn].get("maj")
                 row[f"{tname}_pass{nn}"] = byn[nn].get("pass")
+    if cfg.get("grpo") and grpo_wanted(cfg, run):
+        gl = parse_log(os.path.join(run_dir, "grpo_log.txt" if committed else os.path.join("grpo", "log.txt")))
+        if cfg["grpo"]["steps"] in gl["task"]:
+            for when, st in (("0", 0), ("", cfg["grpo"]["steps"])):
+                for tname, v in sorted(gl["task"].get(st, {}).items()):
+                    if "acc" in v:
+                        row[f"grpo{when}_{tname}_acc"] = v["acc"]
     t = run_timing(run, run_dir)
     if t:
         row["train_tok_s"] = round(t["tok_s"], 1) if t["tok_s"] else ""
@@ -798,7 +1015,12 @@ def final_metrics(run, run_dir):
 
 
 def collect(cfg, runs, families, sweep_dir, csv_copy=None):
-    rows = [final_metrics(r, os.path.join(sweep_dir, r["name"])) for r in runs]
+    for r in runs:  # runs finished before results_dir was set, or before a stage was added
+        rd = os.path.join(sweep_dir, r["name"])
+        if (cfg.get("results_dir") and run_state(r, rd)[0] == "done" and not needs_ttc(cfg, r, rd)
+                and not needs_grpo(cfg, r, rd) and not committed_done(cfg, r)):
+            export_run(cfg, r, rd)
+    rows = [final_metrics(cfg, r, os.path.join(sweep_dir, r["name"])) for r in runs]
     keys = []
     for r in rows:
         for k in r:
@@ -885,6 +1107,8 @@ def print_plan(cfg, runs, families, sweep_dir, trainer, eta):
     tot_est, unknown = 0.0, False
     for r in runs:
         state, at = run_state(r, os.path.join(sweep_dir, r["name"]))
+        if committed_done(cfg, r):
+            state, at = "done", r["steps"]
         est = eta.predict(r)
         if state != "done":
             if est is None:
@@ -919,6 +1143,8 @@ def main(argv=None):
     ap.add_argument("--only", help="comma-separated run or family names to run (the CSV still lists all)")
     ap.add_argument("--trainer", help="trainer binary (default: the config's 'trainer', else ./train_moe)")
     ap.add_argument("--progress", type=float, default=60.0, help="seconds between progress lines (default 60)")
+    ap.add_argument("--hours", type=float, help="start no new run after this many hours (a chunk of a long "
+                    "sweep; the same command continues it)")
     args = ap.parse_args(argv)
 
     try:
@@ -944,8 +1170,8 @@ def main(argv=None):
     eta = Eta(sweep_dir, runs)
     for r in runs:  # finished runs calibrate the ETA
         rd = os.path.join(sweep_dir, r["name"])
-        if run_state(r, rd)[0] == "done":
-            eta.add_finished(r, run_timing(r, rd))
+        if run_state(r, rd)[0] == "done" or committed_done(cfg, r):
+            eta.add_finished(r, run_timing(r, source_dir(cfg, r, rd)))
     if args.dry_run:
         print_plan(cfg, runs, families, sweep_dir, trainer, eta)
         return 0
@@ -960,12 +1186,17 @@ def main(argv=None):
         bench(cfg, runs, sweep_dir, trainer, args.bench, threads)
         return 0
 
-    todo = [r for r in runs if run_state(r, os.path.join(sweep_dir, r["name"]))[0] != "done"
-            or needs_ttc(cfg, r, os.path.join(sweep_dir, r["name"]))]
+    def finished(r):
+        rd = os.path.join(sweep_dir, r["name"])
+        return committed_done(cfg, r) or (run_state(r, rd)[0] == "done" and not needs_ttc(cfg, r, rd)
+                                          and not needs_grpo(cfg, r, rd))
+    todo = [r for r in runs if not finished(r)]
+    if cfg.get("seeds"):  # seed-major: every model's first seed before any model's second
+        todo.sort(key=lambda r: cfg["seeds"].index(r["seed"]) if r["seed"] in cfg["seeds"] else 0)
     if args.only:
         sel = set(args.only.split(","))
         todo = [r for r in todo if r["name"] in sel or sel & set(r["families"])]
-    ndone = len(runs) - len([r for r in runs if run_state(r, os.path.join(sweep_dir, r["name"]))[0] != "done"])
+    ndone = sum(1 for r in runs if finished(r))
     log(f"sweep '{cfg['name']}': {len(runs)} runs, {ndone} already finished, {len(todo)} to run -> {sweep_dir}")
     os.makedirs(sweep_dir, exist_ok=True)
     shutil.copyfile(args.config, os.path.join(sweep_dir, "config.json"))
@@ -994,6 +1225,12 @@ def main(argv=None):
 
     def one(r):
         if STOP.is_set():
+            return
+        if args.hours is not None and time.time() - t0 >= args.hours * 3600:
+            if not STOP.is_set():
+                log(f"time limit of {args.hours:g} h reached: {len(pending)} runs left; run the same command "
+                    f"again to continue")
+            STOP.set()
             return
         ok = execute(cfg, r, os.path.join(sweep_dir, r["name"]), trainer, eta, ctx)
         with plock:

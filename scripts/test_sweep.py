@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,13 +72,13 @@ def test_equal_compute():
         except sweep.ConfigError as e:
             check(False, f"{os.path.basename(path)} plans", str(e))
             continue
-        budget = cfg["budget_flops"]
         by = {r["name"]: r for r in runs}
         for fam in fams:
             rs = [by[n] for n in fam["runs"]]
             # each run: 6 N tokens within half a step of the budget; the family: within one step of each other
             tps = cfg["B"] * cfg["T"] * cfg.get("grad_accum", 1)
-            ok = all(abs(6 * r["flops_N"] * r["tokens"] - budget) <= 6 * r["flops_N"] * tps / 2 + 1 for r in rs)
+            ok = all(abs(6 * r["flops_N"] * r["tokens"] - r["budget_flops"]) <= 6 * r["flops_N"] * tps / 2 + 1
+                     for r in rs)
             fl = [r["flops"] for r in rs]
             spread = max(fl) / min(fl) - 1
             tol = max(1.0 / min(r["steps"] for r in rs), 1e-9)
@@ -113,6 +114,24 @@ def test_bad_configs(tmp):
     check(not os.path.exists(root), "nothing ran or was created for a bad config")
     rc, out, err = run_sweep(p, "--dry-run", "--root", root)
     check(rc == 2, "--dry-run also rejects it")
+    # a task file that does not match its header, and a budget too small for one step
+    cut = os.path.join(tmp, "cut_eval.bin")
+    with open(os.path.join(ROOT, "data", "tasks", "reason_eval.bin"), "rb") as f:
+        data = f.read()
+    with open(cut, "wb") as f:
+        f.write(data[:len(data) - 100])
+    bad2 = dict(smoke, name="bad2", eval_files=[cut + ":loss"])
+    bad2["families"] = [{"name": "A", "K": 1, "F": 32, "E": [1, 2]}, {"name": "tiny", "E": 2, "K": 1, "F": 32,
+                                                                      "budget_flops": 10.0}]
+    p2 = os.path.join(tmp, "bad2.json")
+    with open(p2, "w") as f:
+        json.dump(bad2, f)
+    rc, out, err = run_sweep(p2, "--root", root)
+    check(rc == 2 and "cut_eval.bin" in err and "does not match its header" in err,
+          "a truncated eval file is refused before anything trains, naming the file", err[-800:])
+    check("run tiny" in err and "less than one step" in err, "a family budget too small for one step is refused",
+          err[-800:])
+    check(not os.path.exists(root), "nothing ran for the bad data config")
 
 
 def test_dry_run(cfgpath, root):
@@ -217,6 +236,51 @@ def test_end_to_end(cfgpath, root, trainer, tmp):
               r.stderr[-500:])
 
 
+def test_seeds_results_grpo(trainer, tmp):
+    """seeds, results_dir (a fresh clone continues from the committed logs), the GRPO stage and --hours."""
+    cfg = sweep.load_config(os.path.join(HERE, "sweep_configs", "smoke.json"))
+    cfg.update(name="seeded", seeds=[1, 2], ttc_samples=0, results_dir=os.path.join(tmp, "committed"))
+    cfg["families"] = [{"name": "A", "K": 1, "F": 32, "E": [1, 2]}]
+    cfg["grpo"] = {"rl_file": "data/tasks/reason_eval.bin", "steps": 2, "eval_every": 1,
+                   "eval_files": ["data/tasks/reason_eval.bin"], "families": ["A"],
+                   "args": ["-rp", "2", "-rg", "2", "-rm", "1", "-rr", "8"]}
+    p = os.path.join(tmp, "seeded.json")
+    with open(p, "w") as f:
+        json.dump(cfg, f)
+    runs, _ = sweep.plan_sweep(cfg, check_files=False)
+    names = sorted(r["name"] for r in runs)
+    check(names == ["L1-C32-H2-E1-K1-F32-s1", "L1-C32-H2-E1-K1-F32-s2", "L1-C32-H2-E2-K1-F32-s1",
+                    "L1-C32-H2-E2-K1-F32-s2"] and all(["-sd", str(r["seed"])] == r["args"][r["args"].index("-sd"):][:2]
+                                                      for r in runs),
+          "seeds: one run per model and seed, named -s<seed>, trained with -sd <seed>", str(names))
+    root = os.path.join(tmp, "seeded_root")
+    rc, out, err = run_sweep(p, "--root", root, "--trainer", trainer, "--hours", "0")
+    check(rc == 0 and "time limit" in out and not glob.glob(os.path.join(root, "seeded", "L1*")),
+          "--hours: past the limit no new run starts", (out + err)[-800:])
+    rc, out, err = run_sweep(p, "--root", root, "--trainer", trainer)
+    check(rc == 0, "the seeded sweep with GRPO runs", (out + err)[-2000:])
+    com = cfg["results_dir"]
+    logs = sorted(os.path.basename(os.path.dirname(x)) for x in glob.glob(os.path.join(com, "*", "log.txt")))
+    glogs = sorted(os.path.basename(os.path.dirname(x)) for x in glob.glob(os.path.join(com, "*", "grpo_log.txt")))
+    check(logs == names and glogs == [n for n in names if n.endswith("-s1")],
+          "results_dir gets every run's log, and GRPO logs for the first seed only", f"{logs} {glogs}")
+    res = os.path.join(root, "seeded", "results.csv")
+    rows = read_csv(res) if os.path.exists(res) else []
+    g = [r for r in rows if r.get("grpo_reason_acc") not in (None, "") and r.get("grpo0_reason_acc") not in (None, "")]
+    check(len(rows) == 4 and sorted(r["name"] for r in g) == [n for n in names if n.endswith("-s1")]
+          and all(r["model"] + "-s" + r["seed"] == r["name"] for r in rows),
+          "results.csv: model and seed columns, GRPO accuracy before and after for the GRPO runs",
+          str([(r["name"], r.get("grpo_reason_acc")) for r in rows]))
+    by = {r["name"]: r for r in rows}
+    check(len(by) == 4 and by[names[0]]["val_loss"] != by[names[1]]["val_loss"],
+          "two seeds of one model give different runs")
+    shutil.rmtree(root)  # a fresh clone: only the committed logs are left
+    rc, out, err = run_sweep(p, "--root", root, "--trainer", trainer)
+    rows2 = read_csv(res) if os.path.exists(res) else []
+    check(rc == 0 and "4 already finished, 0 to run" in out and not glob.glob(os.path.join(root, "seeded", "L1*"))
+          and rows2 == rows, "after a fresh clone the sweep trains nothing and its CSV is the same", (out + err)[-800:])
+
+
 def main():
     ap = argparse.ArgumentParser(description="quick test of scripts/sweep.py and scripts/plot.py")
     ap.add_argument("--trainer", default=os.path.join(ROOT, "train_moe"))
@@ -234,6 +298,7 @@ def main():
         test_dry_run(cfgpath, root)
         if os.path.isfile(args.trainer) and os.access(args.trainer, os.X_OK):
             test_end_to_end(cfgpath, root, os.path.abspath(args.trainer), tmp)
+            test_seeds_results_grpo(os.path.abspath(args.trainer), tmp)
         else:
             if REQUIRE_ALL:
                 check(False, f"--require-all: no trainer at {args.trainer} (make train_moe)")
