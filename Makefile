@@ -70,6 +70,7 @@ test: venv test_moe train_moe ref
 	$(MAKE) --no-print-directory cuda-check
 	$(MAKE) --no-print-directory test-hf
 	$(PY) scripts/test_sweep.py --require-all
+	$(PY) scripts/test_study_report.py
 	./test_moe dev/ref
 	$(MAKE) --no-print-directory test-blas
 	$(MAKE) --no-print-directory test-sanitize

@@ -195,6 +195,46 @@ static void test_grad_accumulation(const char* dir, const char* name) {
     model_free(&model);
 }
 
+// the training step's fused classifier (crossentropy_forward with dloss: the dlogits in the forward's
+// pass) against the separate backward, and every gradient with 1 thread against 2 (the channel-split
+// rmsnorm and embedding backward sum over tokens in order): both must be bit for bit the same
+static void grads_of(Model* model, const DebugState* d, float fused, float* out, float* ce) {
+    model_zero_grad(model);
+    model->fused_dloss = fused;
+    model_forward(model, d->x, d->y, d->B, d->T);
+    model->fused_dloss = 0.0f;
+    model_backward(model, 0.5f);
+    memcpy(out, model->grads_memory, model->num_params * sizeof(float));
+    *ce = model->ce;
+}
+static void test_fused_classifier(const char* dir, const char* name) {
+    Model model;
+    DebugState d;
+    load_reference(dir, name, &model, &d);
+    float* plain = (float*)mallocCheck(model.num_params * sizeof(float));
+    float* other = (float*)mallocCheck(model.num_params * sizeof(float));
+    float ce0, ce1;
+    grads_of(&model, &d, 0.0f, plain, &ce0);
+    grads_of(&model, &d, 0.5f, other, &ce1);
+    int same = ce0 == ce1 && memcmp(plain, other, model.num_params * sizeof(float)) == 0;
+    CHECK(same, "[%s] the fused classifier's gradients differ from the separate backward's", name);
+    printf("[%s] fused cross-entropy forward+backward == separate backward, bit for bit: %s\n", name, same ? "yes" : "NO");
+#ifdef OMP
+    int nt = omp_get_max_threads();
+    omp_set_num_threads(1);
+    grads_of(&model, &d, 0.5f, other, &ce1);
+    omp_set_num_threads(nt > 1 ? nt : 2);
+    same = memcmp(plain, other, model.num_params * sizeof(float)) == 0;
+    CHECK(same, "[%s] gradients with 1 thread differ from %d threads", name, nt > 1 ? nt : 2);
+    printf("[%s] gradients with 1 thread == %d threads, bit for bit: %s\n", name, nt > 1 ? nt : 2, same ? "yes" : "NO");
+    omp_set_num_threads(nt);
+#endif
+    free(plain);
+    free(other);
+    debug_free(&d);
+    model_free(&model);
+}
+
 // GRPO against dev/moe_ref.py (NAME_grpo.bin): the advantages of the rollout batch's rewards, then per
 // mini-batch update the loss, the number of clipped tokens and every gradient, each update followed by
 // the AdamW step, so later mini-batches run with pi != pi_old
@@ -688,6 +728,8 @@ int main(int argc, char** argv) {
     test_tokenizer_ids_beyond_v();
     test_answers();
     test_grad_accumulation(dir, "gqa");
+    test_fused_classifier(dir, "gqa");
+    test_fused_classifier(dir, "e6");
     test_kv_cache(dir, "mqa");
     test_kv_cache(dir, "e6");
     snprintf(path, sizeof path, "%s/grpo_manifest.txt", dir);

@@ -448,11 +448,17 @@ void matmul_backward(float* dinp, float* dweight, const float* dout, const float
 void encoder_forward(float* out, const int* tokens, const float* wte, int N, int C) {
     for (int n = 0; n < N; n++) memcpy(out + (size_t)n * C, wte + (size_t)tokens[n] * C, C * sizeof(float));
 }
+// Threads split the channels, 16 at a time; each adds its channels over the tokens in token order,
+// so repeated tokens add in a fixed order and the result does not depend on the thread count.
 void encoder_backward(float* dwte, const float* dout, const int* tokens, int N, int C) {
-    for (int n = 0; n < N; n++) { // serial over tokens: repeated tokens add in a fixed order
-        float* dw = dwte + (size_t)tokens[n] * C;
-        const float* d = dout + (size_t)n * C;
-        for (int c = 0; c < C; c++) dw[c] += d[c];
+    #pragma omp parallel for
+    for (int c0 = 0; c0 < C; c0 += 16) {
+        int c1 = c0 + 16 < C ? c0 + 16 : C;
+        for (int n = 0; n < N; n++) {
+            float* dw = dwte + (size_t)tokens[n] * C;
+            const float* d = dout + (size_t)n * C;
+            for (int c = c0; c < c1; c++) dw[c] += d[c];
+        }
     }
 }
 
@@ -481,11 +487,15 @@ void rmsnorm_backward(float* dinp, float* dw, const float* dout, const float* in
         float* dx = dinp + (size_t)n * C;
         for (int c = 0; c < C; c++) dx[c] += dy[c] * w[c] * r - x[c] * k;
     }
-    for (int n = 0; n < N; n++) { // serial over tokens for a fixed summation order
-        const float* x = inp + (size_t)n * C;
-        const float* dy = dout + (size_t)n * C;
-        float r = rstd[n];
-        for (int c = 0; c < C; c++) dw[c] += dy[c] * x[c] * r;
+    #pragma omp parallel for // channels split as in encoder_backward: each sums over tokens in order
+    for (int c0 = 0; c0 < C; c0 += 16) {
+        int c1 = c0 + 16 < C ? c0 + 16 : C;
+        for (int n = 0; n < N; n++) {
+            const float* x = inp + (size_t)n * C;
+            const float* dy = dout + (size_t)n * C;
+            float r = rstd[n];
+            for (int c = c0; c < c1; c++) dw[c] += dy[c] * x[c] * r;
+        }
     }
 }
 
@@ -876,20 +886,40 @@ void router_backward(float* dz, const float* dgate, const float* z, const float*
 
 // losses[N] = -log softmax(logits[n])[target] (0 where ignored); probs[N,V] = softmax(logits), kept
 // for the backward. Returns the mean over counted targets.
-float crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V) {
+// With dloss > 0 the same pass also does crossentropy_backward(probs, targets, NULL, dloss, N, V):
+// probs become the dlogits of dloss * mean ce. Each element gets the same two roundings in the same
+// order (x inv, then x scale), so the result is bit for bit that of the two calls, with one pass
+// less over the N x V logits (the training step's; evals and GRPO keep the probabilities).
+float crossentropy_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V,
+                           float dloss) {
+    int counted = 0;
+    for (int n = 0; n < N; n++) counted += targets[n] >= 0;
+    float mean_scale = counted ? dloss / counted : 0.0f;
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float* l = logits + (size_t)n * V;
         float* p = probs + (size_t)n * V;
         float mx = vmax(l, V);
-        for (int i = 0; i < V; i++) p[i] = vexpf(l[i] - mx);
-        float s = vsum(p, V), inv = 1.0f / s;
-        for (int i = 0; i < V; i++) p[i] *= inv;
+        float acc[16] = {0}; // exp and vsum's 16-lane sum in one pass, in vsum's order
+        int i = 0;
+        for (; i + 16 <= V; i += 16)
+            for (int j = 0; j < 16; j++) { p[i + j] = vexpf(l[i + j] - mx); acc[j] += p[i + j]; }
+        float s = 0.0f;
+        for (int j = 0; j < 16; j++) s += acc[j];
+        for (; i < V; i++) { p[i] = vexpf(l[i] - mx); s += p[i]; }
+        float inv = 1.0f / s;
         losses[n] = targets[n] < 0 ? 0.0f : mx + logf(s) - l[targets[n]];
+        if (dloss <= 0.0f) {
+            for (int k = 0; k < V; k++) p[k] *= inv;
+        } else if (targets[n] < 0) {
+            memset(p, 0, V * sizeof(float));
+        } else {
+            for (int k = 0; k < V; k++) { float q = p[k] * inv; p[k] = q * mean_scale; }
+            p[targets[n]] -= mean_scale;
+        }
     }
     double sum = 0.0;
-    int counted = 0;
-    for (int n = 0; n < N; n++) if (targets[n] >= 0) { sum += losses[n]; counted++; }
+    for (int n = 0; n < N; n++) if (targets[n] >= 0) sum += losses[n];
     return counted ? (float)(sum / counted) : 0.0f;
 }
 // in place: probs[N,V] becomes dlogits = dloss * (softmax - onehot) / counted; zero rows for ignored targets.
@@ -995,6 +1025,8 @@ typedef struct {
     float *aux, *zl; // L each
     int step;        // the step being trained (1-based, as printed), for error messages; -1: none
     const float* token_weights; // NULL: the backward is of the mean ce; else of sum_n w[n]*ce_n (GRPO)
+    float fused_dloss;  // > 0: model_forward with targets also writes the dlogits of model_backward(fused_dloss)
+    float dlogits_dloss; // the fused_dloss of the last forward (0: none): model_backward skips crossentropy_backward
 } Model;
 
 // what is wrong with a configuration (NULL: nothing); msg holds the text
@@ -1220,7 +1252,8 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
                 fprintf(stderr, "Error: target %d at position %d is outside [0, V=%d) (and not -1)\n", targets[i], i, V);
                 exit(EXIT_FAILURE);
             }
-        model->ce = crossentropy_forward(model->losses, model->dlogits, model->logits, targets, N, V);
+        model->ce = crossentropy_forward(model->losses, model->dlogits, model->logits, targets, N, V, model->fused_dloss);
+        model->dlogits_dloss = model->fused_dloss > 0.0f ? model->fused_dloss : 0.0f;
         double loss = model->ce;
         for (int l = 0; l < L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
         model->loss = (float)loss;
@@ -1240,7 +1273,14 @@ void model_backward(Model* model, float dloss) {
     ActTensors a = model->acts;
     // classifier and final norm
     phase_mark(PH_NONE);
-    crossentropy_backward(model->dlogits, model->targets, model->token_weights, dloss, N, V); // the forward's probs, in place
+    if (model->dlogits_dloss > 0.0f && (dloss != model->dlogits_dloss || model->token_weights)) {
+        fprintf(stderr, "Error: model_backward(%g) after a forward fused for model_backward(%g)\n", dloss,
+                model->dlogits_dloss);
+        exit(EXIT_FAILURE);
+    }
+    if (model->dlogits_dloss == 0.0f) // the forward's probs become dlogits, in place
+        crossentropy_backward(model->dlogits, model->targets, model->token_weights, dloss, N, V);
+    model->dlogits_dloss = 0.0f;
     memset(model->dbuf, 0, (size_t)N * C * sizeof(float));
     matmul_backward(model->dbuf, g.lm_head, model->dlogits, a.xf, p.lm_head, N, C, V);
     memset(model->dres, 0, (size_t)N * C * sizeof(float));
@@ -3276,7 +3316,9 @@ int main(int argc, char** argv) {
         model.step = step + 1; // as the step line counts
         for (int micro = 0; micro < a.grad_accum; micro++) {
             loader_next_batch(&train);
+            model.fused_dloss = 1.0f / a.grad_accum; // this forward also writes the classifier's dlogits
             model_forward(&model, train.inputs, train.targets, a.B, a.T);
+            model.fused_dloss = 0.0f;
             model_backward(&model, 1.0f / a.grad_accum);
             loss += model.loss; ce += model.ce;
             for (int l = 0; l < c->L; l++) { aux += model.aux[l] / c->L; zl += model.zl[l] / c->L; }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sparsity study in miniature (scripts/sweep_results/study/README.md), resumable in chunks:
-#   1. data/study (python3 data/build_study.py, about a minute) if it is missing
+#   1. data/study (python3 data/build_study.py, about a minute) unless it matches its manifest
 #   2. the learning-rate scan, scripts/sweep_configs/study_lr.json
 #   3. the study, scripts/sweep_configs/study.json: 36 runs (3 seeds each), test-time compute and GRPO
 #   4. the statistics, the verdict table and the figures (scripts/study_report.py) in OUT
@@ -9,20 +9,30 @@
 # HOURS hours (default 2.5); the one in flight finishes.
 #
 #   bash scripts/study.sh                  (make study)
-#   HOURS=1 JOBS=1 THREADS=2 bash scripts/study.sh
+#   HOURS=1 JOBS=1 THREADS=2 TRAINER=./train_moe_blas bash scripts/study.sh
 set -eu
 cd "$(dirname "$0")/.."
 HOURS=${HOURS:-2.5}
 JOBS=${JOBS:-2}         # two runs at a time on one thread each: more runs per hour on 2 cores than one on two
 THREADS=${THREADS:-1}
+TRAINER=${TRAINER:-./train_moe}
 OUT=${OUT:-scripts/sweep_results/study}
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-[ -x ./train_moe ] || make train_moe
-[ -f data/study/reason_rl.bin ] && [ -f data/study/study_train_000.bin ] || python3 data/build_study.py > /dev/null
+[ -x "$TRAINER" ] || make train_moe
+# data/study as the committed manifest describes it (sha256 of every file), else built again
+python3 - <<'PY' || python3 data/build_study.py > /dev/null
+import hashlib, json, os, sys
+m = json.load(open("data/study/manifest.json"))
+for name, f in m["files"].items():
+    p = os.path.join("data/study", name)
+    if not os.path.exists(p) or hashlib.sha256(open(p, "rb").read()).hexdigest() != f["sha256"]:
+        print("data/study/%s is missing or differs from manifest.json: building data/study" % name)
+        sys.exit(1)
+PY
 t0=$(date +%s)
 left() { python3 -c "print(max(0.0, $HOURS - ($(date +%s) - $t0) / 3600))"; }
-python3 scripts/sweep.py scripts/sweep_configs/study_lr.json --jobs "$JOBS" --threads "$THREADS" --hours "$(left)" \
-    --progress 300 --csv "$OUT/lr_scan/results.csv"
-python3 scripts/sweep.py scripts/sweep_configs/study.json --jobs "$JOBS" --threads "$THREADS" --hours "$(left)" \
-    --progress 300 --csv "$OUT/results.csv"
+python3 scripts/sweep.py scripts/sweep_configs/study_lr.json --trainer "$TRAINER" --jobs "$JOBS" \
+    --threads "$THREADS" --hours "$(left)" --progress 300 --csv "$OUT/lr_scan/results.csv"
+python3 scripts/sweep.py scripts/sweep_configs/study.json --trainer "$TRAINER" --jobs "$JOBS" \
+    --threads "$THREADS" --hours "$(left)" --progress 300 --csv "$OUT/results.csv"
 "$PY" scripts/study_report.py "$OUT/results.csv" --lr-csv "$OUT/lr_scan/results.csv" --out "$OUT"

@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""
+Quick test (~10 s) of scripts/study_report.py on synthetic sweeps, no training.
+
+    .venv/bin/python scripts/test_study_report.py
+
+The synthetic main family (E = 1..64 at fixed active params, 3 seeds) has facts_acc rising by 0.05
+per doubling of total params and reason_id_acc rising up to E = 8 and flat beyond; the topk family
+has no effect of K; GRPO adds a constant gain; test-time compute adds a constant per n. Checks:
+Student-t quantiles against tables; the slope's interval covers the true slope and excludes 0; the
+verdicts (F1 reproduced, F2 saturates, F3 no effect, F4 and F5 reproduced); falling facts give F1 not
+reproduced; a strong K effect gives p < 0.05; the tokens-per-parameter rule on a peaked, an edge and
+an out-of-grid optimum; the lr scan's choice; partial sweeps (one seed, no GRPO or test-time compute
+columns, two models) run through and say inconclusive; verdict.md, stats.json and the PNGs are
+written; without numpy the script says how to install it and exits 2. Prints 'N passed, M failed'.
+"""
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import study_report as sr  # noqa: E402
+
+passed, failed = 0, 0
+
+
+def check(cond, what, detail=""):
+    global passed, failed
+    if cond:
+        passed += 1
+        print(f"ok   {what}")
+    else:
+        failed += 1
+        print(f"FAIL {what}" + (f"\n     {detail}" if detail else ""))
+    return cond
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic sweeps
+
+def total_of(E, F):
+    """Total params of the synthetic shapes: 600k shared plus 50k per expert of width 128."""
+    return int(600_000 + 50_000 * E * F / 128)
+
+
+def shapes(topk=True, small=True):
+    """(name, families, E, K, F, total, tokens) of every synthetic model."""
+    out = []
+    for E in (1, 4, 8, 16, 32, 64):
+        K, F = (1, 256) if E == 1 else (2, 128)
+        fams = "E;topk" if (E == 16 and topk) else "E"
+        out.append((f"L4-C64-H4-E{E}-K{K}-F{F}", fams, E, K, F, total_of(E, F), 30e6))
+    if topk:
+        for K in (1, 4, 8):
+            out.append((f"L4-C64-H4-E16-K{K}-F{256 // K}", "topk", 16, K, 256 // K, total_of(16, 256 // K), 30e6))
+    if small:
+        for E in (1, 8, 32):
+            K, F = (1, 128) if E == 1 else (2, 64)
+            out.append((f"L4-C64-H4-E{E}-K{K}-F{F}", "small", E, K, F, int(300_000 + 25_000 * E * F / 64), 60e6))
+    return out
+
+
+def synth_rows(facts_slope=0.05, topk_effect=0.0, reason="flat", seeds=(1, 2, 3), grpo=True, ttc=True,
+               topk=True, small=True, only=None, noise=0.01, seed=7):
+    """Rows of a synthetic results.csv. reason: 'flat' (rises to E=8, flat beyond), 'peak' (best at
+    E=16 of the main family), 'rising' (linear in log2 total)."""
+    rng = random.Random(seed)
+    x0, x8, x16 = math.log2(total_of(1, 256)), math.log2(total_of(8, 128)), math.log2(total_of(16, 128))
+    rows = []
+    for name, fams, E, K, F, total, tokens in shapes(topk, small):
+        if only and E not in only:
+            continue
+        # top-k members other than K=2 measure like E=16 K=2 (no effect of K) plus the chosen effect
+        x = x16 if fams == "topk" else math.log2(total)
+        kfx = topk_effect * math.log2(K) if "topk" in fams else 0.0
+        facts = 0.2 + facts_slope * (x - x0) + kfx
+        if reason == "flat":
+            rid = 0.15 + 0.04 * (min(x, x8) - x0)
+        elif reason == "peak":
+            rid = 0.3 - 0.1 * abs(x - x16)
+        else:
+            rid = 0.15 + 0.04 * (x - x0)
+        rid += kfx
+        for s in seeds:
+            def acc(v):
+                return round(min(1.0, max(0.0, v + rng.gauss(0, noise))), 4)
+            r = {"name": f"{name}-s{s}", "model": name, "seed": s, "families": fams, "status": "done",
+                 "L": 4, "C": 64, "H": 4, "Hkv": 4, "E": E, "K": K, "F": F, "V": 4096,
+                 "total_params": total, "active_params": 790_000, "total_nonembed_params": total - 524_288,
+                 "active_nonembed_params": 265_000, "tokens": int(tokens), "tpp": round(tokens / total, 4),
+                 "lr": 0.003, "val_loss": round(1.5 - 0.03 * (x - x0) + rng.gauss(0, 0.002), 5),
+                 "facts_acc": acc(facts), "facts_n": 200, "reason_id_acc": acc(rid), "reason_id_n": 200,
+                 "reason_shift_acc": acc(0.6 * rid), "reason_shift_n": 200,
+                 "gsm8k_bpt": round(3.0 - 0.05 * (x - x0), 4), "triviaqa_bpt": round(4.0 - 0.08 * (x - x0), 4)}
+            if ttc and "E" in fams.split(";"):
+                for n in (1, 2, 4, 8, 16, 32):
+                    for t, base in (("reason_id", rid), ("facts", facts)):
+                        r[f"{t}_maj{n}"] = acc(base + 0.005 * math.log2(n))
+                        r[f"{t}_pass{n}"] = acc(base + 0.04 * math.log2(n))
+            if grpo and s == seeds[0] and "E" in fams.split(";"):
+                for t in ("reason_id", "reason_shift"):
+                    r[f"grpo0_{t}_acc"] = r[f"{t}_acc"]
+                    r[f"grpo_{t}_acc"] = acc(r[f"{t}_acc"] + 0.05)
+            rows.append(r)
+    return rows
+
+
+def write_sweep(d, rows, unfinished=True):
+    """results.csv (plus a partial row) and plan.json in d; returns d."""
+    os.makedirs(d, exist_ok=True)
+    if unfinished and rows:
+        rows = rows + [dict(rows[0], name="L4-C64-H4-E2-K2-F128-s1", model="L4-C64-H4-E2-K2-F128",
+                            status="partial@100", val_loss="")]
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(os.path.join(d, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    fams = {}
+    for r in rows:
+        for fam in r["families"].split(";"):
+            fams.setdefault(fam, []).append(r["name"])
+    kinds = {"E": "E", "topk": "K", "small": "E"}
+    plan = {"families": [{"name": f, "label": f"{f} family", "kind": kinds.get(f, "runs"), "runs": rs}
+                         for f, rs in fams.items()], "runs": []}
+    with open(os.path.join(d, "plan.json"), "w") as f:
+        json.dump(plan, f)
+    return d
+
+
+def analyzed(rows):
+    """The six findings of rows, as main() computes them, by id."""
+    models = sr.group_models(rows_as_csv(rows), None)
+    sr.summarize(models, sr.metric_columns(rows_as_csv(rows)))
+    return {f["id"]: f for f in sr.analyze(models, FAMS)}, models
+
+
+def rows_as_csv(rows):
+    """The rows as csv.DictReader gives them back: strings, '' for missing."""
+    return [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
+
+
+def run_main(*args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = sr.main(list(args))
+    return rc, out.getvalue()
+
+
+FAMS = {"main": "E", "topk": "topk", "small": "small"}
+
+
+# ----------------------------------------------------------------------------------------------
+# tests
+
+def test_t_quantiles():
+    for df, want in ((1, 12.706), (2, 4.303), (10, 2.228), (30, 2.042)):
+        got = sr.t975(df)
+        check(abs(got - want) < 5e-4, f"t_0.975 with df {df} = {want}", f"got {got}")
+    check(abs(sr.t_ppf(0.975, 10 ** 6) - 1.95996) < 1e-4 and abs(sr.t_cdf(0.0, 3) - 0.5) < 1e-12,
+          "t tends to the normal (1.96) and is symmetric about 0")
+
+
+def test_full(tmp):
+    rows = synth_rows()
+    by, models = analyzed(rows)
+    s = by["F1"]["stats"]["slope_main"]
+    check(s["lo"] <= 0.05 <= s["hi"] and s["lo"] > 0 and s["n"] == 18,
+          f"facts slope interval [{s['lo']:.4f}, {s['hi']:.4f}] covers 0.05 and excludes 0 (18 runs)")
+    check(by["F1"]["verdict"] == "reproduced", "F1 rising facts: reproduced", by["F1"]["verdict"])
+    check(by["F2"]["verdict"] == "reproduced (saturates)", "F2 reasoning flat beyond E=8: reproduced (saturates)",
+          f"{by['F2']['verdict']} {by['F2']['why']}")
+    p = {m: t["p"] for m, t in by["F3"]["stats"].items()}
+    check(p["facts_acc"] >= 0.05 and p["reason_id_acc"] >= 0.05 and by["F3"]["verdict"] == "reproduced",
+          f"F3 no effect of K: p >= 0.05 ({p['facts_acc']:.3f}, {p['reason_id_acc']:.3f}), reproduced",
+          by["F3"]["verdict"])
+    check(by["F4"]["verdict"] == "reproduced", "F4 constant GRPO gain, flat sparse end: reproduced",
+          f"{by['F4']['verdict']} {by['F4']['measured']}")
+    check(by["F5"]["verdict"] == "reproduced" and by["F5"]["stats"]["n"] == 32,
+          "F5 maj@32 and pass@32 flat beyond E=8: reproduced", f"{by['F5']['verdict']} {by['F5']['why']}")
+    check(by["F6"]["verdict"].split(" (")[0] in ("reproduced", "not reproduced", "inconclusive"),
+          f"F6 gives a verdict ({by['F6']['verdict']})")
+    d1 = sr.bootstrap_slope_diff(sr.family(models, "E", 8), "facts_acc", "reason_id_acc")
+    d2 = sr.bootstrap_slope_diff(sr.family(models, "E", 8), "facts_acc", "reason_id_acc")
+    check(d1 == d2, "the bootstrap is deterministic (fixed RNG seed)")
+
+    d = write_sweep(os.path.join(tmp, "full"), rows)
+    lr = write_lr_scan(os.path.join(tmp, "lr.csv"))
+    out = os.path.join(tmp, "full_report")
+    rc, text = run_main(d, "--out", out, "--lr-csv", lr)
+    check(rc == 0 and "| F1 memorization |" in text and "1 not finished" in text,
+          "main: exit 0, prints the verdict table, counts the unfinished run", text[-600:])
+    pngs = ["study_vs_total_params.png", "study_topk.png", "study_grpo.png", "study_ttc.png", "study_tpp.png"]
+    missing = [p for p in pngs + ["verdict.md", "stats.json"] if not os.path.getsize(os.path.join(out, p))]
+    check(not missing, "verdict.md, stats.json and the five PNGs written", str(missing))
+    with open(os.path.join(out, "verdict.md")) as f:
+        md = f.read()
+    check(md.count("\n| F") == 6 and "| finding | the paper | measured" in md and "## Per model" in md
+          and "L4-C64-H4-E64-K2-F128" in md, "verdict.md: six finding rows and the per-model table")
+    with open(os.path.join(out, "stats.json")) as f:
+        txt = f.read()
+    st = json.loads(txt)
+    check("NaN" not in txt and len(st["findings"]) == 6 and st["not_finished_runs"] == 1
+          and len(st["models"]) == 12, "stats.json: strict JSON, six findings, 12 models, 1 unfinished run")
+    check(st["lr_scan"]["chosen"] == {"main_lr": 0.003, "small_lr": 0.006} and "**chosen**" in md,
+          "lr scan: the lowest mean val loss per active size is chosen (an lr one shape lacks is left out)",
+          str(st["lr_scan"]["chosen"]))
+
+
+def write_lr_scan(path):
+    """Two shapes at four lrs (one of them unfinished at 0.012) and one shape of a smaller size."""
+    loss = {0.0015: 0.60, 0.003: 0.55, 0.006: 0.57, 0.012: 0.50}
+    rows = []
+    for fam, shape, dl in (("main_lr", (1, 1, 256), 0.0), ("main_lr", (16, 2, 128), -0.02), ("small_lr", (1, 1, 128), 0.1)):
+        E, K, F = shape
+        for lr, v in loss.items():
+            if fam == "small_lr":
+                v = {0.0015: 0.70, 0.003: 0.66, 0.006: 0.64, 0.012: 0.69}[lr]
+            done = not (E == 16 and lr == 0.012)
+            rows.append({"name": f"L4-C64-H4-E{E}-K{K}-F{F}-lr{lr:g}-s1", "model": f"L4-C64-H4-E{E}-K{K}-F{F}-lr{lr:g}",
+                         "seed": 1, "families": fam, "status": "done" if done else "running", "L": 4, "C": 64,
+                         "H": 4, "Hkv": 4, "E": E, "K": K, "F": F, "lr": lr, "val_loss": v + dl if done else "",
+                         "facts_acc": 0.2, "reason_id_acc": 0.1, "reason_shift_acc": 0.05})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_contrasts():
+    by, _ = analyzed(synth_rows(facts_slope=-0.05))
+    check(by["F1"]["verdict"] == "not reproduced", "F1 falling facts: not reproduced", by["F1"]["verdict"])
+    by, _ = analyzed(synth_rows(topk_effect=0.05))
+    p = by["F3"]["stats"]["facts_acc"]["p"]
+    check(p < 0.05 and by["F3"]["stats"]["reason_id_acc"]["p"] < 0.05 and by["F3"]["verdict"] == "not reproduced"
+          and "facts_acc" in by["F3"]["why"], f"F3 strong K effect: p = {p:.4f} < 0.05, not reproduced")
+    by, _ = analyzed(synth_rows(reason="peak"))
+    b = by["F6"]["stats"]["main"]
+    check(by["F6"]["verdict"] == "reproduced" and b["E"] == 16,
+          f"F6 reasoning peaked at E=16 (tpp {b['tpp']:.1f}): reproduced", f"{by['F6']['verdict']} {by['F6']['why']}")
+    by, _ = analyzed(synth_rows(reason="rising"))
+    check(by["F6"]["verdict"] == "not reproduced" and by["F2"]["verdict"] == "not reproduced",
+          "reasoning rising to E=64 (an edge optimum at tpp ~8, grid spans 20): F6 and F2 not reproduced",
+          f"{by['F6']['verdict']} {by['F6']['why']}; {by['F2']['verdict']}")
+    v, _ = sr.tpp_verdict(by["F6"]["stats"]["small"])
+    check(v == "inconclusive", "an optimum at the grid's edge with 20 outside the grid: inconclusive", v)
+
+
+def test_partial(tmp):
+    rows = synth_rows(seeds=(1,), grpo=False, ttc=False)
+    by, _ = analyzed(rows)
+    check(all(by[f]["verdict"].startswith("inconclusive") for f in ("F3", "F4", "F5", "F6")),
+          "one seed, no GRPO or test-time compute: F3-F6 inconclusive",
+          str({f: by[f]["verdict"] for f in by}))
+    check("too few runs" in by["F4"]["verdict"] and "too few runs" in by["F3"]["verdict"],
+          "... saying too few runs")
+    out = os.path.join(tmp, "one_seed_report")
+    rc, text = run_main(write_sweep(os.path.join(tmp, "one_seed"), rows), "--out", out)
+    check(rc == 0 and os.path.exists(os.path.join(out, "study_vs_total_params.png"))
+          and not os.path.exists(os.path.join(out, "study_grpo.png")) and "study_grpo.png skipped" in text,
+          "main on one seed per model: runs, plots, skips the GRPO figure with a note", text[-800:])
+    rows = synth_rows(seeds=(1,), grpo=False, ttc=False, topk=False, small=False, only=(1, 4))
+    by, _ = analyzed(rows)
+    check(all(f["verdict"].startswith("inconclusive (too few runs") for f in by.values()),
+          "two finished models: every finding inconclusive (too few runs: ...)", str({f: by[f]["verdict"] for f in by}))
+    out = os.path.join(tmp, "two_report")
+    rc, text = run_main(write_sweep(os.path.join(tmp, "two"), rows), "--out", out)
+    check(rc == 0 and os.path.exists(os.path.join(out, "verdict.md")), "main on two models does not crash", text[-800:])
+    d = write_sweep(os.path.join(tmp, "none"), synth_rows(seeds=(1,), only=(1,), topk=False, small=False))
+    with open(os.path.join(d, "results.csv")) as f:
+        lines = f.read().splitlines()
+    with open(os.path.join(d, "results.csv"), "w") as f:
+        f.write("\n".join(lines[:1] + [ln.replace(",done,", ",failed,") for ln in lines[1:]]) + "\n")
+    rc, text = run_main(d, "--out", os.path.join(tmp, "none_report"))
+    check(rc == 0 and "0 finished runs" in text, "no finished run: still a report", text[-500:])
+
+
+def test_no_numpy(tmp):
+    py = shutil.which("python3", path="/usr/bin:/bin")
+    if not py or subprocess.run([py, "-c", "import numpy"], capture_output=True).returncode == 0:
+        print("SKIP no-numpy message: no python3 without numpy at /usr/bin")
+        return
+    r = subprocess.run([py, os.path.join(HERE, "study_report.py"), tmp, "--out", tmp], capture_output=True, text=True)
+    check(r.returncode == 2 and "pip install numpy matplotlib" in r.stderr,
+          "without numpy: exit 2 and 'pip install numpy matplotlib'", r.stderr[-400:])
+
+
+def main():
+    test_t_quantiles()
+    with tempfile.TemporaryDirectory(prefix="test_study_report_") as tmp:
+        test_full(tmp)
+        test_contrasts()
+        test_partial(tmp)
+        test_no_numpy(tmp)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
