@@ -29,7 +29,7 @@ BLAS_LIBS = $(if $(wildcard $(BLAS_OMP_DIR)/libopenblas.so.0),-L$(BLAS_OMP_DIR) 
 comma := ,
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train arith grpo-demo study test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
+.PHONY: all train arith grpo-demo study test-data test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
@@ -71,6 +71,7 @@ test: venv test_moe train_moe ref
 	$(MAKE) --no-print-directory test-hf
 	$(PY) scripts/test_sweep.py --require-all
 	$(PY) scripts/test_study_report.py
+	$(MAKE) --no-print-directory test-data
 	./test_moe dev/ref
 	$(MAKE) --no-print-directory test-blas
 	$(MAKE) --no-print-directory test-sanitize
@@ -78,6 +79,13 @@ test: venv test_moe train_moe ref
 
 venv:
 	@dev/setup_venv.sh
+
+# the study's data is reproducible: build_study.py at its defaults writes exactly the committed
+# manifest (every file's sha256 in it), so the committed study results match what `make study` builds
+test-data:
+	@d=$$(mktemp -d) && python3 data/build_study.py --out $$d > /dev/null && \
+	if cmp -s $$d/manifest.json data/study/manifest.json; then echo "test-data: build_study.py rebuilds data/study/manifest.json byte for byte"; rm -rf $$d; \
+	else echo "test-data: FAILED: build_study.py's output differs from data/study/manifest.json"; diff $$d/manifest.json data/study/manifest.json | head; rm -rf $$d; exit 1; fi
 
 # the C suite on the OpenBLAS build, where OpenBLAS is installed
 test-blas: dev/ref/manifest.txt
