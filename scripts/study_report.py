@@ -639,6 +639,21 @@ def grpo_gain(row, task):
     return after - before if after is not None and before is not None else None
 
 
+def mean_interval(vs):
+    """Mean of vs with its 95% t-interval (df = n - 1); lo = hi = mean for one value."""
+    n = len(vs)
+    m = sum(vs) / n
+    if n < 2:
+        return {"mean": m, "lo": m, "hi": m, "n": n}
+    sd = math.sqrt(sum((v - m) ** 2 for v in vs) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": n}
+
+
+def fmt_gain(g):
+    return f"{100 * g['mean']:+.1f} [{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}] points (n={g['n']})"
+
+
 def grpo(models, fams):
     main = [m for m in family(models, fams["main"])
             if any(num(r.get("grpo_reason_id_acc")) is not None for r in m["rows"])]
@@ -656,6 +671,15 @@ def grpo(models, fams):
     errs = [s["error"] for s in (after, g) if "error" in s]
     if errs:
         return finding("F4", measured, f"inconclusive ({errs[0]})", "", stats)
+    gains = [sum(v) / len(v) for v in ([grpo_gain(r, "reason_id") for r in m["rows"]
+                                        if grpo_gain(r, "reason_id") is not None] for m in main) if v]
+    mg = mean_interval(gains)
+    stats["reason_id"]["mean_gain"] = mg
+    measured += f"; mean reason_id gain over the models {fmt_gain(mg)}"
+    if mg["lo"] <= 0.0:  # "does not rescue" is only a test where GRPO helps at all
+        return finding("F4", measured, "inconclusive",
+                       "GRPO did not improve the models on average (the mean gain's interval reaches 0), "
+                       "so whether it rescues sparse ones cannot be told", stats)
     if side(after) == "above":
         return finding("F4", measured, "not reproduced",
                        f"after GRPO reason_id still rises with sparsity at E>={SPARSE_E} (interval above 0)", stats)

@@ -70,7 +70,7 @@ def shapes(topk=True, small=True):
 
 
 def synth_rows(facts_slope=0.05, topk_effect=0.0, reason="flat", seeds=(1, 2, 3), grpo=True, ttc=True,
-               topk=True, small=True, only=None, noise=0.01, seed=7):
+               topk=True, small=True, only=None, noise=0.01, seed=7, grpo_gain=0.05):
     """Rows of a synthetic results.csv. reason: 'flat' (rises to E=8, flat beyond), 'peak' (best at
     E=16 of the main family), 'rising' (linear in log2 total)."""
     rng = random.Random(seed)
@@ -109,7 +109,7 @@ def synth_rows(facts_slope=0.05, topk_effect=0.0, reason="flat", seeds=(1, 2, 3)
             if grpo and s == seeds[0] and "E" in fams.split(";"):
                 for t in ("reason_id", "reason_shift"):
                     r[f"grpo0_{t}_acc"] = r[f"{t}_acc"]
-                    r[f"grpo_{t}_acc"] = acc(r[f"{t}_acc"] + 0.05)
+                    r[f"grpo_{t}_acc"] = acc(r[f"{t}_acc"] + grpo_gain)
             rows.append(r)
     return rows
 
@@ -187,6 +187,9 @@ def test_full(tmp):
           by["F3"]["verdict"])
     check(by["F4"]["verdict"] == "reproduced", "F4 constant GRPO gain, flat sparse end: reproduced",
           f"{by['F4']['verdict']} {by['F4']['measured']}")
+    by0, _ = analyzed(synth_rows(grpo_gain=0.0))
+    check(by0["F4"]["verdict"] == "inconclusive" and "did not improve" in by0["F4"]["why"],
+          "F4 with GRPO gains around 0: inconclusive (no rescue can be told)", f"{by0['F4']['verdict']} {by0['F4']['why']}")
     check(by["F5"]["verdict"] == "reproduced" and by["F5"]["stats"]["n"] == 32,
           "F5 maj@32 and pass@32 flat beyond E=8: reproduced", f"{by['F5']['verdict']} {by['F5']['why']}")
     check(by["F6"]["verdict"].split(" (")[0] in ("reproduced", "not reproduced", "inconclusive"),
