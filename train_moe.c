@@ -331,28 +331,6 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
         sai = sbj; sak = sbk; sbk = t2; sbj = t1;
     }
     int direct = sak == 1;
-#ifdef USE_BLAS
-    // one cblas_sgemm per problem. A group (the experts) runs one product per thread, so OpenBLAS
-    // works single-threaded inside the parallel loop instead of splitting each small product over
-    // all the threads in turn; a single product gets all the threads.
-    char* by_blas = (char*)callocCheck((size_t)G, 1);
-    for (int g = 0; g < G; g++) {
-        CBLAS_TRANSPOSE ta, tb;
-        int lda, ldb;
-        by_blas[g] = p[g].M > 0 && p[g].N > 0 && p[g].K > 0 && blas_layout(sai, sak, p[g].M, p[g].K, &ta, &lda) &&
-                     blas_layout(sbk, sbj, p[g].K, p[g].N, &tb, &ldb);
-    }
-    #pragma omp parallel for schedule(dynamic, 1) if (G > 1)
-    for (int g = 0; g < G; g++) {
-        if (!by_blas[g]) continue;
-        CBLAS_TRANSPOSE ta = CblasNoTrans, tb = CblasNoTrans;
-        int lda = 0, ldb = 0;
-        blas_layout(sai, sak, p[g].M, p[g].K, &ta, &lda);
-        blas_layout(sbk, sbj, p[g].K, p[g].N, &tb, &ldb);
-        cblas_sgemm(CblasRowMajor, ta, tb, p[g].M, p[g].N, p[g].K, 1.0f, p[g].a, lda, p[g].b, ldb,
-                    accumulate ? 1.0f : 0.0f, p[g].c, p[g].N);
-    }
-#endif
     // per problem: where its packed slivers and its tiles start (prefix sums over the problems)
     size_t* at = (size_t*)mallocCheck(4 * (size_t)(G + 1) * sizeof(size_t));
     size_t *bt = at + (G + 1), *aoff = bt + (G + 1), *boff = aoff + (G + 1); // sliver and float offsets
@@ -365,7 +343,12 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
             for (int i = 0; i < M; i++) memset(p[g].c + (size_t)i * N, 0, N * sizeof(float));
         if (K <= 0) mt = nt = 0;
 #ifdef USE_BLAS
-        if (by_blas[g]) mt = nt = 0; // done above
+        CBLAS_TRANSPOSE ta, tb;
+        int lda, ldb;
+        if (mt && blas_layout(sai, sak, M, K, &ta, &lda) && blas_layout(sbk, sbj, K, N, &tb, &ldb)) {
+            cblas_sgemm(CblasRowMajor, ta, tb, M, N, K, 1.0f, p[g].a, lda, p[g].b, ldb, accumulate ? 1.0f : 0.0f, p[g].c, N);
+            mt = nt = 0;
+        }
 #endif
         at[g + 1] = at[g] + mt;
         bt[g + 1] = bt[g] + nt;
@@ -422,9 +405,6 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
     free(ps);
     free(at);
     free(tiles);
-#ifdef USE_BLAS
-    free(by_blas);
-#endif
 }
 
 // the problems go in batches whose packed operands fit in cache (GEMM_BATCH_FLOATS), so what a
