@@ -300,7 +300,7 @@ static int validate_case(int version, ClsShape c) {
     for (int n = 0; n < c.N; n++) memcpy(packed + (size_t)n * c.V, logits + (size_t)n * c.Vp, c.V * sizeof(float));
     float* losses = make_zeros_float(c.N);
     float* dpacked = make_zeros_float(NV);
-    crossentropy_forward(losses, dpacked, packed, targets, c.N, c.V); // dpacked: the softmax ...
+    crossentropy_forward(losses, dpacked, packed, targets, c.N, c.V, 0.0f); // dpacked: the softmax ...
     crossentropy_backward(dpacked, targets, NULL, dloss, c.N, c.V);       // ... turned into dlogits in place
     float* dlogits = make_zeros_float(NVp); // padded back, zeros in the padding
     for (int n = 0; n < c.N; n++) memcpy(dlogits + (size_t)n * c.Vp, dpacked + (size_t)n * c.V, c.V * sizeof(float));
