@@ -530,6 +530,22 @@ def needs_ttc(cfg, run, run_dir):
     return run["steps"] not in parse_log(os.path.join(run_dir, "log.txt"))["ttc"]
 
 
+def run_to_file(cmd, path, env):
+    """Runs cmd (killed on an interrupt, as the trainers are) with its output appended to path after
+    a header line; returns the exit status."""
+    with open(path, "a") as so:
+        so.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        so.flush()
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=so, stderr=subprocess.STDOUT, env=env)
+        with LIVE_LOCK:
+            LIVE.add(p)
+        try:
+            return p.wait()
+        finally:
+            with LIVE_LOCK:
+                LIVE.discard(p)
+
+
 def run_ttc(cfg, run, run_dir, trainer, env, tag):
     """Test-time compute on the final checkpoint: -y 1 -ex 1 -tn S -tt T (the trainer logs the
     "ttc" lines, and the task lines again, at the final step)."""
@@ -538,17 +554,7 @@ def run_ttc(cfg, run, run_dir, trainer, env, tag):
                                                  "-tt", str(cfg.get("ttc_temp", 0.8))]
     log(f"{tag} {run['name']}: test-time compute, {n_samples} samples per item")
     t0 = time.time()
-    with open(os.path.join(run_dir, "stdout.txt"), "a") as so:
-        so.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-        so.flush()
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=so, stderr=subprocess.STDOUT, env=env)
-        with LIVE_LOCK:
-            LIVE.add(p)
-        try:
-            rc = p.wait()
-        finally:
-            with LIVE_LOCK:
-                LIVE.discard(p)
+    rc = run_to_file(cmd, os.path.join(run_dir, "stdout.txt"), env)
     info = read_json(os.path.join(run_dir, "run.json")) or {}
     info["ttc_s"] = time.time() - t0
     write_json(os.path.join(run_dir, "run.json"), info)
@@ -598,17 +604,7 @@ def run_grpo(cfg, run, run_dir, trainer, env, tag):
     cmd += [str(x) for x in g.get("args", [])]
     log(f"{tag} {run['name']}: GRPO, {g['steps']} steps")
     t0 = time.time()
-    with open(os.path.join(gdir, "stdout.txt"), "a") as so:
-        so.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-        so.flush()
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=so, stderr=subprocess.STDOUT, env=env)
-        with LIVE_LOCK:
-            LIVE.add(p)
-        try:
-            rc = p.wait()
-        finally:
-            with LIVE_LOCK:
-                LIVE.discard(p)
+    rc = run_to_file(cmd, os.path.join(gdir, "stdout.txt"), env)
     info = read_json(os.path.join(run_dir, "run.json")) or {}
     info["grpo_s"] = info.get("grpo_s", 0.0) + time.time() - t0
     info["grpo_command"] = cmd
