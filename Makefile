@@ -29,7 +29,7 @@ BLAS_LIBS = $(if $(wildcard $(BLAS_OMP_DIR)/libopenblas.so.0),-L$(BLAS_OMP_DIR) 
 comma := ,
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train arith grpo-demo study test-data test venv test-hf test-blas ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
+.PHONY: all train arith grpo-demo study test-data test venv test-hf test-blas test-dist bench-dist ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
@@ -43,6 +43,14 @@ train_moe_blas: train_moe.c
 	$(CC) $(CFLAGS) $(BLAS_FLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
 test_moe_blas: test_moe.c train_moe.c
 	$(CC) $(CFLAGS) $(BLAS_FLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
+
+# USE_MPI: train_moe_mpi, training across processes (mpirun -np R ./train_moe_mpi ..., README "Beyond one
+# process"). MPICC: an MPI compiler wrapper on PATH, else MPICH's from PyPI in .venv (make venv installs it)
+MPICC ?= $(or $(shell command -v mpicc 2>/dev/null),$(wildcard $(VENV)/bin/mpicc))
+MPIEXEC ?= $(or $(wildcard $(dir $(MPICC))mpiexec),mpiexec)
+train_moe_mpi: train_moe.c
+	@if [ -z "$(MPICC)" ]; then echo "train_moe_mpi: no MPI compiler (mpicc): make venv installs MPICH into $(VENV)"; exit 1; fi
+	$(MPICC) $(CFLAGS) -DUSE_MPI $< $(LDLIBS) -o $@
 
 # the default job: the bundled data, a small MoE, under 10 minutes on 2 cores
 train: train_moe
@@ -72,6 +80,7 @@ test: venv test_moe train_moe ref
 	$(PY) scripts/test_sweep.py --require-all
 	$(PY) scripts/test_study_report.py
 	$(MAKE) --no-print-directory test-data
+	$(MAKE) --no-print-directory test-dist
 	./test_moe dev/ref
 	$(MAKE) --no-print-directory test-blas
 	$(MAKE) --no-print-directory test-sanitize
@@ -86,6 +95,14 @@ test-data:
 	@d=$$(mktemp -d) && python3 data/build_study.py --out $$d > /dev/null && \
 	if cmp -s $$d/manifest.json data/study/manifest.json; then echo "test-data: build_study.py rebuilds data/study/manifest.json byte for byte"; rm -rf $$d; \
 	else echo "test-data: FAILED: build_study.py's output differs from data/study/manifest.json"; diff $$d/manifest.json data/study/manifest.json | head; rm -rf $$d; exit 1; fi
+
+# across processes: data and expert parallel runs under mpiexec equal the one-process run (scripts/test_dist.py)
+test-dist: train_moe train_moe_mpi
+	$(PY) scripts/test_dist.py --mpiexec $(MPIEXEC) --trainer ./train_moe --mpi-trainer ./train_moe_mpi
+
+# step time and tokens/s of R = 1, 2 processes on this machine's cores, OMP threads split (a benchmark)
+bench-dist: train_moe train_moe_mpi
+	$(PY) scripts/bench_dist.py --mpiexec $(MPIEXEC)
 
 # the C suite on the OpenBLAS build, where OpenBLAS is installed
 test-blas: dev/ref/manifest.txt
@@ -146,7 +163,7 @@ gpu-check-build:
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk gpu-check-build
 
 clean:
-	rm -f train_moe test_moe train_moe_san test_moe_san train_moe_blas test_moe_blas
+	rm -f train_moe test_moe train_moe_san test_moe_san train_moe_blas test_moe_blas train_moe_mpi
 	$(MAKE) --no-print-directory -C dev/fuzz clean
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk cuda-clean
 	$(MAKE) --no-print-directory -C dev/cuda clean

@@ -33,6 +33,9 @@ Build: make train_moe          Run: ./train_moe -h
 #ifdef USE_BLAS
 #include <cblas.h>
 #endif
+#ifdef USE_MPI
+#include <mpi.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // utilities: checked I/O and allocation, RNG, clock
@@ -840,9 +843,10 @@ void unpermute_backward(float* dye, float* dgate, const float* dout, const float
     }
 }
 
-// aux_l = E * sum_e f_e * P_e  (f_e = counts_e/(N*K), no gradient; P_e = mean_n softmax(z_n)_e)
-// zl_l = mean_n lse_n^2
-void router_losses(float* aux, float* zl, const float* z, const float* lse, const int* counts, int N, int E, int K) {
+// aux_l = E * sum_e f_e * P_e  (f_e = counts_e/(Nc*K), no gradient; P_e = mean_n softmax(z_n)_e)
+// zl_l = mean_n lse_n^2. counts are over Nc tokens: this batch's N, or across processes the whole
+// batch of every rank (f global, as Megatron-Core's load balancing; P and zl stay this rank's means)
+void router_losses(float* aux, float* zl, const float* z, const float* lse, const int* counts, int Nc, int N, int E, int K) {
     double* P = (double*)callocCheck(E, sizeof(double));
     double zs = 0.0;
     for (int n = 0; n < N; n++) {
@@ -851,16 +855,17 @@ void router_losses(float* aux, float* zl, const float* z, const float* lse, cons
         zs += (double)lse[n] * lse[n];
     }
     double a = 0.0;
-    for (int e = 0; e < E; e++) a += ((double)counts[e] / ((double)N * K)) * (P[e] / N);
+    for (int e = 0; e < E; e++) a += ((double)counts[e] / ((double)Nc * K)) * (P[e] / N);
     *aux = (float)(E * a);
     *zl = (float)(zs / N);
     free(P);
 }
-// dz[N,E] (=) from the gates (dgate), the aux loss (scaled by daux) and the z-loss (scaled by dzl)
+// dz[N,E] (=) from the gates (dgate), the aux loss (scaled by daux) and the z-loss (scaled by dzl);
+// counts over Nc tokens as in router_losses
 void router_backward(float* dz, const float* dgate, const float* z, const float* lse, const int* topi,
-                     const float* gate, const int* counts, float daux, float dzl, int N, int E, int K) {
+                     const float* gate, const int* counts, int Nc, float daux, float dzl, int N, int E, int K) {
     float* f = (float*)mallocCheck((size_t)E * sizeof(float));
-    for (int e = 0; e < E; e++) f[e] = (float)counts[e] / ((float)N * K);
+    for (int e = 0; e < E; e++) f[e] = (float)counts[e] / ((float)Nc * K);
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float* zn = z + (size_t)n * E;
@@ -938,6 +943,26 @@ void crossentropy_backward(float* probs, const int* targets, const float* weight
         d[targets[n]] -= scale;
     }
 }
+
+// ----------------------------------------------------------------------------
+// processes (README "Beyond one process"; USE_MPI builds run under mpirun, the plain build is always
+// one process). R = world ranks: every rank trains on B/R sequences of each global batch; the
+// experts are sharded over groups of ep consecutive ranks (ep_rank p holds experts
+// [p*E/ep, (p+1)*E/ep) of every layer), everything else is replicated on every rank.
+
+typedef struct {
+    int rank, world;   // in MPI_COMM_WORLD; world 1: one process, no MPI call is made
+    int ep, ep_rank;   // expert-parallel group size, and this rank's place in its group
+#ifdef USE_MPI
+    MPI_Comm ep_comm;  // the ep ranks that send each other tokens (all-to-all)
+    MPI_Comm edp_comm; // the world/ep ranks that hold the same experts (their gradients are all-reduced)
+#endif
+} Dist;
+static Dist dist = {0, 1, 1, 0
+#ifdef USE_MPI
+                    , MPI_COMM_NULL, MPI_COMM_NULL
+#endif
+};
 
 // ----------------------------------------------------------------------------
 // the model: configuration, parameters (one block), activations (one block), forward, backward
@@ -1027,6 +1052,12 @@ typedef struct {
     const float* token_weights; // NULL: the backward is of the mean ce; else of sum_n w[n]*ce_n (GRPO)
     float fused_dloss;  // > 0: model_forward with targets also writes the dlogits of model_backward(fused_dloss)
     float dlogits_dloss; // the fused_dloss of the last forward (0: none): model_backward skips crossentropy_backward
+    // across processes: the experts held here are El of the E, from e0 (one process: all, from 0)
+    int El, e0;
+    int collective;      // 1: forward and backward are one rank's part of a step of every rank (all take part)
+    int* gcounts;        // L x E  the expert counts over every rank's tokens (collective steps)
+    int *rcounts, *offs_r; // El < E: L x ep x El rows each peer sends each local expert; L x (El+1) their offsets
+    float *xr, *ye_r, *dye_r, *dxe_r, *ep_tmp; // El < E: the rows received for the local experts (xr: L x ..)
 } Model;
 
 // what is wrong with a configuration (NULL: nothing); msg holds the text
@@ -1056,11 +1087,15 @@ static void model_config_check(const MoEConfig* c, const char* where) {
     if (model_config_error(c, msg, sizeof msg)) { fprintf(stderr, "Error: %s: %s\n", where, msg); exit(EXIT_FAILURE); }
 }
 
-// allocate parameters, gradients and the optimizer state (zeros)
-void model_build(Model* model, const MoEConfig* config) {
+// allocate parameters, gradients and the optimizer state (zeros), holding experts [e0, e0+El) of
+// every layer (model_build: all of them)
+void model_build_experts(Model* model, const MoEConfig* config, int e0, int El) {
     memset(model, 0, sizeof(*model));
     model->config = *config;
     fill_param_sizes(model->param_sizes, config);
+    for (int t = 8; t <= 10; t++) model->param_sizes[t] = model->param_sizes[t] / config->E * El; // w1, w3, w2
+    model->e0 = e0;
+    model->El = El;
     size_t n = 0;
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) n += model->param_sizes[i];
     model->num_params = n;
@@ -1076,6 +1111,8 @@ void model_build(Model* model, const MoEConfig* config) {
     model->zl = (float*)callocCheck(config->L, sizeof(float));
     model->step = -1;
 }
+void model_build(Model* model, const MoEConfig* config) { model_build_experts(model, config, 0, config->E); }
+static int is_expert_tensor(int t) { return t >= 8 && t <= 10; } // w1, w3, w2
 
 // Megatron's init: every matrix ~ N(0, std), wo and w2 ~ N(0, std/sqrt(2L)), norm weights 1
 void model_init_random(Model* model, uint64_t seed, float std) {
@@ -1097,10 +1134,12 @@ static void model_alloc_acts(Model* model, int B, int T) {
     const MoEConfig* c = &model->config;
     size_t N = (size_t)B * T, L = c->L, C = c->C, D = c->C / c->H, HD = c->H * D, KD = c->Hkv * D;
     size_t E = c->E, K = c->K, F = c->F, NK = N * K, V = c->V;
+    int sharded = model->El < c->E; // expert parallel: the experts here may get every slot of the group
+    size_t NKx = NK * (sharded ? dist.ep : 1);
     size_t sizes[NUM_ACT_TENSORS] = {
         (L + 1) * N * C, L * N * C, L * N * C, L * N, L * N * HD, L * N * KD, L * N * KD,
         L * B * c->H * (size_t)T * T, L * N * HD, L * N * C, L * N, L * N * E, L * N, L * N * K,
-        L * NK * C, L * NK * F, L * NK * F, L * NK * F, L * NK * C, N * C};
+        L * NK * C, L * NKx * F, L * NKx * F, L * NKx * F, L * NK * C, N * C};
     size_t total = 0;
     for (int i = 0; i < NUM_ACT_TENSORS; i++) total += sizes[i];
     model->acts_memory = (float*)mallocCheck(total * sizeof(float));
@@ -1133,10 +1172,21 @@ static void model_alloc_acts(Model* model, int B, int T) {
     model->dgate = (float*)mallocCheck(N * K * sizeof(float));
     model->dxe = (float*)mallocCheck(NK * C * sizeof(float));
     model->dye = (float*)mallocCheck(NK * C * sizeof(float));
-    model->dact = (float*)mallocCheck(NK * F * sizeof(float));
-    model->dh1 = (float*)mallocCheck(NK * F * sizeof(float));
-    model->dh3 = (float*)mallocCheck(NK * F * sizeof(float));
+    model->dact = (float*)mallocCheck(NKx * F * sizeof(float));
+    model->dh1 = (float*)mallocCheck(NKx * F * sizeof(float));
+    model->dh3 = (float*)mallocCheck(NKx * F * sizeof(float));
     model->dlogits = (float*)mallocCheck(N * V * sizeof(float));
+    if (dist.world > 1) model->gcounts = (int*)mallocCheck(L * E * sizeof(int));
+    if (sharded) {
+        size_t El = model->El;
+        model->rcounts = (int*)mallocCheck(L * dist.ep * El * sizeof(int));
+        model->offs_r = (int*)mallocCheck(L * (El + 1) * sizeof(int));
+        model->xr = (float*)mallocCheck(L * NKx * C * sizeof(float));
+        model->ye_r = (float*)mallocCheck(NKx * C * sizeof(float));
+        model->dye_r = (float*)mallocCheck(NKx * C * sizeof(float));
+        model->dxe_r = (float*)mallocCheck(NKx * C * sizeof(float));
+        model->ep_tmp = (float*)mallocCheck(NKx * C * sizeof(float));
+    }
     model->maxB = B;
     model->maxT = T;
 }
@@ -1145,7 +1195,8 @@ static void model_free_acts(Model* model) {
     void* ptrs[] = {model->acts_memory, model->f_rstd, model->logits, model->losses, model->topi, model->counts,
                     model->offs, model->row_of, model->tok_of, model->freqs_cos, model->freqs_sin, model->dres,
                     model->dbuf, model->dq, model->dk, model->dv, model->datty, model->dz, model->dgate,
-                    model->dxe, model->dye, model->dact, model->dh1, model->dh3, model->dlogits};
+                    model->dxe, model->dye, model->dact, model->dh1, model->dh3, model->dlogits, model->gcounts,
+                    model->rcounts, model->offs_r, model->xr, model->ye_r, model->dye_r, model->dxe_r, model->ep_tmp};
     for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) free(ptrs[i]);
     model->acts_memory = NULL;
 }
@@ -1154,6 +1205,88 @@ void model_free(Model* model) {
     if (model->acts_memory) model_free_acts(model);
     free(model->params_memory); free(model->grads_memory); free(model->m_memory); free(model->v_memory);
     free(model->aux); free(model->zl);
+}
+
+// ----------------------------------------------------------------------------
+// the collectives of a step across processes (dist.world > 1; the plain build never reaches the MPI calls)
+
+// the expert counts over every rank's tokens: gc[E] = the sum over ranks of counts[E]
+static void dist_sum_counts(int* gc, const int* counts, int E) {
+#ifdef USE_MPI
+    MPI_Allreduce(counts, gc, E, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+#else
+    memcpy(gc, counts, E * sizeof(int));
+#endif
+}
+
+// expert parallel, step 1: who sends whom how many rows. Peer p of the group owns experts
+// [p*El, (p+1)*El); counts[E] are this rank's rows per expert. rc[p*El + j] = the rows peer p has
+// for local expert j (an all-to-all of El counts per peer), offs_r[El+1] = where local expert j's
+// rows start once they are grouped by expert (what experts_forward reads)
+static void ep_plan(int* rc, int* offs_r, const int* counts, int El) {
+#ifdef USE_MPI
+    MPI_Alltoall(counts, El, MPI_INT, rc, El, MPI_INT, dist.ep_comm);
+#else
+    memcpy(rc, counts, El * sizeof(int));
+#endif
+    offs_r[0] = 0;
+    for (int j = 0; j < El; j++) {
+        int n = 0;
+        for (int p = 0; p < dist.ep; p++) n += rc[p * El + j];
+        offs_r[j + 1] = offs_r[j] + n;
+    }
+}
+
+// the received rows arrive grouped by peer (and within a peer by expert); the experts want them
+// grouped by expert (and within an expert by peer). to_expert 1: in (by peer) -> out (by expert); 0: back
+static void ep_reorder(float* out, const float* in, const int* rc, int El, int W, int to_expert) {
+    int P = dist.ep;
+    size_t by_expert = 0;
+    for (int j = 0; j < El; j++)
+        for (int p = 0; p < P; p++) {
+            size_t by_peer = 0; // rows before (p, j) in the peer-major order
+            for (int q = 0; q < P; q++)
+                for (int i = 0; i < El; i++)
+                    if (q < p || (q == p && i < j)) by_peer += rc[q * El + i];
+            size_t n = (size_t)rc[p * El + j] * W;
+            if (to_expert) memcpy(out + by_expert * W, in + by_peer * W, n * sizeof(float));
+            else memcpy(out + by_peer * W, in + by_expert * W, n * sizeof(float));
+            by_expert += rc[p * El + j];
+        }
+}
+
+static double ep_sent[2]; // floats this rank gave the all-to-alls of ep_exchange: in all, and to other ranks
+
+// expert parallel, steps 2 and 4: rows of width W between this rank and the owners of their experts.
+// dir +1 (dispatch): src = this rank's rows in permute_plan order (counts[E] per expert) -> dst = the
+// rows of the local experts, grouped by expert (offs_r). dir -1 (combine): the reverse. tmp: scratch
+// as large as dst. The backward pass uses the same two exchanges, for dye and dxe.
+static void ep_exchange(float* dst, const float* src, float* tmp, const int* counts, const int* rc, int El, int W, int dir) {
+#ifdef USE_MPI
+    int P = dist.ep;
+    int* cnt = (int*)mallocCheck(4 * (size_t)P * sizeof(int)); // floats to/from each peer and their offsets
+    int *sc = cnt, *sd = cnt + P, *rcv = cnt + 2 * P, *rd = cnt + 3 * P;
+    for (int p = 0; p < P; p++) {
+        sc[p] = 0; rcv[p] = 0;
+        for (int j = 0; j < El; j++) { sc[p] += counts[p * El + j] * W; rcv[p] += rc[p * El + j] * W; }
+        sd[p] = p ? sd[p - 1] + sc[p - 1] : 0;
+        rd[p] = p ? rd[p - 1] + rcv[p - 1] : 0;
+    }
+    const int* out = dir > 0 ? sc : rcv; // what this rank sends
+    for (int p = 0; p < P; p++) { ep_sent[0] += out[p]; ep_sent[1] += p == dist.ep_rank ? 0 : out[p]; }
+    if (dir > 0) {
+        MPI_Alltoallv(src, sc, sd, MPI_FLOAT, tmp, rcv, rd, MPI_FLOAT, dist.ep_comm);
+        ep_reorder(dst, tmp, rc, El, W, 1);
+    } else {
+        ep_reorder(tmp, src, rc, El, W, 0);
+        MPI_Alltoallv(tmp, rcv, rd, MPI_FLOAT, dst, sc, sd, MPI_FLOAT, dist.ep_comm);
+    }
+    free(cnt);
+#else
+    (void)dst; (void)src; (void)tmp; (void)counts; (void)rc; (void)El; (void)W; (void)dir;
+    fprintf(stderr, "Error: expert parallelism needs the MPI build (make train_moe_mpi)\n");
+    exit(EXIT_FAILURE);
+#endif
 }
 
 // stop on non-finite router logits: training on them would only spread NaN (model->step says when)
@@ -1181,6 +1314,12 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
             exit(EXIT_FAILURE);
         }
     int N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    int El = model->El, sharded = El < E, coll = model->collective && dist.world > 1;
+    int NKx = NK * (sharded ? dist.ep : 1); // rows of h1, h3, act: with expert parallelism, up to the group's
+    if (sharded && !coll) {
+        fprintf(stderr, "Error: a model holding %d of %d experts runs only as part of a step of every rank\n", El, E);
+        exit(EXIT_FAILURE);
+    }
     model->B = B; model->T = T; model->inputs = inputs; model->targets = targets;
     ParamTensors p = model->params;
     ActTensors a = model->acts;
@@ -1194,9 +1333,9 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         const float* wv = p.wv + (size_t)l * KD * C;
         const float* wo = p.wo + (size_t)l * C * HD;
         const float* wr = p.wr + (size_t)l * E * C;
-        const float* w1 = p.w1 + (size_t)l * E * F * C;
-        const float* w3 = p.w3 + (size_t)l * E * F * C;
-        const float* w2 = p.w2 + (size_t)l * E * C * F;
+        const float* w1 = p.w1 + (size_t)l * El * F * C;
+        const float* w3 = p.w3 + (size_t)l * El * F * C;
+        const float* w2 = p.w2 + (size_t)l * El * C * F;
         float* res = a.resid + (size_t)l * N * C;
         float* res_mid = a.resid_mid + (size_t)l * N * C;
         float* an = a.a + (size_t)l * N * C;
@@ -1215,9 +1354,9 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         int* row_of = model->row_of + (size_t)l * NK;
         int* tok_of = model->tok_of + (size_t)l * NK;
         float* xe = a.xe + (size_t)l * NK * C;
-        float* h1 = a.h1 + (size_t)l * NK * F;
-        float* h3 = a.h3 + (size_t)l * NK * F;
-        float* act = a.act + (size_t)l * NK * F;
+        float* h1 = a.h1 + (size_t)l * NKx * F;
+        float* h3 = a.h3 + (size_t)l * NKx * F;
+        float* act = a.act + (size_t)l * NKx * F;
         float* ye = a.ye + (size_t)l * NK * C;
         // attention block
         rmsnorm_forward(an, a.a_rstd + (size_t)l * N, res, p.attn_norm + (size_t)l * C, N, C, c->eps);
@@ -1237,11 +1376,22 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         permute_plan(counts, offs, row_of, tok_of, topi, N, E, K);
         permute_forward(xe, m, tok_of, NK, C);
         phase_mark(PH_ROUTE_FWD);
-        experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs, E, C, F);
+        if (sharded) { // expert parallel: permute -> dispatch -> experts -> combine -> unpermute
+            int* rc = model->rcounts + (size_t)l * dist.ep * El;
+            int* offs_r = model->offs_r + (size_t)l * (El + 1);
+            float* xr = model->xr + (size_t)l * NKx * C;
+            ep_plan(rc, offs_r, counts, El);
+            ep_exchange(xr, xe, model->ep_tmp, counts, rc, El, C, +1);
+            experts_forward(model->ye_r, h1, h3, act, xr, w1, w3, w2, offs_r, El, C, F);
+            ep_exchange(ye, model->ye_r, model->ep_tmp, counts, rc, El, C, -1);
+        } else
+            experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs, E, C, F);
         phase_mark(PH_EXPERTS_FWD);
         unpermute_forward(res + (size_t)N * C, res_mid, ye, gate, row_of, N, K, C);
         phase_mark(PH_UNPERM_FWD);
-        router_losses(&model->aux[l], &model->zl[l], z, lse, counts, N, E, K);
+        const int* fc = counts; // the load-balancing counts: this batch's, or in a step of every rank, theirs
+        if (coll) { fc = model->gcounts + (size_t)l * E; dist_sum_counts(model->gcounts + (size_t)l * E, counts, E); }
+        router_losses(&model->aux[l], &model->zl[l], z, lse, fc, coll ? N * dist.world : N, N, E, K);
         phase_mark(PH_ROUTE_FWD);
     }
     rmsnorm_forward(a.xf, model->f_rstd, a.resid + (size_t)L * N * C, p.final_norm, N, C, c->eps);
@@ -1269,6 +1419,8 @@ void model_backward(Model* model, float dloss) {
     const MoEConfig* c = &model->config;
     int B = model->B, T = model->T, L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
     int E = c->E, K = c->K, F = c->F, V = c->V, N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    int El = model->El, sharded = El < E, coll = model->collective && dist.world > 1;
+    int NKx = NK * (sharded ? dist.ep : 1);
     ParamTensors p = model->params, g = model->grads;
     ActTensors a = model->acts;
     // classifier and final norm
@@ -1294,7 +1446,7 @@ void model_backward(Model* model, float dloss) {
         const float* wv = p.wv + (size_t)l * KD * C;
         const float* wo = p.wo + (size_t)l * C * HD;
         const float* wr = p.wr + (size_t)l * E * C;
-        size_t eo1 = (size_t)l * E * F * C, eo2 = (size_t)l * E * C * F;
+        size_t eo1 = (size_t)l * El * F * C, eo2 = (size_t)l * El * C * F;
         const float* res = a.resid + (size_t)l * N * C;
         const float* res_mid = a.resid_mid + (size_t)l * N * C;
         const float* m = a.m + (size_t)l * N * C;
@@ -1309,14 +1461,25 @@ void model_backward(Model* model, float dloss) {
         // MoE block, in reverse: unpermute -> experts -> permute -> topk/router
         unpermute_backward(model->dye, model->dgate, dres, a.ye + (size_t)l * NK * C, gate, row_of, N, K, C);
         phase_mark(PH_UNPERM_BWD);
-        experts_backward(model->dxe, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
-                         model->dye, xe, a.h1 + (size_t)l * NK * F, a.h3 + (size_t)l * NK * F,
-                         a.act + (size_t)l * NK * F, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs, E, C, F);
+        const float* h1 = a.h1 + (size_t)l * NKx * F;
+        const float* h3 = a.h3 + (size_t)l * NKx * F;
+        const float* act = a.act + (size_t)l * NKx * F;
+        if (sharded) { // the forward's exchanges mirrored: dye to the experts' owners, dxe back
+            const int* rc = model->rcounts + (size_t)l * dist.ep * El;
+            ep_exchange(model->dye_r, model->dye, model->ep_tmp, counts, rc, El, C, +1);
+            experts_backward(model->dxe_r, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
+                             model->dye_r, model->xr + (size_t)l * NKx * C, h1, h3, act, p.w1 + eo1, p.w3 + eo1,
+                             p.w2 + eo2, model->offs_r + (size_t)l * (El + 1), El, C, F);
+            ep_exchange(model->dxe, model->dxe_r, model->ep_tmp, counts, rc, El, C, -1);
+        } else
+            experts_backward(model->dxe, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
+                             model->dye, xe, h1, h3, act, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs, E, C, F);
         phase_mark(PH_EXPERTS_BWD);
         float* dm = model->dbuf;
         memset(dm, 0, (size_t)N * C * sizeof(float));
         permute_backward(dm, model->dxe, row_of, N, K, C);
-        router_backward(model->dz, model->dgate, z, lse, topi, gate, counts, dloss * c->aux_coef,
+        router_backward(model->dz, model->dgate, z, lse, topi, gate, coll ? model->gcounts + (size_t)l * E : counts,
+                        coll ? N * dist.world : N, dloss * c->aux_coef,
                         dloss * c->z_coef, N, E, K);
         matmul_backward(dm, g.wr + (size_t)l * E * C, model->dz, m, wr, N, C, E);
         // dres already holds the gradient through the MoE residual connection
@@ -2569,15 +2732,16 @@ float eval_val_loss(Model* model, DataLoader* val, int max_batches) {
 
 // one layer's router: the share of token slots each expert received (as a multiple of the uniform
 // share), empty experts, the mean router entropy (nats) from z[N,E] and lse[N], aux and z
-void print_router_layer(FILE* logfile, int step, int l, const int* counts, const float* z, const float* lse,
-                        int N, int E, int K, float aux, float zl) {
+// counts over Nc tokens (N, or every rank's), the entropy over the N of z and lse
+void print_router_layer_of(FILE* logfile, int step, int l, const int* counts, int Nc, const float* z, const float* lse,
+                           int N, int E, int K, float aux, float zl) {
     int mn = counts[0], mx = counts[0], empty = 0;
     for (int e = 0; e < E; e++) { if (counts[e] < mn) mn = counts[e]; if (counts[e] > mx) mx = counts[e]; empty += counts[e] == 0; }
     double ent = 0.0;
     for (int n = 0; n < N; n++)
         for (int e = 0; e < E; e++) { double p = exp(z[(size_t)n * E + e] - lse[n]); if (p > 0) ent -= p * log(p); }
     ent /= N;
-    double uni = (double)N * K / E;
+    double uni = (double)Nc * K / E;
     printf("  router layer %d: load min %.2f max %.2f (x uniform), empty %d/%d, entropy %.3f (max %.3f), aux %.4f z %.4f |",
            l, mn / uni, mx / uni, empty, E, ent, log((double)E), aux, zl);
     int show = E <= 16 ? E : 16;
@@ -2590,13 +2754,20 @@ void print_router_layer(FILE* logfile, int step, int l, const int* counts, const
     }
 }
 
-// every layer's router after the last forward
+void print_router_layer(FILE* logfile, int step, int l, const int* counts, const float* z, const float* lse,
+                        int N, int E, int K, float aux, float zl) {
+    print_router_layer_of(logfile, step, l, counts, N, z, lse, N, E, K, aux, zl);
+}
+
+// every layer's router after the last forward. After a step of every rank (model->gcounts) the loads
+// are over every rank's tokens and the entropy over this rank's
 void print_router_stats(const Model* model, FILE* logfile, int step) {
     const MoEConfig* c = &model->config;
-    int N = model->B * model->T, E = c->E;
+    int N = model->B * model->T, E = c->E, all = model->gcounts != NULL;
     for (int l = 0; l < c->L; l++)
-        print_router_layer(logfile, step, l, model->counts + (size_t)l * E, model->acts.z + (size_t)l * N * E,
-                           model->acts.lse + (size_t)l * N, N, E, c->K, model->aux[l], model->zl[l]);
+        print_router_layer_of(logfile, step, l, (all ? model->gcounts : model->counts) + (size_t)l * E,
+                              all ? N * dist.world : N, model->acts.z + (size_t)l * N * E, model->acts.lse + (size_t)l * N,
+                              N, E, c->K, model->aux[l], model->zl[l]);
 }
 
 #ifdef TESTING
@@ -2817,6 +2988,7 @@ typedef struct {
     const char* rl_file; // -rl: GRPO post-training on this eval-format prompt file
     GrpoConfig grpo;
     int lr_given[3];     // -l, -u, -q given (else GRPO uses its own defaults)
+    int ep;              // -ep: expert-parallel group size (processes, MPI build)
 } Args;
 
 static void usage(void) {
@@ -2862,7 +3034,12 @@ static void usage(void) {
 "  -rm M mini-batch updates per rollout batch, dividing P (4)   -rt sampling temperature (1.0)\n"
 "  -rc clip epsilon (0.2)   -rk k3 KL coefficient (0.001, 0 = no reference model)\n"
 "  -ra loss aggregation: 0 token mean (default), 1 per-sequence mean (DeepSeekMath), 2 token sum / R (Dr. GRPO)\n"
-"  with -rl the defaults of -l, -u, -q become 5e-6, 0, 1 (a constant lr without warm-up)\n");
+"  with -rl the defaults of -l, -u, -q become 5e-6, 0, 1 (a constant lr without warm-up)\n"
+"across processes (make train_moe_mpi; mpirun -np R ./train_moe_mpi ...; README \"Beyond one process\"):\n"
+"  -b is the global batch: each rank trains on B/R of its sequences (data parallel); rank 0 logs, evaluates\n"
+"  and writes checkpoints (the one-process format)\n"
+"  -ep P expert parallel: the experts of every layer sharded over groups of P ranks, tokens sent to them by\n"
+"        all-to-all (P divides R and E; default 1 = data parallel only)\n");
 }
 
 static int parse_int(const char* flag, const char* s) {
@@ -2897,6 +3074,7 @@ static void parse_args(Args* a, int argc, char** argv) {
     a->grpo = gd;
     MoEConfig d = {0, 0, 4, 128, 4, 0, 8, 2, 0, 10000.0f, 1e-5f, 1e-2f, 1e-3f};
     a->model = d;
+    a->ep = 1;
     for (int i = 1; i < argc; i++) {
         const char* f = argv[i];
         if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) { usage(); exit(EXIT_SUCCESS); }
@@ -2958,6 +3136,7 @@ static void parse_args(Args* a, int argc, char** argv) {
         else if (!strcmp(f, "-tt")) a->ttc_temp = parse_float(f, v);
         else if (!strcmp(f, "-fi")) a->fwd_in = v;
         else if (!strcmp(f, "-fo")) a->fwd_out = v;
+        else if (!strcmp(f, "-ep")) a->ep = parse_int(f, v);
         else { fprintf(stderr, "Error: unknown flag '%s' (-h lists them)\n", f); exit(EXIT_FAILURE); }
     }
     if (a->rl_file) { // the paper's post-training schedule: a constant lr, no warm-up
@@ -2992,7 +3171,202 @@ static void parse_args(Args* a, int argc, char** argv) {
     else if (a->rl_file && !(a->grpo.temp > 0)) bad = "-rt (sampling temperature) must be positive";
     else if (a->rl_file && !(a->grpo.clip > 0 && a->grpo.clip < 1)) bad = "-rc (clip epsilon) must be in (0, 1)";
     else if (a->rl_file && !(a->grpo.kl >= 0)) bad = "-rk (KL coefficient) must be >= 0";
+    else if (a->ep < 1) bad = "-ep (expert-parallel size) must be >= 1";
     if (bad) { fprintf(stderr, "Error: %s\n", bad); exit(EXIT_FAILURE); }
+}
+
+// ----------------------------------------------------------------------------
+// training across processes (README "Beyond one process"): the steps around the model's collectives
+
+// MPI_Init, this rank's place; ranks other than 0 print nothing but errors
+static void dist_init(int* argc, char*** argv) {
+#ifdef USE_MPI
+    MPI_Init(argc, argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &dist.rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &dist.world);
+    if (dist.rank != 0 && !freopen("/dev/null", "w", stdout)) exit(EXIT_FAILURE);
+#else
+    (void)argc; (void)argv;
+#endif
+}
+
+static void dist_finalize(void) {
+#ifdef USE_MPI
+    MPI_Finalize();
+#endif
+}
+
+// an error every rank finds alike (a flag, a shape): rank 0 says it, every rank exits non-zero
+static void dist_fail(const char* msg) {
+    if (dist.rank == 0) fprintf(stderr, "Error: %s\n", msg);
+    dist_finalize();
+    exit(EXIT_FAILURE);
+}
+
+// the flags against the number of processes, and the expert-parallel groups: ranks [g*ep, (g+1)*ep)
+// exchange tokens, ranks with the same rank % ep hold the same experts
+static void dist_setup(const Args* a, const MoEConfig* c) {
+    if (dist.world == 1 && a->ep == 1) return;
+#ifndef USE_MPI
+    (void)c;
+    dist_fail("-ep needs the MPI build (make train_moe_mpi; run it under mpirun)");
+#else
+    char msg[256];
+    const char* one = a->rl_file ? "-rl (GRPO)" : a->fwd_in ? "-fi/-fo (forward only)" : a->eval_only ? "-ex (eval only)" : NULL;
+    if (one) snprintf(msg, sizeof msg, "%s runs in one process, not across %d (run ./train_moe)", one, dist.world);
+    else if (dist.world % a->ep)
+        snprintf(msg, sizeof msg, "-ep %d does not divide the %d processes (mpirun -np)", a->ep, dist.world);
+    else if (c->E % a->ep)
+        snprintf(msg, sizeof msg, "-ep %d does not divide E=%d experts (flag -ne or the checkpoint)", a->ep, c->E);
+    else if (a->B % dist.world)
+        snprintf(msg, sizeof msg, "-b %d (the global batch) is not divisible by the %d processes", a->B, dist.world);
+    if (one || dist.world % a->ep || c->E % a->ep || a->B % dist.world) dist_fail(msg);
+    dist.ep = a->ep;
+    dist.ep_rank = dist.rank % dist.ep;
+    MPI_Comm_split(MPI_COMM_WORLD, dist.rank / dist.ep, dist.rank, &dist.ep_comm);
+    MPI_Comm_split(MPI_COMM_WORLD, dist.rank % dist.ep, dist.rank, &dist.edp_comm);
+    printf("processes: %d ranks = %d data parallel x %d expert parallel; %d sequences per rank, %d experts per rank\n",
+           dist.world, dist.world / dist.ep, dist.ep, a->B / dist.world, c->E / dist.ep);
+#endif
+}
+
+// this rank's part of a whole model that every rank made alike (one init seed, or one checkpoint):
+// the replicated tensors whole, experts [e0, e0+El) of each layer of the expert tensors; with AdamW m, v
+static void model_shard(Model* local, const Model* full, int e0, int El) {
+    const MoEConfig* c = &full->config;
+    model_build_experts(local, c, e0, El);
+    const float* src[3] = {full->params_memory, full->m_memory, full->v_memory};
+    float* dst[3] = {local->params_memory, local->m_memory, local->v_memory};
+    size_t per = (size_t)c->F * c->C; // one expert of one layer, in w1, w3 or w2
+    for (int b = 0; b < 3; b++) {
+        const float* sp = src[b];
+        float* dp = dst[b];
+        for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+            if (!is_expert_tensor(t)) memcpy(dp, sp, full->param_sizes[t] * sizeof(float));
+            else for (int l = 0; l < c->L; l++)
+                memcpy(dp + (size_t)l * El * per, sp + ((size_t)l * c->E + e0) * per, El * per * sizeof(float));
+            sp += full->param_sizes[t];
+            dp += local->param_sizes[t];
+        }
+    }
+}
+
+// the reverse, into rank 0's whole model (for evals and checkpoints): expert group 0 (ranks 0..ep-1)
+// holds every expert, so its ranks send theirs; the other groups hold copies and take no part
+static void dist_gather_model(Model* full, const Model* local, int with_optimizer) {
+#ifdef USE_MPI
+    if (dist.rank >= dist.ep) return;
+    const MoEConfig* c = &local->config;
+    int El = local->El, root = dist.rank == 0;
+    size_t per = (size_t)c->F * c->C;
+    const float* src[3] = {local->params_memory, local->m_memory, local->v_memory};
+    float* dst[3] = {root ? full->params_memory : NULL, root ? full->m_memory : NULL, root ? full->v_memory : NULL};
+    for (int b = 0; b < (with_optimizer ? 3 : 1); b++) {
+        const float* sp = src[b];
+        size_t doff = 0;
+        for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+            size_t whole = (size_t)c->L * c->E * per; // an expert tensor of the whole model
+            if (!is_expert_tensor(t)) {
+                if (root) memcpy(dst[b] + doff, sp, local->param_sizes[t] * sizeof(float));
+                doff += local->param_sizes[t];
+            } else {
+                for (int l = 0; l < c->L; l++)
+                    MPI_Gather(sp + (size_t)l * El * per, (int)(El * per), MPI_FLOAT,
+                               root ? dst[b] + doff + (size_t)l * c->E * per : NULL, (int)(El * per), MPI_FLOAT, 0,
+                               dist.ep_comm);
+                doff += whole;
+            }
+            sp += local->param_sizes[t];
+        }
+    }
+#else
+    (void)full; (void)local; (void)with_optimizer;
+#endif
+}
+
+// the sum over ranks of every gradient: the replicated tensors over all ranks, the expert tensors over
+// the ranks holding the same experts. Fixed buckets in a fixed order, so the sums never depend on timing.
+static void dist_allreduce_grads(Model* model) {
+#ifdef USE_MPI
+    const size_t bucket = (size_t)1 << 24;
+    float* g = model->grads_memory;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n = model->param_sizes[t];
+        int expert = is_expert_tensor(t), ranks = expert ? dist.world / dist.ep : dist.world;
+        for (size_t i = 0; i < n && ranks > 1; i += bucket)
+            MPI_Allreduce(MPI_IN_PLACE, g + i, (int)(n - i < bucket ? n - i : bucket), MPI_FLOAT, MPI_SUM,
+                          expert ? dist.edp_comm : MPI_COMM_WORLD);
+        g += n;
+    }
+#else
+    (void)model;
+#endif
+}
+
+// the global gradient norm when the experts are sharded: the replicated tensors' sum of squares (the
+// same on every rank) plus the sum over the expert group of each rank's experts'
+static float dist_grad_norm(const Model* model) {
+    double s[2] = {0.0, 0.0};
+    const float* g = model->grads_memory;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        s[is_expert_tensor(t)] += sumsq_deterministic(g, model->param_sizes[t]);
+        g += model->param_sizes[t];
+    }
+#ifdef USE_MPI
+    MPI_Allreduce(MPI_IN_PLACE, &s[1], 1, MPI_DOUBLE, MPI_SUM, dist.ep_comm);
+#endif
+    return (float)sqrt(s[0] + s[1]);
+}
+
+// x[n] = its mean over ranks (the logged loss terms)
+static void dist_mean(double* x, int n) {
+#ifdef USE_MPI
+    MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    for (int i = 0; i < n; i++) x[i] /= dist.world;
+#else
+    (void)x; (void)n;
+#endif
+}
+
+// wait for every rank (while rank 0 evaluates alone) sleeping, not spinning on the cores it needs
+static void dist_wait_all(void) {
+#ifdef USE_MPI
+    if (dist.world == 1) return;
+    MPI_Request req;
+    int done = 0;
+    MPI_Ibarrier(MPI_COMM_WORLD, &req);
+    for (;;) {
+        MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+        if (done) break;
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+#endif
+}
+
+// the replicas must hold the same bits: a hash of the replicated parameters over all ranks and of the
+// experts over the ranks holding the same ones, compared before each checkpoint (an error if not)
+static void dist_check_replicas(const Model* model) {
+#ifdef USE_MPI
+    uint64_t h[2] = {1469598103934665603ULL, 1469598103934665603ULL}; // FNV-1a: replicated, experts
+    const unsigned char* p = (const unsigned char*)model->params_memory;
+    for (int t = 0; t < NUM_PARAM_TENSORS; t++) {
+        size_t n = model->param_sizes[t] * sizeof(float);
+        uint64_t* hh = &h[is_expert_tensor(t)];
+        for (size_t i = 0; i < n; i++) *hh = (*hh ^ p[i]) * 1099511628211ULL;
+        p += n;
+    }
+    uint64_t lo[2], hi[2];
+    MPI_Allreduce(&h[0], &lo[0], 1, MPI_UINT64_T, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(&h[0], &hi[0], 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Allreduce(&h[1], &lo[1], 1, MPI_UINT64_T, MPI_MIN, dist.edp_comm);
+    MPI_Allreduce(&h[1], &hi[1], 1, MPI_UINT64_T, MPI_MAX, dist.edp_comm);
+    int bad = lo[0] != hi[0] || lo[1] != hi[1], any;
+    MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    if (any) dist_fail("the ranks' copies of the parameters differ (a reduction that is not the same on every rank)");
+#else
+    (void)model;
+#endif
 }
 
 // a checkpoint brings its own shape: any shape flag given must agree with it
@@ -3049,7 +3423,8 @@ static char* resume_checkpoint(const char* dir) {
         if (strcmp(tail, "n.tmp") == 0 && len == 22) {
             char* tmp = (char*)mallocCheck(strlen(dir) + len + 2);
             sprintf(tmp, "%s/%s", dir, ent->d_name);
-            if (remove(tmp) == 0) printf("resume: removed '%s', left by a checkpoint write that did not finish\n", tmp);
+            if (dist.rank != 0) {} // rank 0 cleans up
+            else if (remove(tmp) == 0) printf("resume: removed '%s', left by a checkpoint write that did not finish\n", tmp);
             else fprintf(stderr, "warning: cannot remove the partial checkpoint '%s': %s\n", tmp, strerror(errno));
             free(tmp);
         }
@@ -3234,6 +3609,7 @@ static void gentle_omp_wait_policy(char** argv) {
 
 int main(int argc, char** argv) {
     gentle_omp_wait_policy(argv);
+    dist_init(&argc, &argv);
     Args a;
     parse_args(&a, argc, argv);
     Tokenizer tk;
@@ -3258,12 +3634,23 @@ int main(int argc, char** argv) {
         model_init_random(&model, a.seed, a.init_std);
     }
     if (st.rng == 0) st.rng = hash3(st.seed, 0x5A3, 0);
+    dist_setup(&a, &model.config);
+    // expert parallel: each rank keeps its experts; rank 0 keeps the whole model too, for evals and checkpoints
+    Model whole, *em = &model;
+    if (dist.ep > 1) {
+        Model local;
+        int El = model.config.E / dist.ep;
+        model_shard(&local, &model, dist.ep_rank * El, El);
+        if (dist.rank == 0) { whole = model; em = &whole; }
+        else model_free(&model);
+        model = local;
+    }
     MoEConfig* c = &model.config;
     if (tk.ok && tk.V != c->V)
         fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
     if (a.fwd_in) return run_forward_only(&model, &a);
 
-    print_model_summary(c, model.num_params);
+    print_model_summary(c, em->num_params);
     int nthreads = 1;
 #ifdef OMP
     nthreads = omp_get_max_threads();
@@ -3280,9 +3667,12 @@ int main(int argc, char** argv) {
     }
     loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
     int rl_rows = a.rl_file ? a.grpo.P * a.grpo.G / a.grpo.M : 0;
-    model_alloc_acts(&model, a.B > rl_rows ? a.B : rl_rows, a.T);
+    int Bl = a.B / dist.world; // this rank's sequences of each global batch (all of them in one process)
+    // (rank 0's model, or its whole model, also evaluates: on whole batches)
+    model_alloc_acts(&model, dist.rank == 0 && dist.ep == 1 ? (a.B > rl_rows ? a.B : rl_rows) : Bl, a.T);
+    if (em != &model) model_alloc_acts(em, a.B, a.T);
     FILE* logf = NULL;
-    if (a.out_dir) {
+    if (a.out_dir && dist.rank == 0) {
         mkdir_p(a.out_dir);
         char* lp = (char*)mallocCheck(strlen(a.out_dir) + 16);
         sprintf(lp, "%s/log.txt", a.out_dir);
@@ -3307,24 +3697,34 @@ int main(int argc, char** argv) {
         return rc;
     }
     double tokens_per_step = (double)a.B * a.T * a.grad_accum, profiled_ms = 0;
-    int profiled = 0;
+    int profiled = 0, first_step = st.step;
+    float dl = 1.0f / (a.grad_accum * dist.world); // each micro-batch's share of the step's mean loss
     for (int step = st.step; step < a.steps; step++) {
         double t0 = now_ms();
         phase_clock.on = a.profile_every > 0; // training steps only, not the evals
         model_zero_grad(&model);
         double loss = 0, ce = 0, aux = 0, zl = 0;
         model.step = step + 1; // as the step line counts
+        model.collective = 1;  // across processes every rank takes part in this forward and backward
         for (int micro = 0; micro < a.grad_accum; micro++) {
             loader_next_batch(&train);
-            model.fused_dloss = 1.0f / a.grad_accum; // this forward also writes the classifier's dlogits
-            model_forward(&model, train.inputs, train.targets, a.B, a.T);
+            size_t mine = (size_t)dist.rank * Bl * a.T; // this rank's sequences of the batch
+            model.fused_dloss = dl; // this forward also writes the classifier's dlogits
+            model_forward(&model, train.inputs + mine, train.targets + mine, Bl, a.T);
             model.fused_dloss = 0.0f;
-            model_backward(&model, 1.0f / a.grad_accum);
+            model_backward(&model, dl);
             loss += model.loss; ce += model.ce;
             for (int l = 0; l < c->L; l++) { aux += model.aux[l] / c->L; zl += model.zl[l] / c->L; }
         }
+        model.collective = 0;
         loss /= a.grad_accum; ce /= a.grad_accum; aux /= a.grad_accum; zl /= a.grad_accum;
-        float norm = global_grad_norm(&model);
+        if (dist.world > 1) { // the sum of the ranks' gradients is the whole batch's; the logged terms their mean
+            dist_allreduce_grads(&model);
+            double terms[4] = {loss, ce, aux, zl};
+            dist_mean(terms, 4);
+            loss = terms[0]; ce = terms[1]; aux = terms[2]; zl = terms[3];
+        }
+        float norm = dist.ep > 1 ? dist_grad_norm(&model) : global_grad_norm(&model);
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
         float lr = lr_schedule(step, a.steps, a.warmup, a.lr, a.lr * a.min_lr_frac);
         model_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, step + 1, scale);
@@ -3345,27 +3745,52 @@ int main(int argc, char** argv) {
                 profiled_ms = 0;
             }
         }
-        if (a.val_every > 0 && ((step + 1) % a.val_every == 0 || last)) {
-            print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
-            float vl = eval_val_loss(&model, &val, a.val_batches);
-            printf("val loss %.4f\n", vl);
-            if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
-            run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, step + 1);
+        int val_now = a.val_every > 0 && ((step + 1) % a.val_every == 0 || last);
+        int sample_now = a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last);
+        int ckpt_now = a.out_dir && ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last);
+        if (dist.ep > 1 && (val_now || sample_now || ckpt_now)) dist_gather_model(em, &model, ckpt_now);
+        if (val_now) {
+            if (dist.world > 1) { // the router's aux and z of the last micro-batch: their means over ranks
+                double t[2];
+                for (int l = 0; l < c->L; l++) {
+                    t[0] = model.aux[l]; t[1] = model.zl[l];
+                    dist_mean(t, 2);
+                    model.aux[l] = (float)t[0]; model.zl[l] = (float)t[1];
+                }
+            }
+            if (dist.rank == 0) { // across processes rank 0 evaluates alone, on the whole model
+                print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
+                float vl = eval_val_loss(em, &val, a.val_batches);
+                printf("val loss %.4f\n", vl);
+                if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
+                run_task_evals(em, sets, nsets, &tk, eot, &a, logf, step + 1);
+            }
         }
-        if (a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last)) {
+        if (sample_now && dist.rank == 0) {
             printf("--- sample ---\n");
-            generate(&model, &tk, eot, a.gen_len, &st.rng);
+            generate(em, &tk, eot, a.gen_len, &st.rng);
             printf("--------------\n");
         }
-        if (a.out_dir && ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last)) {
-            char* path = (char*)mallocCheck(strlen(a.out_dir) + 32);
-            sprintf(path, "%s/model_%08d.bin", a.out_dir, step + 1);
-            TrainState now = {step + 1, train.pos, st.rng, st.seed};
-            checkpoint_save(&model, path, 1, &now);
-            printf("saved %s\n", path);
-            free(path);
+        if (ckpt_now) {
+            if (dist.world > 1) dist_check_replicas(&model);
+            if (dist.rank == 0) {
+                char* path = (char*)mallocCheck(strlen(a.out_dir) + 32);
+                sprintf(path, "%s/model_%08d.bin", a.out_dir, step + 1);
+                TrainState now = {step + 1, train.pos, st.rng, st.seed};
+                checkpoint_save(em, path, 1, &now);
+                printf("saved %s\n", path);
+                free(path);
+            }
         }
+        if (val_now || sample_now || ckpt_now) dist_wait_all();
         if (logf) fflush(logf);
+    }
+    if (dist.ep > 1 && a.steps > first_step) { // the all-to-all traffic against its formula
+        dist_mean(ep_sent, 2);
+        double per = dist.world * 4.0 / (a.steps - first_step); // bytes per step, all ranks
+        printf("all-to-all: %.0f bytes per step, all ranks, forward and backward (%.0f between ranks); "
+               "formula 2*N*K*C*4 per layer forward: %.0f per step\n", ep_sent[0] * per, ep_sent[1] * per,
+               2.0 * tokens_per_step * c->K * c->C * 4 * c->L);
     }
     if (logf) fclose(logf);
     for (int i = 0; i < nsets; i++) evalset_free(&sets[i]);
@@ -3374,7 +3799,9 @@ int main(int argc, char** argv) {
     loader_free(&val);
     tokenizer_free(&tk);
     model_free(&model);
+    if (em != &model) model_free(em);
     free(resume_path);
+    dist_finalize();
     return 0;
 }
 #endif

@@ -238,14 +238,14 @@ int main(int argc, char** argv) {
         for (int s = 0; s < NK; s++) counts[topi[s]]++;
         lab_print_load(counts, E);
         float loss[2];
-        router_losses(&loss[0], &loss[1], z, lse, counts, N, E, K);
+        router_losses(&loss[0], &loss[1], z, lse, counts, N, N, E, K);
         printf("aux %.6f  zl %.6f\n", loss[0], loss[1]);
         float* dgate = make_random_float(NK);
         float* zeros = make_zeros_float(NK);
         float* dz_full = (float*)mallocCheck((size_t)N * E * sizeof(float));
         float* dz_aux = (float*)mallocCheck((size_t)N * E * sizeof(float));
-        router_backward(dz_full, dgate, z, lse, topi, gate, counts, 1e-2f, 1e-3f, N, E, K);
-        router_backward(dz_aux, zeros, z, lse, topi, gate, counts, 1.0f, 1.0f, N, E, K);
+        router_backward(dz_full, dgate, z, lse, topi, gate, counts, N, 1e-2f, 1e-3f, N, E, K);
+        router_backward(dz_aux, zeros, z, lse, topi, gate, counts, N, 1.0f, 1.0f, N, E, K);
         float s_full = lab_max_abs(dz_full, (size_t)N * E), s_aux = lab_max_abs(dz_aux, (size_t)N * E);
 
         float* d_z = cuda_malloc_copy(z, (size_t)N * E);
