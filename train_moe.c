@@ -1255,7 +1255,7 @@ static void ep_reorder(float* out, const float* in, const int* rc, int El, int W
         }
 }
 
-static double ep_sent[2]; // floats this rank gave the all-to-alls of ep_exchange: in all, and to other ranks
+double ep_sent[2]; // floats this rank gave the all-to-alls of ep_exchange: in all, and to other ranks
 
 // expert parallel, steps 2 and 4: rows of width W between this rank and the owners of their experts.
 // dir +1 (dispatch): src = this rank's rows in permute_plan order (counts[E] per expert) -> dst = the
