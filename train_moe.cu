@@ -26,8 +26,14 @@ tokens, and the host reads the counts once per forward, with the losses.
 Host code (data loader, tokenizer, checkpoint file format, LR schedule, flags, the CPU model itself)
 is train_moe.c, included below inside `namespace cpu`, not copied.
 
+Data parallel (USE_MPI=1 builds, one process per GPU under mpirun): -b stays the global batch; every
+rank reads it and trains on its own B/R sequences; NCCL sums each layer's expert counts (the
+load-balancing loss of the whole batch, as Megatron-Core) and, after the last micro-batch, the gradients,
+so every rank takes the same AdamW step. Rank 0 alone prints, logs, evaluates and saves checkpoints.
+
 Build: make train_moe_cu  (PRECISION=FP32 for the fp32 build)       Run: ./train_moe_cu -h
    or: nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp -DOMP [-DPRECISION_FP32] train_moe.cu -lcublas -o train_moe_cu
+       make train_moe_cu_mpi                                          Run: mpirun -n 8 ./train_moe_cu_mpi -b 64 ...
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +55,10 @@ Build: make train_moe_cu  (PRECISION=FP32 for the fp32 build)       Run: ./train
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublas_v2.h>
+#ifdef USE_MPI
+#include <mpi.h>  // before train_moe.c, so that its own #include <mpi.h> (inside namespace cpu) adds nothing
+#include <nccl.h>
+#endif
 #ifdef USE_CUDNN
 #include <map>
 #include <tuple>
@@ -202,6 +212,159 @@ static void copy_floatX_to_host(float* dst, const floatX* src, size_t n) {
     free(tmp);
 #else
     cudaCheck(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyDeviceToHost));
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// data parallel (USE_MPI builds): R processes, one per GPU, started by mpirun; rank r trains on sequences
+// [r*B/R, (r+1)*B/R) of every global batch. The collectives: each layer's expert counts and the gradients,
+// summed over the ranks by NCCL; by MPI, the logged loss terms (their means over the ranks) and, before
+// each checkpoint, a checksum of every rank's parameters. Without USE_MPI there is one rank and these
+// functions do nothing.
+
+int dp_rank = 0, dp_world = 1; // this process's rank in MPI_COMM_WORLD, and the number of ranks R
+#ifdef USE_MPI
+static ncclComm_t dp_comm;
+static cudaStream_t dp_stream; // NCCL's: a blocking stream, so it is ordered with the default (legacy) stream
+                               // of every kernel both ways, with no events
+static void mpi_check(int err, const char* file, int line) {
+    if (err == MPI_SUCCESS) return;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(err, msg, &len);
+    cpu::die("MPI: %s", msg, file, line);
+}
+#define mpiCheck(err) mpi_check(err, __FILE__, __LINE__)
+static void nccl_check(ncclResult_t r, const char* file, int line) {
+    if (r != ncclSuccess) cpu::die("NCCL: %s", ncclGetErrorString(r), file, line);
+}
+#define ncclCheck(r) nccl_check(r, __FILE__, __LINE__)
+#endif
+
+// MPI_Init, this process's rank and the world size. Only rank 0 prints: the others' stdout goes to
+// /dev/null (their errors still reach stderr).
+void dp_init(int* argc, char*** argv) {
+#ifdef USE_MPI
+    mpiCheck(MPI_Init(argc, argv));
+    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &dp_rank));
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &dp_world));
+    if (dp_rank > 0 && !freopen("/dev/null", "w", stdout)) cpu::die("stdout to /dev/null: %s", strerror(errno), __FILE__, __LINE__);
+#else
+    (void)argc; (void)argv;
+#endif
+}
+
+// the GPU of this rank: rank % (GPUs this node shows)
+int dp_device(void) {
+    int dev = 0;
+#ifdef USE_MPI
+    int ndev = 0;
+    cudaCheck(cudaGetDeviceCount(&ndev));
+    if (ndev > 0) dev = dp_rank % ndev;
+#endif
+    return dev;
+}
+
+// after gpu_init chose this rank's GPU: rank 0 makes the NCCL id, MPI hands it to every rank, all join
+void dp_comm_init(void) {
+#ifdef USE_MPI
+    ncclUniqueId id;
+    if (dp_rank == 0) ncclCheck(ncclGetUniqueId(&id));
+    mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
+    ncclCheck(ncclCommInitRank(&dp_comm, dp_world, id, dp_rank));
+    cudaCheck(cudaStreamCreate(&dp_stream));
+#endif
+}
+
+void dp_free(void) {
+#ifdef USE_MPI
+    if (dp_comm) {
+        ncclCheck(ncclCommDestroy(dp_comm));
+        cudaCheck(cudaStreamDestroy(dp_stream));
+    }
+    dp_comm = NULL;
+    mpiCheck(MPI_Finalize());
+#endif
+}
+
+// stop after an error that every rank found alike (rank 0 has said what): every rank exits non-zero
+// and none is left waiting for another
+void dp_fail(void) {
+    dp_free();
+    exit(EXIT_FAILURE);
+}
+
+// every rank waits here for the others (while rank 0 evaluates or saves), asleep rather than spinning on
+// a core rank 0's host code may need
+void dp_barrier(void) {
+#ifdef USE_MPI
+    MPI_Request req;
+    int done = 0;
+    mpiCheck(MPI_Ibarrier(MPI_COMM_WORLD, &req));
+    for (;;) {
+        mpiCheck(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
+        if (done) break;
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+#endif
+}
+
+// x[n] (device) := its sum over the ranks, in place. NCCL adds in a fixed order for a given R and
+// machine, and every rank receives the same bits.
+void dp_sum_ints(int* x, size_t n) {
+#ifdef USE_MPI
+    ncclCheck(ncclAllReduce(x, x, n, ncclInt32, ncclSum, dp_comm, dp_stream));
+#else
+    (void)x; (void)n;
+#endif
+}
+void dp_sum_floats(float* x, size_t n) {
+#ifdef USE_MPI
+    ncclCheck(ncclAllReduce(x, x, n, ncclFloat32, ncclSum, dp_comm, dp_stream));
+#else
+    (void)x; (void)n;
+#endif
+}
+
+// x[n] (host) := its mean over the ranks
+void dp_mean(double* x, int n) {
+#ifdef USE_MPI
+    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    for (int i = 0; i < n; i++) x[i] /= dp_world;
+#else
+    (void)x; (void)n;
+#endif
+}
+
+#ifdef USE_MPI
+// *out += sum_i bits(x[i]) * (2i+1) mod 2^64: integer adds, the same in any order
+__global__ void checksum_kernel(unsigned long long* out, const float* x, size_t n) {
+    unsigned long long s = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        s += (unsigned long long)__float_as_uint(x[i]) * (2 * i + 1);
+    atomicAdd(out, s);
+}
+#endif
+// every rank must hold the same bits in x[n] (device: the replicated parameters): a checksum of them
+// compared over the ranks; where they differ, an error on rank 0 and every rank stops
+void dp_check_same(const float* x, size_t n, const char* what) {
+#ifdef USE_MPI
+    unsigned long long *sum_d, h, lo, hi;
+    cudaCheck(cudaMalloc(&sum_d, sizeof(*sum_d)));
+    cudaCheck(cudaMemset(sum_d, 0, sizeof(*sum_d)));
+    checksum_kernel<<<1024, 256>>>(sum_d, x, n);
+    cudaCheck(cudaGetLastError());
+    cudaCheck(cudaMemcpy(&h, sum_d, sizeof(h), cudaMemcpyDeviceToHost));
+    cuda_free(sum_d);
+    mpiCheck(MPI_Allreduce(&h, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD));
+    mpiCheck(MPI_Allreduce(&h, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD));
+    if (lo != hi) {
+        if (dp_rank == 0) fprintf(stderr, "Error: the ranks' copies of %s differ (a sum that was not the same on every rank)\n", what);
+        dp_fail();
+    }
+#else
+    (void)x; (void)n; (void)what;
 #endif
 }
 
@@ -1034,32 +1197,37 @@ __global__ void router_losses_partial_kernel(double* part, const float* z, const
     s = block_sum(s, sh);
     if (threadIdx.x == 0) part[e] = s;
 }
-__global__ void router_losses_final_kernel(float* aux, float* zl, const double* part, const int* counts, int N, int E, int K) {
+__global__ void router_losses_final_kernel(float* aux, float* zl, const double* part, const int* counts, int Nc, int N,
+                                           int E, int K) {
     double a = 0.0;
-    for (int e = 0; e < E; e++) a += ((double)counts[e] / ((double)N * K)) * (part[e] / N);
+    for (int e = 0; e < E; e++) a += ((double)counts[e] / ((double)Nc * K)) * (part[e] / N);
     *aux = (float)(E * a);
     *zl = (float)(part[E] / N);
 }
-// aux_l = E * sum_e f_e * P_e  (f_e = counts_e/(N*K), no gradient; P_e = mean_n softmax(z_n)_e)
-// zl_l = mean_n lse_n^2.  aux, zl: device floats; part: E+1 doubles of scratch
-void router_losses(float* aux, float* zl, const float* z, const float* lse, const int* counts, int N, int E, int K, double* part) {
+// aux_l = E * sum_e f_e * P_e  (f_e = counts_e/(Nc*K), no gradient; P_e = mean_n softmax(z_n)_e)
+// zl_l = mean_n lse_n^2. counts are over Nc tokens: this batch's N, or in a data-parallel step the whole
+// batch of every rank (f global, as Megatron-Core's load balancing; P and zl stay this rank's means).
+// aux, zl: device floats; part: E+1 doubles of scratch
+void router_losses(float* aux, float* zl, const float* z, const float* lse, const int* counts, int Nc, int N, int E, int K,
+                   double* part) {
     router_losses_partial_kernel<<<E + 1, 256>>>(part, z, lse, N, E);
     cudaCheck(cudaGetLastError());
-    router_losses_final_kernel<<<1, 1>>>(aux, zl, part, counts, N, E, K);
+    router_losses_final_kernel<<<1, 1>>>(aux, zl, part, counts, Nc, N, E, K);
     cudaCheck(cudaGetLastError());
 }
 
 __global__ void router_backward_kernel(float* dz, const float* dgate, const float* z, const float* lse, const int* topi,
-                                       const float* gate, const int* counts, float daux, float dzl, int N, int E, int K) {
+                                       const float* gate, const int* counts, int Nc, float daux, float dzl, int N, int E,
+                                       int K) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     const float* zn = z + (size_t)n * E;
     float* d = dz + (size_t)n * E;
     float fp = 0.0f; // sum_e f_e p_e
-    for (int e = 0; e < E; e++) fp += ((float)counts[e] / ((float)N * K)) * expf(zn[e] - lse[n]);
+    for (int e = 0; e < E; e++) fp += ((float)counts[e] / ((float)Nc * K)) * expf(zn[e] - lse[n]);
     for (int e = 0; e < E; e++) {
         float p = expf(zn[e] - lse[n]);
-        float f = (float)counts[e] / ((float)N * K);
+        float f = (float)counts[e] / ((float)Nc * K);
         d[e] = daux * E / N * p * (f - fp) + dzl * 2.0f / N * lse[n] * p;
     }
     // gates are a softmax over the chosen logits: dz_j = g_j (dg_j - sum_i g_i dg_i)
@@ -1069,10 +1237,11 @@ __global__ void router_backward_kernel(float* dz, const float* dgate, const floa
     for (int j = 0; j < K; j++) gdg += g[j] * dg[j];
     for (int j = 0; j < K; j++) d[topi[n * K + j]] += g[j] * (dg[j] - gdg);
 }
-// dz[N,E] (=, fp32) from the gates (dgate), the aux loss (scaled by daux) and the z-loss (scaled by dzl)
+// dz[N,E] (=, fp32) from the gates (dgate), the aux loss (scaled by daux) and the z-loss (scaled by dzl);
+// counts over Nc tokens as in router_losses
 void router_backward(float* dz, const float* dgate, const float* z, const float* lse, const int* topi,
-                     const float* gate, const int* counts, float daux, float dzl, int N, int E, int K) {
-    router_backward_kernel<<<ceil_div(N, 128), 128>>>(dz, dgate, z, lse, topi, gate, counts, daux, dzl, N, E, K);
+                     const float* gate, const int* counts, int Nc, float daux, float dzl, int N, int E, int K) {
+    router_backward_kernel<<<ceil_div(N, 128), 128>>>(dz, dgate, z, lse, topi, gate, counts, Nc, daux, dzl, N, E, K);
     cudaCheck(cudaGetLastError());
 }
 
@@ -1222,6 +1391,9 @@ typedef struct {
     int step;         // the step being trained (1-based, as printed), for error messages; -1: none
     const float* token_weights; // host, NULL: the backward is of the mean ce; else of sum_n w[n]*ce_n (GRPO)
     float* token_weights_d;     // device copy, N
+    int collective;   // 1: forward and backward are this rank's part of a step of every rank (all take part):
+                      // the forward sums each layer's expert counts over the ranks (dp_sum_ints)
+    int counts_ranks; // the ranks whose tokens the counts of the last forward count (1, or R after a collective one)
 } Model;
 
 // allocate parameters, gradients and the optimizer state (zeros) on the GPU
@@ -1427,6 +1599,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         }
     int N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
     model->B = B; model->T = T; model->inputs = inputs; model->targets = targets;
+    model->counts_ranks = model->collective ? dp_world : 1;
     cudaCheck(cudaMemcpy(model->inputs_d, inputs, N * sizeof(int), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemset(model->nonfinite_d, 0, (size_t)L * sizeof(int)));
     ParamTensors p = model->params;
@@ -1483,8 +1656,11 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         permute_forward(xe, m, tok_of, NK, C);
         experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs_h, E, C, F, &model->group);
         unpermute_forward(res + (size_t)N * C, res_mid, ye, gate, row_of, N, K, C);
-        router_losses(model->loss_terms_d + 1 + l, model->loss_terms_d + 1 + L + l, z, lse, counts, N, E, K,
-                      model->reduce_scratch);
+        // the load-balancing counts: this batch's, or in a step of every rank, their sum (in place: the
+        // plan above is done with them; the backward reads the sum)
+        if (model->collective) dp_sum_ints(counts, E);
+        router_losses(model->loss_terms_d + 1 + l, model->loss_terms_d + 1 + L + l, z, lse, counts,
+                      N * model->counts_ranks, N, E, K, model->reduce_scratch);
     }
     rmsnorm_forward(a.xf, model->f_rstd, a.resid + (size_t)L * N * C, p.final_norm, N, C, c->eps);
     matmul_forward(model->logits, a.xf, p.lm_head, N, C, V);
@@ -1518,7 +1694,8 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
 void model_zero_grad(Model* model) { cudaCheck(cudaMemset(model->grads_memory, 0, model->num_params * sizeof(float))); }
 
 // backward of the last forward (which must have had targets); gradients of dloss * loss are ADDED into
-// model->grads (dloss = 1/grad_accum_steps averages the micro-batches). The logits become their gradient.
+// model->grads (dloss = 1/grad_accum_steps averages the micro-batches; data parallel, 1/(grad_accum_steps*R):
+// the sum over the ranks is then the gradient of the global mean). The logits become their gradient.
 void model_backward(Model* model, float dloss) {
     const MoEConfig* c = &model->config;
     int B = model->B, T = model->T, L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
@@ -1567,8 +1744,8 @@ void model_backward(Model* model, float dloss) {
         floatX* dm = model->dbuf;
         cudaCheck(cudaMemset(dm, 0, (size_t)N * C * X));
         permute_backward(dm, model->dxe, row_of, N, K, C);
-        router_backward(model->dz, model->dgate, z, lse, topi, gate, counts, dloss * c->aux_coef,
-                        dloss * c->z_coef, N, E, K);
+        router_backward(model->dz, model->dgate, z, lse, topi, gate, counts, N * model->counts_ranks,
+                        dloss * c->aux_coef, dloss * c->z_coef, N, E, K);
         cast_to_floatX(model->dzx, model->dz, (size_t)N * E); // bf16 builds: the router gradient enters the GEMMs as bf16
         matmul_backward(dm, g.wr + (size_t)l * E * C, model->dzx, m, wr, N, C, E);
         // dres already holds the gradient through the MoE residual connection
@@ -1741,6 +1918,26 @@ void generate(Model* model, const Tokenizer* tk, int eot, int gen_len, uint64_t*
     free(probs);
 }
 
+// ce of the val batch in the loader: one forward, or where the activations hold fewer rows (data
+// parallel: B/R), forwards of as many rows as they hold, the mean over all their counted targets
+static float val_batch_ce(Model* model, const DataLoader* val) {
+    int B = val->B, T = val->T;
+    int rows = model->acts_memory ? (int)((size_t)model->maxB * model->maxT / T) : B;
+    if (B <= rows) {
+        model_forward(model, val->inputs, val->targets, B, T);
+        return model->ce;
+    }
+    double sum = 0.0;
+    long counted = 0;
+    for (int b = 0; b < B; b += rows) {
+        int nb = B - b < rows ? B - b : rows;
+        model_forward(model, val->inputs + (size_t)b * T, val->targets + (size_t)b * T, nb, T);
+        sum += (double)model->ce * model->counted;
+        counted += model->counted;
+    }
+    return counted ? (float)(sum / counted) : 0.0f;
+}
+
 // mean ce over up to max_batches val batches (all of them if max_batches <= 0)
 float eval_val_loss(Model* model, DataLoader* val, int max_batches) {
     loader_reset(val);
@@ -1750,27 +1947,27 @@ float eval_val_loss(Model* model, DataLoader* val, int max_batches) {
         if (max_batches > 0 && n >= max_batches) break;
         loader_next_batch(val);
         if (val->pos.epoch > 0) break; // wrapped around: the whole val set was seen
-        model_forward(model, val->inputs, val->targets, val->B, val->T);
-        sum += model->ce;
+        sum += val_batch_ce(model, val);
         n++;
     }
     return n ? (float)(sum / n) : NAN;
 }
 
-// per layer: the share of token slots each expert received (as a multiple of the uniform 1/E),
-// the mean router entropy (nats), aux and z of the last forward
+// per layer: the share of token slots each expert received (as a multiple of the uniform 1/E), the
+// mean router entropy (nats), aux and z of the last forward. After a step of every rank the loads are
+// over every rank's tokens (the summed counts) and the entropy over this rank's, as in train_moe.c
 void print_router_stats(const Model* model, FILE* logfile, int step) {
     const MoEConfig* c = &model->config;
     int N = model->B * model->T, E = c->E;
     float* z = (float*)mallocCheck((size_t)N * E * sizeof(float));
     float* lse = (float*)mallocCheck((size_t)N * sizeof(float));
-    int* counts = (int*)mallocCheck((size_t)E * sizeof(int));
+    int* counts = (int*)mallocCheck((size_t)c->L * E * sizeof(int));
+    cudaCheck(cudaMemcpy(counts, model->counts, (size_t)c->L * E * sizeof(int), cudaMemcpyDeviceToHost));
     for (int l = 0; l < c->L; l++) {
         cudaCheck(cudaMemcpy(z, model->acts.z + (size_t)l * N * E, (size_t)N * E * sizeof(float), cudaMemcpyDeviceToHost));
         cudaCheck(cudaMemcpy(lse, model->acts.lse + (size_t)l * N, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost));
-        const int* offs = model->offs_h + (size_t)l * (E + 1);
-        for (int e = 0; e < E; e++) counts[e] = offs[e + 1] - offs[e];
-        cpu::print_router_layer(logfile, step, l, counts, z, lse, N, E, c->K, model->aux[l], model->zl[l]);
+        cpu::print_router_layer_of(logfile, step, l, counts + (size_t)l * E, N * model->counts_ranks, z, lse, N, E, c->K,
+                                   model->aux[l], model->zl[l]);
     }
     free(z); free(lse); free(counts);
 }
@@ -2119,9 +2316,10 @@ double peak_flops(void) {
 #endif
 }
 
-// pick the GPU, make the cuBLAS handle (fp32 accumulation and reductions, no TF32)
+// pick the GPU (data parallel: the rank's, dp_device), make the cuBLAS handle (fp32 accumulation and
+// reductions, no TF32)
 void gpu_init(void) {
-    int dev = 0;
+    int dev = dp_device();
     cudaCheck(cudaSetDevice(dev));
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, dev));
@@ -2154,6 +2352,23 @@ void gpu_free(void) {
 
 using cpu::Args;
 
+// the flags against the number of ranks, which every rank checks alike: rank 0 says what is wrong,
+// every rank stops. Expert parallelism (-ep) is train_moe.c's alone.
+static void dp_check_flags(const Args* a) {
+    const char* one = a->rl_file ? "-rl (GRPO)" : a->fwd_in ? "-fi/-fo (forward only)" : a->eval_only ? "-ex (eval only)" : NULL;
+    if (a->ep == 1 && (dp_world == 1 || (!one && a->B % dp_world == 0))) return;
+    if (dp_rank == 0) {
+        if (a->ep != 1)
+            fprintf(stderr, "Error: -ep %d: expert parallelism is train_moe_mpi's (train_moe.c); train_moe_cu is data "
+                            "parallel only (USE_MPI=1: mpirun -n R ./train_moe_cu_mpi)\n", a->ep);
+        else if (one) fprintf(stderr, "Error: %s runs in one process, not across %d ranks (run ./train_moe_cu)\n", one, dp_world);
+        else
+            fprintf(stderr, "Error: the batch size B=%d (flag -b) must be divisible by the %d ranks: -b is the global batch, "
+                            "of which each rank trains B/%d sequences\n", a->B, dp_world, dp_world);
+    }
+    dp_fail();
+}
+
 // -fi/-fo: logits of the loaded model on raw int32 tokens
 static int run_forward_only(Model* model, const Args* a) {
     size_t n = (size_t)a->B * a->T;
@@ -2185,7 +2400,7 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
     for (int i = 0; i < nsets; i++) {
         double bpt, bpb, maj[16], pass[16];
         int trunc, scored, ns[16];
-        eval_task_loss(model, &sets[i], tk, a->B, a->T, eot, &bpt, &bpb, &trunc);
+        eval_task_loss(model, &sets[i], tk, a->B / dp_world, a->T, eot, &bpt, &bpb, &trunc); // rows the activations hold
         double acc = 0.0;
         scored = 0;
         if (!sets[i].loss_only) acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
@@ -2282,10 +2497,13 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
 }
 
 int main(int argc, char** argv) {
+    dp_init(&argc, &argv);
     Args a;
     cpu::parse_args(&a, argc, argv);
+    dp_check_flags(&a);
     gpu_init();
-    if (a.profile_every > 0) fprintf(stderr, "note: -pf (the per-phase time table) is train_moe.c's: train_moe_cu ignores it\n");
+    dp_comm_init();
+    if (dp_rank == 0 && a.profile_every > 0) fprintf(stderr, "note: -pf (the per-phase time table) is train_moe.c's: train_moe_cu ignores it\n");
     Tokenizer tk;
     if (tokenizer_init(&tk, a.tokenizer) != 0) exit(EXIT_FAILURE);
     // the model: from a checkpoint (-e or -y) or a random init
@@ -2309,13 +2527,18 @@ int main(int argc, char** argv) {
     }
     if (st.rng == 0) st.rng = hash3(st.seed, 0x5A3, 0);
     MoEConfig* c = &model.config;
-    if (tk.ok && tk.V != c->V)
+    if (dp_rank == 0 && tk.ok && tk.V != c->V)
         fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
-    if (a.fwd_in) return run_forward_only(&model, &a);
+    if (a.fwd_in) {
+        int rc = run_forward_only(&model, &a);
+        dp_free();
+        return rc;
+    }
 
     cpu::print_model_summary(c, model.num_params);
     printf("train: B=%d T=%d grad_accum=%d steps=%d lr=%g warmup=%d min_lr=%g wd=%g clip=%g precision=%s\n",
            a.B, a.T, a.grad_accum, a.steps, a.lr, a.warmup, a.lr * a.min_lr_frac, a.weight_decay, a.grad_clip, PRECISION_NAME);
+    if (dp_world > 1) printf("data parallel: %d ranks, a GPU each (NCCL); each trains %d sequences of every batch\n", dp_world, a.B / dp_world);
 
     int nsets = 0;
     EvalSet* sets = cpu::evalsets_load(a.eval_files, c->V, a.T, &nsets);
@@ -2326,11 +2549,12 @@ int main(int argc, char** argv) {
     }
     loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
     int rl_rows = a.rl_file ? a.grpo.P * a.grpo.G / a.grpo.M : 0;
-    model_alloc_acts(&model, a.B > rl_rows ? a.B : rl_rows, a.T);
+    int Bl = a.B / dp_world; // the sequences of each global batch this rank trains on
+    model_alloc_acts(&model, Bl > rl_rows ? Bl : rl_rows, a.T);
     printf("gpu memory: %.1f MiB allocated by the trainer, %.1f MiB in use on the device\n",
            gpu_bytes_allocated / (1024.0 * 1024.0), gpu_mem_sample());
     FILE* logf = NULL;
-    if (a.out_dir) {
+    if (a.out_dir && dp_rank == 0) {
         cpu::mkdir_p(a.out_dir);
         char* lp = (char*)mallocCheck(strlen(a.out_dir) + 16);
         sprintf(lp, "%s/log.txt", a.out_dir);
@@ -2341,6 +2565,7 @@ int main(int argc, char** argv) {
     if (a.eval_only) {
         printf("val loss %.4f\n", eval_val_loss(&model, &val, a.val_batches));
         run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, st.step);
+        dp_free();
         return 0;
     }
     if (a.rl_file) {
@@ -2352,25 +2577,33 @@ int main(int argc, char** argv) {
         tokenizer_free(&tk);
         model_free(&model);
         gpu_free();
+        dp_free();
         free(resume_path);
         return rc;
     }
-    double tokens_per_step = (double)a.B * a.T * a.grad_accum;
-    double flops_per_step = tokens_per_step * flops_per_token(c, a.T), peak = peak_flops();
+    double tokens_per_step = (double)a.B * a.T * a.grad_accum; // of every rank
+    double flops_per_step = tokens_per_step * flops_per_token(c, a.T), peak = peak_flops() * dp_world;
+    size_t shard = (size_t)dp_rank * Bl * a.T; // where this rank's sequences start in each global batch
     for (int step = st.step; step < a.steps; step++) {
         cudaCheck(cudaDeviceSynchronize());
         double t0 = now_ms();
         model.step = step + 1; // as the step line counts
         model_zero_grad(&model);
         double loss = 0, ce = 0, aux = 0, zl = 0;
+        model.collective = 1;
         for (int micro = 0; micro < a.grad_accum; micro++) {
-            loader_next_batch(&train);
-            model_forward(&model, train.inputs, train.targets, a.B, a.T);
-            model_backward(&model, 1.0f / a.grad_accum);
+            loader_next_batch(&train); // the global batch: every rank reads it, and trains on its B/R sequences
+            model_forward(&model, train.inputs + shard, train.targets + shard, Bl, a.T);
+            model_backward(&model, 1.0f / (a.grad_accum * dp_world));
             loss += model.loss; ce += model.ce;
             for (int l = 0; l < c->L; l++) { aux += model.aux[l] / c->L; zl += model.zl[l] / c->L; }
         }
+        model.collective = 0; // the evals below are rank 0's alone
+        dp_sum_floats(model.grads_memory, model.num_params); // every rank: the gradient of the whole batch
         loss /= a.grad_accum; ce /= a.grad_accum; aux /= a.grad_accum; zl /= a.grad_accum;
+        double terms[4] = {loss, ce, aux, zl};
+        dp_mean(terms, 4); // what is logged: the means over the ranks
+        loss = terms[0]; ce = terms[1]; aux = terms[2]; zl = terms[3];
         float norm = global_grad_norm(&model);
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
         float lr = lr_schedule(step, a.steps, a.warmup, a.lr, a.lr * a.min_lr_frac);
@@ -2385,19 +2618,30 @@ int main(int argc, char** argv) {
         if (logf) fprintf(logf, "step %d loss %.6f ce %.6f aux %.6f z %.6f lr %.6e norm %.6f ms %.3f mfu %.5f mem_mib %.1f\n",
                           step + 1, loss, ce, aux, zl, lr, norm, ms, mfu, gpu_mem_peak_mib);
         int last = step + 1 == a.steps;
-        if (a.val_every > 0 && ((step + 1) % a.val_every == 0 || last)) {
+        int evals = a.val_every > 0 && ((step + 1) % a.val_every == 0 || last);
+        int sample = a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last);
+        int save = a.out_dir && ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last);
+        if (evals) { // the router's aux and z of the last micro-batch (for its stats): their means over the ranks
+            for (int l = 0; l < c->L; l++) {
+                double t[2] = {model.aux[l], model.zl[l]};
+                dp_mean(t, 2);
+                model.aux[l] = (float)t[0]; model.zl[l] = (float)t[1];
+            }
+        }
+        if (evals && dp_rank == 0) { // rank 0 evaluates alone, on its whole copy of the model
             print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
             float vl = eval_val_loss(&model, &val, a.val_batches);
             printf("val loss %.4f\n", vl);
             if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
             run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, step + 1);
         }
-        if (a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last)) {
+        if (sample && dp_rank == 0) {
             printf("--- sample ---\n");
             generate(&model, &tk, eot, a.gen_len, &st.rng);
             printf("--------------\n");
         }
-        if (a.out_dir && ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last)) {
+        if (save) dp_check_same(model.master_memory, model.num_params, "the parameters");
+        if (save && dp_rank == 0) {
             char* path = (char*)mallocCheck(strlen(a.out_dir) + 32);
             sprintf(path, "%s/model_%08d.bin", a.out_dir, step + 1);
             TrainState now = {step + 1, train.pos, st.rng, st.seed};
@@ -2405,6 +2649,7 @@ int main(int argc, char** argv) {
             printf("saved %s\n", path);
             free(path);
         }
+        if (evals || sample || save) dp_barrier(); // the other ranks wait for rank 0
         if (logf) fflush(logf);
     }
     printf("peak gpu memory %.0f MiB\n", gpu_mem_peak_mib);
@@ -2416,6 +2661,7 @@ int main(int argc, char** argv) {
     tokenizer_free(&tk);
     model_free(&model);
     gpu_free();
+    dp_free();
     free(resume_path);
     return 0;
 }

@@ -17,8 +17,12 @@
 #                                  CPU <-> GPU checkpoints, determinism, resume, task eval, the trainer
 #                                  binary (~11 trainer processes, CPU and GPU, of a tiny model)
 #   gpu test bf16              50  the same for the bf16 build, at the bf16 tolerances
-#   determinism                45  train_moe_cu (bf16, fp32, cuDNN) twice each, 20 steps of a small model
+#   determinism                40  train_moe_cu (bf16, fp32, cuDNN) twice each, 20 steps of a small model
 #                                  with val loss and samples: the final checkpoints must be equal (cmp)
+#   data parallel              20  train_moe_cu_mpi (USE_MPI=1, NCCL) under mpiexec, 10 steps of the same
+#                                  model, two rows. R=1: step figures, val loss and checkpoint equal to
+#                                  train_moe_cu's, and -b 9 over 2 ranks stops both with one error;
+#                                  R=2 (where nvidia-smi lists 2+ GPUs): losses within 1e-3 (relative)
 #   train d1024-E8-k2          50  20 steps at the paper's shape (L=16 C=1024 E=8 K=2 F=2048 V=32768,
 #                                  B=2 T=4096, 0.94e9 parameters, random init; drawing the init on the
 #                                  host takes ~20 s: 21 ns per value here): MFU, tok/s, peak memory
@@ -29,9 +33,9 @@
 #   grpo                       25  train_moe_cu on data/arith (python3 data/build_arith.py): 300 pre-training
 #                                  steps of the default model, then 10 GRPO steps (-rl) from that checkpoint
 #                                  with the held-out eval before and after (50 items): it runs, and the figures
-#   kernel lab                 75  dev/cuda/run_all.sh: every version of every kernel file validated
+#   kernel lab                 65  dev/cuda/run_all.sh: every version of every kernel file validated
 #                                  against the CPU, then timed (30 s at most per file)
-#   bench                      60  scripts/bench_gpu.py on d1024-E8-k2, 4 steps per side: train_moe_cu,
+#   bench                      55  scripts/bench_gpu.py on d1024-E8-k2, 4 steps per side: train_moe_cu,
 #                                  PyTorch eager and torch.compile, a third of the part each (a PyTorch
 #                                  side that runs out of time is n/a; only train_moe_cu's can fail it)
 #                             ---
@@ -43,14 +47,15 @@
 # make -f dev/cuda_build.mk gpu-check-build -j2 from scratch, every binary: 5.5-6.5 min (the two cuDNN
 # builds ~3 min each; without them ~1.5 min); dev/moe_ref.py for dev/ref: 4 s; the dry run (checks,
 # data, commands, the CPU determinism stand-in, the table): 3 s. What is carried to the GPU machine:
-# out/gpu_bin 32 MiB (12 lab binaries 17 MiB, 7 trainer and test binaries 15 MiB), dev/ref 4 MiB,
-# data 7.6 MiB: 44 MiB.
+# out/gpu_bin 37.7 MiB (12 lab binaries 16.7 MiB, 8 trainer and test binaries 16.9 MiB, the MPI
+# runtime archive 4.2 MiB), dev/ref 5.8 MiB, data 7.6 MiB: 51 MiB. The MPI binary and its archive add
+# ~20 s to the build.
 #
 # Environment: GPU_BIN (default out/gpu_bin), GPU_CHECK_PREBUILT (1: use GPU_BIN as it is; make sets it
 # when GPU_BIN is given), GPU_CHECK_DRY (1: no GPU parts), GPU_CHECK_LOG (the log folder),
 # GPU_CHECK_BUDGET (480: with a machine's ~1-2 min start, under 10 min), GPU_CHECK_JOBS (parallel compiles when building; default nproc), NVCC,
 # PYTHON (the interpreter with a CUDA torch for the bench: default .venv/bin/python, else python3).
-# Needs: bash, coreutils (timeout), cmp, python3 (the data check, the bench).
+# Needs: bash, coreutils (timeout), cmp, python3 (the data check, the bench), tar with xz (the MPI runtime).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -246,7 +251,7 @@ det_builds=(train_moe_cu train_moe_cu_fp32)
 [ $have_cudnn = 1 ] && det_builds+=(train_moe_cu_cudnn)
 echo "[determinism] ${det_builds[*]}, each twice: ${det_flags[*]} -o DIR"
 if ! skip_or_dry "determinism" data "${det_builds[@]}"; then
-    allowed=$(allowance 45); per=$(( allowed / (2 * ${#det_builds[@]}) )); okb=(); bad=""
+    allowed=$(allowance 40); per=$(( allowed / (2 * ${#det_builds[@]}) )); okb=(); bad=""
     for b in "${det_builds[@]}"; do
         same_twice "$GPU_BIN/$b" "$LOG/determinism/$b" "$per"
         if [ $same = 0 ]; then bad=$why; break; fi
@@ -262,6 +267,121 @@ if [ "$DRY" = 1 ] && have train_moe && [ $data_ok = 1 ]; then # the same compari
     if [ $same = 1 ]; then record "determinism, CPU stand-in" ok "train_moe twice, identical checkpoints ($(( $(date +%s) - t0 )) s)"
     else record "determinism, CPU stand-in" FAIL "$why"; fi
 fi
+
+# data parallel: train_moe_cu_mpi under mpiexec (from the MPI runtime archived beside it) on the small
+# model, 10 steps with val loss, samples and a checkpoint. R=1: every step's figures, the val loss and
+# the checkpoint equal to train_moe_cu's; -b 9 over 2 ranks (an error before any GPU work): one message,
+# a non-zero exit, no hang; R=2 (two GPUs or more): the losses within 1e-3 (relative) of train_moe_cu's
+dp_flags=("${SMALL[@]}" -x 10 -u 5 -v 10 -m 2 -s 10 -g 4 -i "$TRAIN_GLOB" -j "$VAL_GLOB")
+dd="$LOG/data_parallel"
+ngpu=0; mpirun=(); plain_ok=0; dp_allowed=0; dp_t0=0
+# the seconds left of the part's allowance (at least 1: timeout takes 0 as no limit)
+dp_left() { local s=$(( dp_allowed - ($(date +%s) - dp_t0) )); [ $s -lt 1 ] && s=1; echo $s; }
+[ "$DRY" = 0 ] && ngpu=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU')
+# mpi_setup: the MPI runtime unpacked into $dd/mpi; sets mpirun (the launcher, in the environment the
+# binary needs: the runtime's libraries, and NCCL's pip package where the system has no libnccl) or why.
+# Its runs read stdin from /dev/null: mpiexec forwards stdin, and under timeout a terminal would stop it.
+mpi_setup() {
+    mpirun=(); why=""
+    if [ ! -f "$GPU_BIN/mpi_runtime.tar.xz" ]; then why="no $GPU_BIN/mpi_runtime.tar.xz"; return; fi
+    rm -rf "$dd/mpi"; mkdir -p "$dd/mpi"
+    if ! tar -C "$dd/mpi" -xJf "$GPU_BIN/mpi_runtime.tar.xz" > "$dd/mpi.log" 2>&1; then
+        why="cannot unpack mpi_runtime.tar.xz: $(head -c 90 "$dd/mpi.log")"; return
+    fi
+    local libs nccl missing
+    libs=$(cd "$dd/mpi/mpi_runtime/lib" && pwd)
+    if LD_LIBRARY_PATH="$libs" ldd "$GPU_BIN/train_moe_cu_mpi" 2> /dev/null | grep -q 'libnccl.*not found'; then
+        nccl=$("$PY" -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib'))" 2> /dev/null)
+        [ -n "$nccl" ] && libs="$libs:$nccl"
+    fi
+    missing=$(LD_LIBRARY_PATH="$libs" ldd "$GPU_BIN/train_moe_cu_mpi" 2> /dev/null | awk '/not found/ { print $1 }' | paste -sd ' ' -)
+    if [ -n "$missing" ]; then why="train_moe_cu_mpi: $missing not found"; return; fi
+    mpirun=(env "LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$dd/mpi/mpi_runtime/bin/mpiexec" -launcher fork)
+}
+# dp_figures LOG: a line per step (step, loss, ce, aux, z, lr, norm: the step line without its timings)
+# and one per val loss
+dp_figures() {
+    awk '/^step +[0-9]+\/[0-9]+ \|/ { s = $0; sub(/^step +/, "", s); split(s, f, "|"); split(f[1], n, "/")
+                                       line = n[1] " " f[2] " " f[3] " " f[4]; gsub(/[()]/, "", line)
+                                       m = split(line, w, " "); out = w[1]; for (i = 2; i <= m; i++) out = out " " w[i]; print out }
+         /^val loss / { print "val", $3 }' "$1"
+}
+# dp_maxrel A B: the largest relative difference between the losses (loss, ce, aux, z, val) of two
+# dp_figures listings, and where; "mismatch" if their lines do not pair up
+dp_maxrel() {
+    awk 'NR == FNR { a[FNR] = $0; na = FNR; next }
+         { nb = FNR; ny = split($0, y, " "); if (split(a[FNR], x, " ") != ny) bad = 1
+           for (i = 1; i < ny; i++) if (y[i] ~ /^(loss|ce|aux|z|val)$/) {
+               if (x[i] != y[i]) bad = 1
+               d = x[i + 1] - y[i + 1]; d = d < 0 ? -d : d; r = x[i + 1] < 0 ? -x[i + 1] : x[i + 1]
+               if (r > 0) d /= r
+               if (d > worst) { worst = d; at = y[1] == "val" ? "val loss" : y[i] " of step " y[1] } } }
+         END { if (bad || na != nb || nb == 0) print "mismatch"; else printf "%.2e%s\n", worst, (at ? " (" at ")" : "") }' "$1" "$2"
+}
+# how a run ended: RC SECS -> "exit RC", or "timed out after SECS s"
+dp_end() { if [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; then echo "timed out after $2 s"; else echo "exit $1"; fi; }
+# dp_b_error LIMIT: -b 9 with 2 ranks; sets b_ok (1: a non-zero exit in time, one error naming -b) and b_msg
+dp_b_error() {
+    timed "$dd/b_error.log" "$1" "${mpirun[@]}" -n 2 "$GPU_BIN/train_moe_cu_mpi" -b 9 -x 1 < /dev/null
+    local n
+    n=$(grep -c 'flag -b' "$dd/b_error.log")
+    b_ok=0; b_msg="-b 9 over 2 ranks: $(dp_end $rc "$secs"), $n errors naming -b"
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ "$n" = 1 ]; then b_ok=1; b_msg="-b 9 over 2 ranks: one error, exit $rc"; fi
+}
+echo "[data parallel] mpiexec -n R $GPU_BIN/train_moe_cu_mpi ${dp_flags[*]} -o DIR, R = 1 (vs train_moe_cu) and 2 (2+ GPUs)"
+mkdir -p "$dd"
+if [ "$DRY" = 1 ] && have train_moe_cu_mpi; then # the launcher, MPI and the -b error need no GPU
+    mpi_setup
+    if [ -n "$why" ]; then record "data parallel, CPU stand-in" FAIL "$why"
+    else
+        dp_b_error 20
+        if [ $b_ok = 1 ]; then record "data parallel, CPU stand-in" ok "mpiexec from mpi_runtime.tar.xz, $b_msg (${secs} s)"
+        else record "data parallel, CPU stand-in" FAIL "$b_msg: $(first_match "$dd/b_error.log" 'rror' || true)"; fi
+    fi
+fi
+if ! skip_or_dry "data parallel R=1" data train_moe_cu train_moe_cu_mpi; then
+    dp_allowed=$(allowance 20); dp_t0=$(date +%s)
+    mpi_setup
+    if [ -n "$why" ]; then record "data parallel R=1" FAIL "$why"
+    else
+        dp_b_error "$(dp_left)"
+        rm -rf "$dd/plain" "$dd/r1" "$dd/r2"
+        timed "$dd/plain.log" "$(dp_left)" "$GPU_BIN/train_moe_cu" "${dp_flags[@]}" -o "$dd/plain"
+        prc=$rc; psecs=$secs; [ $prc -eq 0 ] && plain_ok=1
+        timed "$dd/r1.log" "$(dp_left)" "${mpirun[@]}" -n 1 "$GPU_BIN/train_moe_cu_mpi" "${dp_flags[@]}" -o "$dd/r1" < /dev/null
+        r1rc=$rc; r1secs=$secs
+        dp_figures "$dd/plain.log" > "$dd/plain.txt"; dp_figures "$dd/r1.log" > "$dd/r1.txt"
+        nsteps=$(grep -vc '^val' "$dd/plain.txt"); ck=model_00000010.bin
+        if [ $prc -ne 0 ]; then
+            record "data parallel R=1" FAIL "train_moe_cu: $(dp_end $prc "$psecs"): $(first_match "$dd/plain.log" 'Error|error' || true)"
+        elif [ $r1rc -ne 0 ]; then
+            record "data parallel R=1" FAIL "mpiexec -n 1: $(dp_end $r1rc "$r1secs"): $(first_match "$dd/r1.log" 'Error|error|WARN' || true)"
+        elif [ "$nsteps" != 10 ] || ! cmp -s "$dd/plain.txt" "$dd/r1.txt"; then
+            record "data parallel R=1" FAIL "$nsteps steps; vs train_moe_cu: $(diff "$dd/plain.txt" "$dd/r1.txt" | grep -m 1 '^>' | cut -c1-80)"
+        elif ! cmp -s "$dd/plain/$ck" "$dd/r1/$ck"; then
+            record "data parallel R=1" FAIL "the losses agree with train_moe_cu's, the checkpoints ($ck) do not"
+        elif [ $b_ok = 0 ]; then
+            record "data parallel R=1" FAIL "$b_msg: $(first_match "$dd/b_error.log" 'rror' || true)"
+        else
+            record "data parallel R=1" ok "10 steps, val loss, checkpoint: as train_moe_cu's (${r1secs} s); $b_msg"
+        fi
+    fi
+fi
+if ! skip_or_dry "data parallel R=2" data train_moe_cu train_moe_cu_mpi; then
+    if [ "$ngpu" -lt 2 ]; then record "data parallel R=2" "not run" "nvidia-smi lists $ngpu GPU: R=2 needs two (NCCL: one rank per GPU)"
+    elif [ -z "${mpirun[*]}" ] || [ $plain_ok = 0 ]; then record "data parallel R=2" "not run" "no MPI runtime or no train_moe_cu run to compare with (R=1 above)"
+    elif [ "$(dp_left)" -lt 5 ]; then record "data parallel R=2" "not run" "out of time (the part's $dp_allowed s)"
+    else
+        timed "$dd/r2.log" "$(dp_left)" "${mpirun[@]}" -n 2 "$GPU_BIN/train_moe_cu_mpi" "${dp_flags[@]}" -o "$dd/r2" < /dev/null
+        dp_figures "$dd/r2.log" > "$dd/r2.txt"
+        worst=$(dp_maxrel "$dd/plain.txt" "$dd/r2.txt")
+        if [ $rc -ne 0 ]; then record "data parallel R=2" FAIL "mpiexec -n 2: $(dp_end $rc "$secs"): $(first_match "$dd/r2.log" 'Error|error|WARN' || true)"
+        elif [ "$worst" = mismatch ] || awk -v w="${worst%% *}" 'BEGIN { exit !(w + 0 > 1e-3) }'; then
+            record "data parallel R=2" FAIL "losses vs train_moe_cu's: max relative difference $worst (limit 1e-3)"
+        else record "data parallel R=2" ok "2 GPUs, 10 steps and val loss: max relative difference $worst from train_moe_cu's (${secs} s)"; fi
+    fi
+fi
+rm -rf "$dd/mpi" "$dd"/*/model_*.bin # the unpacked runtime (18 MB) and the checkpoints (~100 MB each): the logs stay
 
 # training at the paper's shape: MFU, tok/s and peak memory
 train_cmd=("$GPU_BIN/train_moe_cu" "${BIG[@]}" -x 20 -u 1000 -v 0 -s 0 -i "$TRAIN_GLOB" -j "$VAL_GLOB")
@@ -327,7 +447,7 @@ fi
 # the kernel lab: every version of every file validated, then timed
 echo "[kernel lab] LAB_BIN=$GPU_BIN/lab LAB_TIMEOUT=30 dev/cuda/run_all.sh"
 if ! skip_or_dry "kernel lab" lab/adamw; then
-    timed "$LOG/kernel_lab.log" "$(allowance 75)" env LAB_BIN="$GPU_BIN/lab" LAB_TIMEOUT=30 LOG_DIR="$(pwd)/$LOG/kernel_lab" \
+    timed "$LOG/kernel_lab.log" "$(allowance 65)" env LAB_BIN="$GPU_BIN/lab" LAB_TIMEOUT=30 LOG_DIR="$(pwd)/$LOG/kernel_lab" \
         dev/cuda/run_all.sh
     summary=$(grep -E '^[0-9]+ results, [0-9]+ failed validation' "$LOG/kernel_lab.log" | tail -n 1 | sed 's/\. peaks.*//')
     files=$(grep -c '^ran ' "$LOG/kernel_lab.log"); badfiles=$(grep -E '^ran ' "$LOG/kernel_lab.log" | grep -vc 'exit 0,')
@@ -336,7 +456,7 @@ if ! skip_or_dry "kernel lab" lab/adamw; then
 fi
 
 # the benchmark against PyTorch: train_moe_cu, eager, torch.compile; each side gets a third of the part
-allowed=$(allowance 60); side=$(( (allowed - 10) / 3 )); [ $side -lt 20 ] && side=20
+allowed=$(allowance 55); side=$(( (allowed - 10) / 3 )); [ $side -lt 20 ] && side=20
 bench_cmd=("$PY" scripts/bench_gpu.py --configs d1024-E8-k2 --steps 4 --warmup 1 --timeout "$side"
            --trainer "$GPU_BIN/train_moe_cu" --python "$PY" --json "$LOG/bench.json")
 echo "[bench] ${bench_cmd[*]}"
