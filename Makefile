@@ -29,7 +29,7 @@ BLAS_LIBS = $(if $(wildcard $(BLAS_OMP_DIR)/libopenblas.so.0),-L$(BLAS_OMP_DIR) 
 comma := ,
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train arith grpo-demo study test-data test venv test-hf test-blas test-dist bench-dist ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
+.PHONY: all train arith grpo-demo study test-data test venv test-hf test-blas test-dist bench-dist bench-gemm ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
@@ -104,11 +104,22 @@ test-dist: train_moe train_moe_mpi
 bench-dist: train_moe train_moe_mpi
 	$(PY) scripts/bench_dist.py --mpiexec $(MPIEXEC)
 
+# the products of one training step on the model's shapes: the built-in GEMM vs cblas_sgemm (a benchmark;
+# OpenBLAS's AVX-512 kernels on AVX-512 machines, as scripts/bench_cpu.py runs the BLAS build). BENCH_GEMM_ARGS:
+# L C E K F B T [repeats], default E8's
+BENCH_GEMM_ARGS ?=
+dev/bench_gemm: dev/bench_gemm.c train_moe.c
+	$(CC) $(CFLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
+bench-gemm: dev/bench_gemm
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(if $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo y),OPENBLAS_CORETYPE=$${OPENBLAS_CORETYPE:-SkylakeX}) dev/bench_gemm $(BENCH_GEMM_ARGS)
+
 # the C suite on the OpenBLAS build, where OpenBLAS is installed
 test-blas: dev/ref/manifest.txt
 ifeq ($(HAVE_BLAS),yes)
-	$(MAKE) --no-print-directory test_moe_blas train_moe_blas
+	$(MAKE) --no-print-directory test_moe_blas train_moe_blas dev/bench_gemm
 	./test_moe_blas dev/ref ./train_moe_blas
+	OMP_NUM_THREADS=2 dev/bench_gemm 2 64 8 2 96 4 32 0
+	OMP_NUM_THREADS=2 dev/bench_gemm 2 64 6 3 40 3 16 0
 else
 	@echo "test-blas: OpenBLAS not installed (Debian: apt-get install libopenblas-dev): the USE_BLAS=1 build was not tested"
 endif
@@ -163,7 +174,7 @@ gpu-check-build:
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk gpu-check-build
 
 clean:
-	rm -f train_moe test_moe train_moe_san test_moe_san train_moe_blas test_moe_blas train_moe_mpi
+	rm -f train_moe test_moe train_moe_san test_moe_san train_moe_blas test_moe_blas train_moe_mpi dev/bench_gemm
 	$(MAKE) --no-print-directory -C dev/fuzz clean
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk cuda-clean
 	$(MAKE) --no-print-directory -C dev/cuda clean
