@@ -77,6 +77,7 @@ study: train_moe venv
 test: venv test_moe train_moe ref
 	$(MAKE) --no-print-directory cuda-check
 	$(MAKE) --no-print-directory test-hf
+	$(if $(filter yes,$(HAVE_BLAS)),$(MAKE) --no-print-directory train_moe_blas)
 	$(PY) scripts/test_sweep.py --require-all
 	$(PY) scripts/test_study_report.py
 	$(MAKE) --no-print-directory test-data

@@ -838,6 +838,7 @@ def execute(cfg, run, run_dir, trainer, eta, ctx):
     env = dict(os.environ)
     if ctx.get("threads"):
         env["OMP_NUM_THREADS"] = str(ctx["threads"])
+    env = trainer_env(trainer, env)
     i, n = ctx["index"][run["name"]], ctx["n"]
     if state == "done":  # trained already: only test-time compute, GRPO or the export may be missing
         return finish_stages(cfg, run, run_dir, trainer, env, f"[{i}/{n}]")
@@ -1048,7 +1049,71 @@ def collect(cfg, runs, families, sweep_dir, csv_copy=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# bench: a few steps of each model, to size a sweep before running it
+# bench: a few steps of each model, to size a sweep before running it; --trainer auto
+
+def short_cmd(trainer, run, nsteps, val_every):
+    """The run's trainer command cut to nsteps steps, without an output dir (a timing run)."""
+    cmd = [trainer] + [a for a in run["args"]]
+    i = cmd.index("-o")
+    del cmd[i:i + 2]
+    i = cmd.index("-y")
+    del cmd[i:i + 2]
+    for flag, val in (("-x", nsteps), ("-v", val_every), ("-n", 0), ("-u", 1)):
+        cmd[cmd.index(flag) + 1] = str(val)
+    return cmd
+
+
+def trainer_env(trainer, env):
+    """env for a trainer binary: for the OpenBLAS build on an AVX-512 machine, OpenBLAS's AVX-512
+    kernels (0.3.21 takes its AVX2 or Cooperlake ones on AMD Zen 4/5, about half as fast: README,
+    "Speed on 2 CPU cores"), unless OPENBLAS_CORETYPE is set already."""
+    if "blas" in os.path.basename(trainer):
+        try:
+            avx512 = "avx512f" in open("/proc/cpuinfo").read().split()
+        except OSError:
+            avx512 = False
+        if avx512 and "OPENBLAS_CORETYPE" not in env:
+            env = dict(env, OPENBLAS_CORETYPE="SkylakeX")
+    return env
+
+
+AUTO_TRAINERS = ("./train_moe", "./train_moe_blas")
+
+
+def choose_trainer(run, threads):
+    """pick_trainer, with the choice and the times logged."""
+    best, med = pick_trainer(run, threads)
+    times = ", ".join(f"{os.path.relpath(t, ROOT)} {'failed' if ms is None else '%.1f ms' % ms}" for t, ms in med.items())
+    log(f"trainer auto: {os.path.relpath(best, ROOT)}" + (f" ({times} per step on {run['name']})" if len(med) > 1 else
+                                                          " (the only one built)"))
+    return best
+
+
+def pick_trainer(run, threads, nsteps=12, repeats=2):
+    """--trainer auto: the faster of the CPU trainer builds that exist (train_moe, and the OpenBLAS
+    build train_moe_blas), by the median step time of nsteps steps of `run`, alternating, repeats
+    times each, with the sweep's threads. Which is faster depends on the machine (README, "Speed on
+    2 CPU cores"). Returns (path, {path: ms or None})."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    step_re = re.compile(r"^step\s+(\d+)/(\d+) \|.*\|\s*([0-9.]+) ms")
+    cands = [resolve(t) for t in AUTO_TRAINERS]
+    cands = [t for t in cands if os.path.isfile(t) and os.access(t, os.X_OK)]
+    times = {t: [] for t in cands}
+    if len(cands) > 1:
+        for _ in range(repeats):
+            for t in cands:
+                r = subprocess.run(short_cmd(t, run, nsteps, 0), cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=trainer_env(t, env))
+                ms = [float(m.group(3)) for m in map(step_re.match, r.stdout.splitlines()) if m]
+                if r.returncode == 0 and len(ms) > 2:
+                    times[t].append(statistics.median(ms[2:]))
+    med = {t: (statistics.median(v) if v else None) for t, v in times.items()}
+    timed = [t for t in cands if med[t] is not None]
+    best = min(timed, key=lambda t: med[t]) if timed else (cands[0] if cands else resolve(AUTO_TRAINERS[0]))
+    return best, med
+
 
 def bench(cfg, runs, sweep_dir, trainer, nsteps, threads):
     res = {}
@@ -1059,16 +1124,10 @@ def bench(cfg, runs, sweep_dir, trainer, nsteps, threads):
     total = 0.0
     print(f"{'run':28s} {'ms/step':>8s} {'eval s':>7s} {'steps':>6s} {'evals':>5s} {'est. run':>9s}")
     for run in runs:
-        cmd = [trainer] + [a for a in run["args"]]
-        # no output dir, nsteps steps, one eval point at the end
-        i = cmd.index("-o")
-        del cmd[i:i + 2]
-        i = cmd.index("-y")
-        del cmd[i:i + 2]
-        for flag, val in (("-x", nsteps), ("-v", nsteps), ("-n", 0), ("-u", 1)):
-            cmd[cmd.index(flag) + 1] = str(val)
+        cmd = short_cmd(trainer, run, nsteps, nsteps)  # one eval point at the end
         t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=trainer_env(trainer, env))
         wall = time.time() - t0
         if r.returncode != 0:
             print(f"{run['name']}: trainer failed:\n{r.stdout[-2000:]}")
@@ -1137,7 +1196,8 @@ def main(argv=None):
     ap.add_argument("--root", default=os.path.join(ROOT, "out", "sweeps"), help="sweeps directory (default out/sweeps)")
     ap.add_argument("--csv", help="also write the results CSV to this path")
     ap.add_argument("--only", help="comma-separated run or family names to run (the CSV still lists all)")
-    ap.add_argument("--trainer", help="trainer binary (default: the config's 'trainer', else ./train_moe)")
+    ap.add_argument("--trainer", help="trainer binary (default: the config's 'trainer', else ./train_moe); 'auto': "
+                    "the faster of ./train_moe and ./train_moe_blas on this machine, timed on the first run to train")
     ap.add_argument("--progress", type=float, default=60.0, help="seconds between progress lines (default 60)")
     ap.add_argument("--hours", type=float, help="start no new run after this many hours (a chunk of a long "
                     "sweep; the same command continues it)")
@@ -1155,7 +1215,8 @@ def main(argv=None):
         print("error: --jobs must be >= 1", file=sys.stderr)
         return 2
     sweep_dir = os.path.join(os.path.abspath(args.root), cfg["name"])
-    trainer = resolve(args.trainer or cfg.get("trainer", "./train_moe"))
+    auto = (args.trainer or cfg.get("trainer")) == "auto"
+    trainer = resolve(AUTO_TRAINERS[0] if auto else (args.trainer or cfg.get("trainer", "./train_moe")))
     threads = args.threads or cfg.get("threads")
     try:
         for r in runs:
@@ -1169,6 +1230,9 @@ def main(argv=None):
         if run_state(r, rd)[0] == "done" or committed_done(cfg, r):
             eta.add_finished(r, run_timing(r, source_dir(cfg, r, rd)))
     if args.dry_run:
+        if auto:
+            print(f"trainer auto: the faster of {', '.join(AUTO_TRAINERS)} (those built), chosen when the sweep runs; "
+                  f"the commands below show {AUTO_TRAINERS[0]}")
         print_plan(cfg, runs, families, sweep_dir, trainer, eta)
         return 0
     if args.collect:
@@ -1179,6 +1243,8 @@ def main(argv=None):
               f"make -f dev/cuda_build.mk train_moe_cu)", file=sys.stderr)
         return 2
     if args.bench:
+        if auto:
+            trainer = choose_trainer(runs[0], threads)
         bench(cfg, runs, sweep_dir, trainer, args.bench, threads)
         return 0
 
@@ -1194,6 +1260,8 @@ def main(argv=None):
         todo = [r for r in todo if r["name"] in sel or sel & set(r["families"])]
     ndone = sum(1 for r in runs if finished(r))
     log(f"sweep '{cfg['name']}': {len(runs)} runs, {ndone} already finished, {len(todo)} to run -> {sweep_dir}")
+    if auto and todo:
+        trainer = choose_trainer(todo[0], threads)
     os.makedirs(sweep_dir, exist_ok=True)
     shutil.copyfile(args.config, os.path.join(sweep_dir, "config.json"))
     pending = {r["name"] for r in todo}

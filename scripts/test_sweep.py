@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -281,6 +282,34 @@ def test_seeds_results_grpo(trainer, tmp):
           and rows2 == rows, "after a fresh clone the sweep trains nothing and its CSV is the same", (out + err)[-800:])
 
 
+def test_auto_trainer(tmp):
+    """"trainer": "auto": the faster of ./train_moe and ./train_moe_blas (those built) is timed, logged and used."""
+    cfg = sweep.load_config(os.path.join(HERE, "sweep_configs", "smoke.json"))
+    cfg.update(name="auto", trainer="auto", ttc_samples=0)
+    cfg["families"] = [{"name": "A", "K": 1, "F": 32, "E": [2]}]
+    p = os.path.join(tmp, "auto.json")
+    with open(p, "w") as f:
+        json.dump(cfg, f)
+    root = os.path.join(tmp, "auto_root")
+    rc, out, err = run_sweep(p, "--dry-run", "--root", root)
+    check(rc == 0 and "trainer auto: the faster of" in out, "--dry-run names the auto choice", (out + err)[-800:])
+    rc, out, err = run_sweep(p, "--root", root)
+    line = next((ln for ln in out.splitlines() if "trainer auto:" in ln), "")
+    built = [t for t in sweep.AUTO_TRAINERS if os.access(os.path.join(ROOT, t), os.X_OK)]
+    m = re.search(r"trainer auto: (\S+)", line)
+    chosen = m.group(1) if m else None
+    times = {t: float(v) for t, v in re.findall(r"(\S+) ([0-9.]+) ms", line)}
+    if len(built) > 1:
+        ok = len(times) == len(built) and chosen in times and times[chosen] == min(times.values())
+        check(ok, f"auto: {len(built)} builds timed, the faster one chosen", line)
+    else:
+        check("(the only one built)" in line, "auto: the only build is taken without timing", line)
+    info = sweep.read_json(os.path.join(root, "auto", "L1-C32-H2-E2-K1-F32", "run.json")) or {}
+    check(rc == 0 and chosen is not None and info.get("command", [""])[0] == os.path.join(ROOT, chosen),
+          "auto: the run is trained with the chosen build",
+          f"rc={rc} chosen={chosen} command={info.get('command', [''])[:1]} {(out + err)[-600:]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description="quick test of scripts/sweep.py and scripts/plot.py")
     ap.add_argument("--trainer", default=os.path.join(ROOT, "train_moe"))
@@ -299,6 +328,7 @@ def main():
         if os.path.isfile(args.trainer) and os.access(args.trainer, os.X_OK):
             test_end_to_end(cfgpath, root, os.path.abspath(args.trainer), tmp)
             test_seeds_results_grpo(os.path.abspath(args.trainer), tmp)
+            test_auto_trainer(tmp)
         else:
             if REQUIRE_ALL:
                 check(False, f"--require-all: no trainer at {args.trainer} (make train_moe)")
