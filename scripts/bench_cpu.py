@@ -28,6 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu import flops_per_token  # noqa: E402  (train_moe.cu's count: 6 x matmul params + attention)
+from sweep import trainer_env  # noqa: E402  (OpenBLAS's AVX-512 kernels for the BLAS build, as the sweeps run it)
 
 # name: (L, C, H, Hkv, E, K, F, B, T); V = 4096 (the bundled tokenizer's)
 CONFIGS = {
@@ -118,9 +119,7 @@ def run_c(cfg, steps, threads, binary="train_moe"):
            "-nl", str(L), "-nc", str(C), "-nh", str(H), "-nkv", str(Hkv), "-ne", str(E), "-nk", str(K),
            "-nf", str(F), "-nv", str(V), "-b", str(B), "-t", str(T), "-x", str(steps),
            "-v", "0", "-s", "0", "-u", "1000"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    if "blas" in binary and "avx512f" in cpu_model()[1]:
-        env.setdefault("OPENBLAS_CORETYPE", "SkylakeX")  # OpenBLAS 0.3.21 would take its AVX2 kernels on Zen 4/5
+    env = trainer_env(binary, dict(os.environ, OMP_NUM_THREADS=str(threads)))
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{binary} failed:\n" + out.stdout + out.stderr)
