@@ -298,7 +298,7 @@ def test_auto_trainer(tmp):
     built = [t for t in sweep.AUTO_TRAINERS if os.access(os.path.join(ROOT, t), os.X_OK)]
     m = re.search(r"trainer auto: (\S+)", line)
     chosen = m.group(1) if m else None
-    times = {t: float(v) for t, v in re.findall(r"(\S+) ([0-9.]+) ms", line)}
+    times = {t: float(v) for t, v in re.findall(r"([\w./-]+) ([0-9.]+) ms", line)}
     if len(built) > 1:
         ok = len(times) == len(built) and chosen in times and times[chosen] == min(times.values())
         check(ok, f"auto: {len(built)} builds timed, the faster one chosen", line)
