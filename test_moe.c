@@ -118,6 +118,76 @@ static void test_reference(const char* dir, const char* name) {
 // 2. top-k ties: random references never tie, so hand-made logits check the rule
 //    (largest first; equal logits: the lower expert index first)
 
+// gemm and gemm_grouped against a double-precision sum over k, on shapes that take every path of
+// gemm_batch: ragged tiles and blocks, several KC slices of k with a ragged last one, A read in
+// place or packed, the swapped (transposed) problem, accumulation, an empty sum, and block sizes
+// shrunk for a batch with few tiles. Each entry within 1e-5 of the largest |entry| of its product.
+static double gemm_worst(const GemmProblem* p, const float* c0, int accumulate,
+                         size_t sai, size_t sak, size_t sbk, size_t sbj) {
+    double worst = 0, scale = 1e-30;
+    for (int i = 0; i < p->M; i++)
+        for (int j = 0; j < p->N; j++) {
+            double ref = accumulate ? c0[(size_t)i * p->N + j] : 0.0;
+            for (int k = 0; k < p->K; k++) ref += (double)p->a[i * sai + k * sak] * p->b[k * sbk + j * sbj];
+            double d = fabs(ref - p->c[(size_t)i * p->N + j]);
+            if (d > worst) worst = d;
+            if (fabs(ref) > scale) scale = fabs(ref);
+        }
+    return worst / scale;
+}
+
+static void test_gemm(void) {
+    // M, N, K; then the layout: A k-contiguous (x.W^T's x) or row-contiguous (dy^T's), B likewise
+    static const int shapes[][3] = {{37, 70, 600}, {300, 45, 513}, {8, 32, 256}, {129, 257, 77}, {5, 3, 1000}, {64, 640, 40}};
+    uint64_t seed = 12345;
+    for (int s = 0; s < (int)(sizeof shapes / sizeof shapes[0]); s++)
+        for (int layout = 0; layout < 4; layout++)
+            for (int accumulate = 0; accumulate < 2; accumulate++) {
+                int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+                size_t sai = layout & 1 ? 1 : (size_t)K, sak = layout & 1 ? (size_t)M : 1;
+                size_t sbk = layout & 2 ? 1 : (size_t)N, sbj = layout & 2 ? (size_t)K : 1;
+                float* a = (float*)mallocCheck((size_t)M * K * sizeof(float));
+                float* b = (float*)mallocCheck((size_t)K * N * sizeof(float));
+                float* c = (float*)mallocCheck((size_t)M * N * sizeof(float));
+                float* c0 = (float*)mallocCheck((size_t)M * N * sizeof(float));
+                for (size_t i = 0; i < (size_t)M * K; i++) a[i] = rng_normal(&seed);
+                for (size_t i = 0; i < (size_t)K * N; i++) b[i] = rng_normal(&seed);
+                for (size_t i = 0; i < (size_t)M * N; i++) c[i] = c0[i] = rng_normal(&seed);
+                gemm(c, a, b, M, N, K, sai, sak, sbk, sbj, accumulate);
+                GemmProblem p = {c, a, b, M, N, K};
+                double w = gemm_worst(&p, c0, accumulate, sai, sak, sbk, sbj);
+                CHECK(w <= 1e-5, "gemm %dx%dx%d layout %d accumulate %d: error %.2e of the largest entry",
+                      M, N, K, layout, accumulate, w);
+                free(a); free(b); free(c); free(c0);
+            }
+    // a grouped product as the experts take it: the same N and K, rows per problem from 0 to 300
+    // (one problem with no rows, one with K = 0 rows of its own: an empty sum writes zeros)
+    const int G = 6, N = 96, K = 520, rows[6] = {300, 0, 7, 64, 129, 1};
+    GemmProblem p[6];
+    float* bufs[6][3];
+    for (int g = 0; g < G; g++) {
+        int M = rows[g], Kg = g == 4 ? 0 : K;
+        bufs[g][0] = (float*)mallocCheck(((size_t)M * Kg + 1) * sizeof(float));
+        bufs[g][1] = (float*)mallocCheck(((size_t)Kg * N + 1) * sizeof(float));
+        bufs[g][2] = (float*)mallocCheck(((size_t)M * N + 1) * sizeof(float));
+        for (size_t i = 0; i < (size_t)M * Kg; i++) bufs[g][0][i] = rng_normal(&seed);
+        for (size_t i = 0; i < (size_t)Kg * N; i++) bufs[g][1][i] = rng_normal(&seed);
+        for (size_t i = 0; i < (size_t)M * N; i++) bufs[g][2][i] = 7.0f; // overwritten (accumulate 0)
+        p[g] = (GemmProblem){bufs[g][2], bufs[g][0], bufs[g][1], M, N, Kg};
+    }
+    // A(i,k) = a[i*K + k], B(k,j) = b[j*K + k] (x.W^T); K as the stride also for the K = 0 problem,
+    // whose operands are never read
+    gemm_grouped(p, G, K, 1, 1, K, 0);
+    for (int g = 0; g < G; g++) {
+        double w = 0;
+        if (p[g].K == 0) {
+            for (size_t i = 0; i < (size_t)p[g].M * N; i++) w = fmax(w, fabs(p[g].c[i]));
+        } else w = gemm_worst(&p[g], NULL, 0, K, 1, 1, K);
+        CHECK(w <= 1e-5, "gemm_grouped problem %d (%d rows, K %d): error %.2e", g, p[g].M, p[g].K, w);
+        for (int i = 0; i < 3; i++) free(bufs[g][i]);
+    }
+}
+
 static void test_topk_ties(void) {
     const float z[2 * 5] = {1, 3, 3, 0, 3,   2, 2, 2, 2, 2};
     const int want2[2 * 2] = {1, 2, 0, 1};
@@ -723,6 +793,7 @@ int main(int argc, char** argv) {
     CHECK(nconf >= 6, "only %d reference configurations in %s", nconf, path);
     char tmp[] = "/tmp/test_moe_XXXXXX";
     if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
+    test_gemm();
     test_topk_ties();
     test_topk_nonfinite();
     test_tokenizer_ids_beyond_v();

@@ -240,10 +240,23 @@ static float* scratch_get(Scratch* s, size_t n) {
 //   c[M,N] (= or +=) A.B   with A(i,k) = a[i*sai + k*sak], B(k,j) = b[k*sbk + j*sbj]
 // so the same routine serves x.W^T (forward), dy.W (input grad) and dy^T.x (weight grad).
 // Both operands are packed into panels (A: MR rows at a time, B: NR columns at a time, each
-// k-major), then each MR x NR tile of c is one register-resident micro-kernel over all of k.
+// k-major), then each MR x NR tile of c is a register-resident micro-kernel over a KC-deep slice
+// of k, the tiles taken in cache-sized blocks (gemm_batch).
 
 #define GEMM_MR 8
 #define GEMM_NR 32
+// cache blocking of gemm_batch's tiles: a thread computes a block of (up to) MC A panels x NC B
+// slivers, MC*MR rows x NC*NR columns of c, one KC-deep slice of k at a time. The slices are what
+// changes the sums' rounding (k runs in the same order in every build and at any thread count).
+#ifndef GEMM_KC
+#define GEMM_KC 256
+#endif
+#ifndef GEMM_MC
+#define GEMM_MC 8
+#endif
+#ifndef GEMM_NC
+#define GEMM_NC 8
+#endif
 static __thread Scratch gemm_apack, gemm_bpack; // per calling thread: GRPO's rollouts decode on several at once
 
 // A(r,k) = ap[r*ars + k*aks] for the MR rows of the tile; B(k,j) = bp[k*bks + j], an NR-wide
@@ -334,11 +347,11 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
         sai = sbj; sak = sbk; sbk = t2; sbj = t1;
     }
     int direct = sak == 1;
-    // per problem: where its packed slivers and its tiles start (prefix sums over the problems)
+    // per problem: where its packed slivers and its blocks of tiles start (prefix sums over the problems)
     size_t* at = (size_t*)mallocCheck(4 * (size_t)(G + 1) * sizeof(size_t));
     size_t *bt = at + (G + 1), *aoff = bt + (G + 1), *boff = aoff + (G + 1); // sliver and float offsets
-    size_t* tiles = (size_t*)mallocCheck((size_t)(G + 1) * sizeof(size_t));
-    at[0] = bt[0] = aoff[0] = boff[0] = tiles[0] = 0;
+    size_t* blocks = (size_t*)mallocCheck((size_t)(G + 1) * sizeof(size_t));
+    at[0] = bt[0] = aoff[0] = boff[0] = blocks[0] = 0;
     for (int g = 0; g < G; g++) {
         int M = p[g].M, N = p[g].N, K = p[g].K;
         int mt = M > 0 && N > 0 ? (M + GEMM_MR - 1) / GEMM_MR : 0, nt = M > 0 && N > 0 ? (N + GEMM_NR - 1) / GEMM_NR : 0;
@@ -357,11 +370,24 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
         bt[g + 1] = bt[g] + nt;
         aoff[g + 1] = aoff[g] + (size_t)mt * GEMM_MR * (K > 0 ? K : 0);
         boff[g + 1] = boff[g] + (size_t)nt * GEMM_NR * (K > 0 ? K : 0);
-        tiles[g + 1] = tiles[g] + (size_t)mt * nt;
+        blocks[g + 1] = blocks[g] + (size_t)mt * nt; // tiles, for now
+    }
+    // blocks of MC x NC tiles, smaller where the batch has too few tiles to keep every thread busy
+    int mc = GEMM_MC, nc = GEMM_NC, nth = 1;
+#ifdef OMP
+    nth = omp_in_parallel() ? 1 : omp_get_max_threads();
+#endif
+    while (mc * nc > 1 && blocks[G] < (size_t)mc * nc * 4 * nth) {
+        if (mc >= nc) mc = (mc + 1) / 2;
+        else nc = (nc + 1) / 2;
+    }
+    for (int g = 0; g < G; g++) {
+        int mt = (int)(at[g + 1] - at[g]), nt = (int)(bt[g + 1] - bt[g]);
+        blocks[g + 1] = blocks[g] + (size_t)((mt + mc - 1) / mc) * ((nt + nc - 1) / nc);
     }
     float* ap = scratch_get(&gemm_apack, aoff[G]);
     float* bp = scratch_get(&gemm_bpack, boff[G]);
-    long nslivers = (long)(at[G] + bt[G]), ntiles = (long)tiles[G];
+    long nslivers = (long)(at[G] + bt[G]), nblocks = (long)blocks[G];
     #pragma omp parallel
     {
         int g = 0;
@@ -384,30 +410,43 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
         }
         g = 0;
         #pragma omp for schedule(static)
-        for (long t = 0; t < ntiles; t++) {
-            while ((size_t)t >= tiles[g + 1]) g++;
+        for (long t = 0; t < nblocks; t++) {
+            while ((size_t)t >= blocks[g + 1]) g++;
             const GemmProblem* q = p + g;
             int M = q->M, N = q->N, K = q->K;
             int mt = (M + GEMM_MR - 1) / GEMM_MR, nt = (N + GEMM_NR - 1) / GEMM_NR;
-            // walk the tiles with the slivers of the larger operand outermost, so each of those is
-            // fetched once while the smaller operand stays in cache
-            size_t idx = (size_t)t - tiles[g];
-            int it = M > N ? (int)(idx / nt) : (int)(idx % mt);
-            int jt = M > N ? (int)(idx % nt) : (int)(idx / mt);
-            int i0 = it * GEMM_MR, j0 = jt * GEMM_NR;
-            int mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
-            int nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
-            const float* bp_t = bp + boff[g] + (size_t)jt * GEMM_NR * K;
-            size_t bks = GEMM_NR;
+            int mb = (mt + mc - 1) / mc, nb = (nt + nc - 1) / nc;
+            // walk the blocks with those of the larger operand outermost, so each of its blocks is
+            // fetched once while the smaller operand's block stays in cache
+            size_t idx = (size_t)t - blocks[g];
+            int bi = M > N ? (int)(idx / nb) : (int)(idx % mb);
+            int bj = M > N ? (int)(idx % nb) : (int)(idx / mb);
+            int it1 = (bi + 1) * mc < mt ? (bi + 1) * mc : mt;
+            int jt1 = (bj + 1) * nc < nt ? (bj + 1) * nc : nt;
             size_t tr = swap ? 1 : (size_t)N, tc = swap ? (size_t)M : 1; // c's strides: row, column
-            float* c_t = q->c + (size_t)i0 * tr + (size_t)j0 * tc;
-            if (direct && mr == GEMM_MR) gemm_micro(K, q->a + (size_t)i0 * sai, sai, sak, bp_t, bks, c_t, tr, tc, mr, nr, accumulate);
-            else gemm_micro(K, ap + aoff[g] + (size_t)it * GEMM_MR * K, 1, GEMM_MR, bp_t, bks, c_t, tr, tc, mr, nr, accumulate);
+            // the block's KC-deep slices in turn: each A panel (MR x KC) stays in L1 while it meets
+            // the block's B slivers (KC x NR each), which stay in L2 while every A panel meets them
+            for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+                int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+                int acc = accumulate || k0 > 0; // later slices add to what the first one wrote
+                for (int it = bi * mc; it < it1; it++) {
+                    int i0 = it * GEMM_MR, mr = M - i0 < GEMM_MR ? M - i0 : GEMM_MR;
+                    int in_place = direct && mr == GEMM_MR;
+                    const float* a_t = in_place ? q->a + (size_t)i0 * sai + (size_t)k0 * sak
+                                                : ap + aoff[g] + (size_t)it * GEMM_MR * K + (size_t)k0 * GEMM_MR;
+                    for (int jt = bj * nc; jt < jt1; jt++) {
+                        int j0 = jt * GEMM_NR, nr = N - j0 < GEMM_NR ? N - j0 : GEMM_NR;
+                        const float* b_t = bp + boff[g] + (size_t)jt * GEMM_NR * K + (size_t)k0 * GEMM_NR;
+                        gemm_micro(kc, a_t, in_place ? sai : 1, in_place ? sak : GEMM_MR, b_t, GEMM_NR,
+                                   q->c + (size_t)i0 * tr + (size_t)j0 * tc, tr, tc, mr, nr, acc);
+                    }
+                }
+            }
         }
     }
     free(ps);
     free(at);
-    free(tiles);
+    free(blocks);
 }
 
 // the problems go in batches whose packed operands fit in cache (GEMM_BATCH_FLOATS), so what a

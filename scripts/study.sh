@@ -6,7 +6,7 @@
 #   4. the statistics, the verdict table and the figures (scripts/study_report.py) in OUT
 # Every finished run's logs go to scripts/sweep_results/study/{lr_scan,runs}/ (committed): the same
 # command on a fresh clone continues from there instead of training again. No run starts after
-# HOURS hours (default 2.5); the one in flight finishes.
+# HOURS hours (default 2.5), nor one that the finished runs' times predict would end past them.
 #
 #   bash scripts/study.sh                  (make study)
 #   HOURS=1 JOBS=1 THREADS=2 TRAINER=./train_moe_blas bash scripts/study.sh   (TRAINER default: auto, the faster build)

@@ -699,6 +699,13 @@ def fmt_s(s):
     return f"{s}s"
 
 
+def chunk_admits(est, left, chunk_s, any_started):
+    """--hours: may a run predicted to take `est` seconds (None: unknown) start with `left` of the
+    chunk's `chunk_s` seconds to go? Yes if it ends in time; a run longer than a whole chunk starts
+    only as the chunk's first, so that it runs at all."""
+    return est is None or est <= left or (est > chunk_s and not any_started)
+
+
 def run_timing(run, run_dir):
     """Measured figures of a run from its log and run.json: train seconds (sum of step ms), train
     tok/s, the training FLOP rate, wall seconds of all sessions, and seconds per eval point."""
@@ -717,6 +724,7 @@ def run_timing(run, run_dir):
     if wall and nev:
         t["eval_s"] = max(0.0, (wall - train_s - 1.0 * len(info.get("sessions", []))) / nev)
     t["ttc_s"] = info.get("ttc_s")
+    t["grpo_s"] = info.get("grpo_s")
     return t
 
 
@@ -737,10 +745,10 @@ def write_json(path, obj):
 
 class Eta:
     """Predicts run times from finished runs (same family first), else from --bench, else from the
-    running run's own rate."""
+    running run's own rate. Runs named in `grpo` also get the finished runs' median GRPO time."""
 
-    def __init__(self, sweep_dir, runs):
-        self.sweep_dir, self.runs = sweep_dir, runs
+    def __init__(self, sweep_dir, runs, grpo=()):
+        self.sweep_dir, self.runs, self.grpo = sweep_dir, runs, set(grpo)
         self.finished = {}  # name -> timing
         self.bench = (read_json(os.path.join(sweep_dir, "bench.json")) or {}).get("runs", {})
         self.live = {}  # name -> (step, steps, ms per step)
@@ -763,7 +771,9 @@ class Eta:
             evs = [t["eval_s"] for t in pool if t.get("eval_s") is not None]
             ev = statistics.median(evs) if evs else 0.0
             ttc = [t["ttc_s"] for t in pool if t.get("ttc_s")]
-            return run["flops"] / rate + run["n_evals"] * ev + (statistics.median(ttc) if ttc else 0.0)
+            grpo = [t["grpo_s"] for t in pool if t.get("grpo_s")] if run["name"] in self.grpo else []
+            return (run["flops"] / rate + run["n_evals"] * ev + (statistics.median(ttc) if ttc else 0.0)
+                    + (statistics.median(grpo) if grpo else 0.0))
         b = self.bench.get(run["name"])
         if b:
             return run["steps"] * b["ms_step"] / 1e3 + run["n_evals"] * b.get("eval_s", 0.0)
@@ -1199,8 +1209,9 @@ def main(argv=None):
     ap.add_argument("--trainer", help="trainer binary (default: the config's 'trainer', else ./train_moe); 'auto': "
                     "the faster of ./train_moe and ./train_moe_blas on this machine, timed on the first run to train")
     ap.add_argument("--progress", type=float, default=60.0, help="seconds between progress lines (default 60)")
-    ap.add_argument("--hours", type=float, help="start no new run after this many hours (a chunk of a long "
-                    "sweep; the same command continues it)")
+    ap.add_argument("--hours", type=float, help="a chunk of a long sweep: start no run after this many hours, "
+                    "nor one whose predicted time (from the finished runs) would end it past them; the same "
+                    "command continues it")
     args = ap.parse_args(argv)
 
     try:
@@ -1224,7 +1235,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    eta = Eta(sweep_dir, runs)
+    eta = Eta(sweep_dir, runs, [r["name"] for r in runs if grpo_wanted(cfg, r)])
     for r in runs:  # finished runs calibrate the ETA
         rd = os.path.join(sweep_dir, r["name"])
         if run_state(r, rd)[0] == "done" or committed_done(cfg, r):
@@ -1285,17 +1296,27 @@ def main(argv=None):
 
     ctx = {"index": {r["name"]: i + 1 for i, r in enumerate(runs)}, "n": len(runs), "threads": threads,
            "progress": args.progress, "keep": cfg.get("keep_checkpoints", "final"), "sweep_eta": sweep_eta}
-    failed = []
+    failed, skipped, started = [], [], []
 
     def one(r):
         if STOP.is_set():
             return
-        if args.hours is not None and time.time() - t0 >= args.hours * 3600:
-            if not STOP.is_set():
-                log(f"time limit of {args.hours:g} h reached: {len(pending)} runs left; run the same command "
-                    f"again to continue")
-            STOP.set()
-            return
+        if args.hours is not None:
+            left = args.hours * 3600 - (time.time() - t0)
+            if left <= 0:
+                if not STOP.is_set():
+                    log(f"time limit of {args.hours:g} h reached: {len(pending)} runs left; run the same command "
+                        f"again to continue")
+                STOP.set()
+                return
+            est = eta.predict(r)
+            with plock:
+                fits = chunk_admits(est, left, args.hours * 3600, bool(started))
+                (started if fits else skipped).append(r["name"])
+            if not fits:
+                log(f"{r['name']}: predicted {fmt_s(est)}, more than the {fmt_s(left)} left of the {args.hours:g} h "
+                    f"chunk: not started (the same command runs it next time)")
+                return
         ok = execute(cfg, r, os.path.join(sweep_dir, r["name"]), trainer, eta, ctx)
         with plock:
             pending.discard(r["name"])
@@ -1335,6 +1356,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     log(f"sweep '{cfg['name']}' finished its work in {fmt_s(time.time() - t0)}"
+        + (f"; {len(skipped)} runs left for the next chunk" if skipped else "")
         + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     collect(cfg, runs, families, sweep_dir, args.csv)
     return 1 if failed else 0

@@ -280,6 +280,27 @@ def test_seeds_results_grpo(trainer, tmp):
     rows2 = read_csv(res) if os.path.exists(res) else []
     check(rc == 0 and "4 already finished, 0 to run" in out and not glob.glob(os.path.join(root, "seeded", "L1*"))
           and rows2 == rows, "after a fresh clone the sweep trains nothing and its CSV is the same", (out + err)[-800:])
+    cfg["seeds"] = [1, 2, 3]  # two new runs; the four finished ones predict how long each takes
+    with open(p, "w") as f:
+        json.dump(cfg, f)
+    check([sweep.chunk_admits(*a) for a in ((None, 10, 100, True), (50, 60, 100, True), (70, 60, 100, True),
+                                            (70, 60, 100, False), (150, 100, 100, False), (150, 100, 100, True))]
+          == [True, True, False, False, True, False],
+          "chunk_admits: a run starts if it ends within the chunk, or is longer than any chunk and comes first")
+    rc, out, err = run_sweep(p, "--root", root, "--trainer", trainer, "--hours", "0.0001")
+    s3 = [os.path.basename(d) for d in glob.glob(os.path.join(root, "seeded", "L1*-s3"))]
+    check(rc == 0 and len(s3) == 1 and "time limit" in out,
+          "--hours 0.0001: a run longer than the whole chunk starts first, and nothing after it", (out + err)[-800:])
+    runs3, _ = sweep.plan_sweep(cfg, check_files=False)
+    eta = sweep.Eta(os.path.join(root, "seeded"), runs3, [r["name"] for r in runs3 if sweep.grpo_wanted(cfg, r)])
+    for r in runs3:
+        if r["seed"] != 3:
+            eta.add_finished(r, sweep.run_timing(r, sweep.source_dir(cfg, r, os.path.join(root, "seeded", r["name"]))))
+    by3 = {r["name"]: r for r in runs3}
+    g1 = sweep.read_json(os.path.join(com, "L1-C32-H2-E1-K1-F32-s1", "run.json")) or {}
+    with_grpo = eta.predict(by3["L1-C32-H2-E1-K1-F32-s1"]) - eta.predict(by3["L1-C32-H2-E1-K1-F32-s3"])
+    check(g1.get("grpo_s", 0) > 0 and with_grpo > 0, "the ETA of a run with GRPO adds the GRPO time",
+          f"grpo_s={g1.get('grpo_s')} difference={with_grpo}")
 
 
 def test_auto_trainer(tmp):
