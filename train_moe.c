@@ -352,6 +352,7 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
     size_t *bt = at + (G + 1), *aoff = bt + (G + 1), *boff = aoff + (G + 1); // sliver and float offsets
     size_t* blocks = (size_t*)mallocCheck((size_t)(G + 1) * sizeof(size_t));
     at[0] = bt[0] = aoff[0] = boff[0] = blocks[0] = 0;
+    size_t ntiles = 0;
     for (int g = 0; g < G; g++) {
         int M = p[g].M, N = p[g].N, K = p[g].K;
         int mt = M > 0 && N > 0 ? (M + GEMM_MR - 1) / GEMM_MR : 0, nt = M > 0 && N > 0 ? (N + GEMM_NR - 1) / GEMM_NR : 0;
@@ -370,14 +371,14 @@ static void gemm_batch(const GemmProblem* p, int G, size_t sai, size_t sak, size
         bt[g + 1] = bt[g] + nt;
         aoff[g + 1] = aoff[g] + (size_t)mt * GEMM_MR * (K > 0 ? K : 0);
         boff[g + 1] = boff[g] + (size_t)nt * GEMM_NR * (K > 0 ? K : 0);
-        blocks[g + 1] = blocks[g] + (size_t)mt * nt; // tiles, for now
+        ntiles += (size_t)mt * nt;
     }
     // blocks of MC x NC tiles, smaller where the batch has too few tiles to keep every thread busy
     int mc = GEMM_MC, nc = GEMM_NC, nth = 1;
 #ifdef OMP
     nth = omp_in_parallel() ? 1 : omp_get_max_threads();
 #endif
-    while (mc * nc > 1 && blocks[G] < (size_t)mc * nc * 4 * nth) {
+    while (mc * nc > 1 && ntiles < (size_t)mc * nc * 4 * nth) {
         if (mc >= nc) mc = (mc + 1) / 2;
         else nc = (nc + 1) / 2;
     }

@@ -801,6 +801,16 @@ class Eta:
         return (steps - step) * ms / 1e3 + rem_evals * ev
 
 
+def make_eta(cfg, runs, sweep_dir):
+    """The sweep's Eta, calibrated by its finished runs (in sweep_dir or results_dir)."""
+    eta = Eta(sweep_dir, runs, [r["name"] for r in runs if grpo_wanted(cfg, r)])
+    for r in runs:
+        rd = os.path.join(sweep_dir, r["name"])
+        if run_state(r, rd)[0] == "done" or committed_done(cfg, r):
+            eta.add_finished(r, run_timing(r, source_dir(cfg, r, rd)))
+    return eta
+
+
 # ----------------------------------------------------------------------------------------------
 # running
 
@@ -1235,11 +1245,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    eta = Eta(sweep_dir, runs, [r["name"] for r in runs if grpo_wanted(cfg, r)])
-    for r in runs:  # finished runs calibrate the ETA
-        rd = os.path.join(sweep_dir, r["name"])
-        if run_state(r, rd)[0] == "done" or committed_done(cfg, r):
-            eta.add_finished(r, run_timing(r, source_dir(cfg, r, rd)))
+    eta = make_eta(cfg, runs, sweep_dir)
     if args.dry_run:
         if auto:
             print(f"trainer auto: the faster of {', '.join(AUTO_TRAINERS)} (those built), chosen when the sweep runs; "

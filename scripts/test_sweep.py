@@ -292,10 +292,7 @@ def test_seeds_results_grpo(trainer, tmp):
     check(rc == 0 and len(s3) == 1 and "time limit" in out,
           "--hours 0.0001: a run longer than the whole chunk starts first, and nothing after it", (out + err)[-800:])
     runs3, _ = sweep.plan_sweep(cfg, check_files=False)
-    eta = sweep.Eta(os.path.join(root, "seeded"), runs3, [r["name"] for r in runs3 if sweep.grpo_wanted(cfg, r)])
-    for r in runs3:
-        if r["seed"] != 3:
-            eta.add_finished(r, sweep.run_timing(r, sweep.source_dir(cfg, r, os.path.join(root, "seeded", r["name"]))))
+    eta = sweep.make_eta(cfg, runs3, os.path.join(root, "seeded"))
     by3 = {r["name"]: r for r in runs3}
     g1 = sweep.read_json(os.path.join(com, "L1-C32-H2-E1-K1-F32-s1", "run.json")) or {}
     with_grpo = eta.predict(by3["L1-C32-H2-E1-K1-F32-s1"]) - eta.predict(by3["L1-C32-H2-E1-K1-F32-s3"])
