@@ -31,9 +31,10 @@ rank reads it and trains on its own B/R sequences; NCCL sums each layer's expert
 load-balancing loss of the whole batch, as Megatron-Core) and, after the last micro-batch, the gradients,
 so every rank takes the same AdamW step. Rank 0 alone prints, logs, evaluates and saves checkpoints.
 
-Build: make train_moe_cu  (PRECISION=FP32 for the fp32 build)       Run: ./train_moe_cu -h
-   or: nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp -DOMP [-DPRECISION_FP32] train_moe.cu -lcublas -o train_moe_cu
-       make train_moe_cu_mpi                                          Run: mpirun -n 8 ./train_moe_cu_mpi -b 64 ...
+Build: make -f dev/cuda_build.mk train_moe_cu       (PRECISION=FP32: the fp32 build; USE_CUDNN=1: cuDNN attention)
+   or: nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp -DOMP [-DPRECISION_FP32] train_moe.cu -lcublas -lcublasLt -o train_moe_cu
+       make -f dev/cuda_build.mk train_moe_cu_mpi   (data parallel; needs MPI and NCCL)
+Run:   ./train_moe_cu -h        mpirun -n 8 ./train_moe_cu_mpi -b 64 ...
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -1246,9 +1247,40 @@ void router_backward(float* dz, const float* dgate, const float* z, const float*
 }
 
 // ----------------------------------------------------------------------------
-// classifier: softmax cross-entropy with an ignore index (target -1). The forward keeps the logits
-// and each row's logsumexp; the backward overwrites the logits with their gradient in place, so the
-// N x V tensor exists once.
+// classifier: the lm_head matmuls over chunks of rows, and softmax cross-entropy with an ignore index
+// (target -1). The forward keeps the logits and each row's logsumexp; the backward overwrites the
+// logits with their gradient in place, so the N x V tensor exists once.
+
+// The logits and their gradient are N x V: at B=8, T=4096, V=100k that is 3.3e9 elements, past the
+// 32-bit counts a cuBLAS call takes. So the classifier's matmuls run over chunks of rows, none of
+// whose N x V operand holds more than classifier_max_elems elements (llm.c chunks its classifier the
+// same way). A batch that fits in one chunk makes the very call it made before, bit for bit.
+static size_t classifier_max_elems = INT_MAX; // the GPU test lowers it to force several chunks
+
+// the rows of one chunk: as many as keep rows x V within classifier_max_elems (at least 1), at most N
+static int classifier_chunk_rows(int N, int V) {
+    size_t rows = classifier_max_elems / (size_t)V;
+    if (rows < 1) rows = 1;
+    return rows < (size_t)N ? (int)rows : N;
+}
+// logits[N,V] = xf[N,C] . lm_head[V,C]^T, chunk by chunk of rows
+void classifier_forward(floatX* logits, const floatX* xf, const floatX* lm_head, int N, int C, int V) {
+    int rows = classifier_chunk_rows(N, V);
+    for (int n0 = 0; n0 < N; n0 += rows) {
+        int nr = N - n0 < rows ? N - n0 : rows;
+        matmul_forward(logits + (size_t)n0 * V, xf + (size_t)n0 * C, lm_head, nr, C, V);
+    }
+}
+// dxf[N,C] += dlogits[N,V] . lm_head[V,C];  dlm_head[V,C] (fp32) += dlogits^T . xf, chunk by chunk of
+// rows (the weight gradient adds the chunks in row order, in fp32)
+void classifier_backward(floatX* dxf, float* dlm_head, const floatX* dlogits, const floatX* xf, const floatX* lm_head,
+                         int N, int C, int V) {
+    int rows = classifier_chunk_rows(N, V);
+    for (int n0 = 0; n0 < N; n0 += rows) {
+        int nr = N - n0 < rows ? N - n0 : rows;
+        matmul_backward(dxf + (size_t)n0 * C, dlm_head, dlogits + (size_t)n0 * V, xf + (size_t)n0 * C, lm_head, nr, C, V);
+    }
+}
 
 __global__ void crossentropy_forward_kernel(float* losses, float* row_lse, const floatX* logits, const int* targets, int N, int V) {
     __shared__ float sh[256];
@@ -1663,7 +1695,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
                       N * model->counts_ranks, N, E, K, model->reduce_scratch);
     }
     rmsnorm_forward(a.xf, model->f_rstd, a.resid + (size_t)L * N * C, p.final_norm, N, C, c->eps);
-    matmul_forward(model->logits, a.xf, p.lm_head, N, C, V);
+    classifier_forward(model->logits, a.xf, p.lm_head, N, C, V);
     if (targets) {
         model->counted = 0;
         for (int i = 0; i < N; i++) {
@@ -1712,7 +1744,7 @@ void model_backward(Model* model, float dloss) {
     crossentropy_backward(dlogits, model->logit_lse, model->targets_d, model->token_weights ? model->token_weights_d : NULL,
                           dloss, model->counted, N, V);
     cudaCheck(cudaMemset(model->dbuf, 0, (size_t)N * C * X));
-    matmul_backward(model->dbuf, g.lm_head, dlogits, a.xf, p.lm_head, N, C, V);
+    classifier_backward(model->dbuf, g.lm_head, dlogits, a.xf, p.lm_head, N, C, V);
     cudaCheck(cudaMemset(model->dres, 0, (size_t)N * C * X));
     rmsnorm_backward(model->dres, g.final_norm, model->dbuf, a.resid + (size_t)L * N * C, p.final_norm,
                      model->f_rstd, N, C, model->norm_partial);
@@ -2102,7 +2134,7 @@ static void decode_step(Model* model, const int* toks, int R, int pos) {
         unpermute_forward(h, a.resid_mid, a.ye, a.gate, model->row_of, R, K, C);
     }
     rmsnorm_forward(a.xf, model->f_rstd, h, p.final_norm, R, C, c->eps);
-    matmul_forward(model->logits, a.xf, p.lm_head, R, C, V);
+    classifier_forward(model->logits, a.xf, p.lm_head, R, C, V);
     router_check_counts(model, R);
 }
 
