@@ -1426,11 +1426,15 @@ typedef struct {
     int collective;   // 1: forward and backward are this rank's part of a step of every rank (all take part):
                       // the forward sums each layer's expert counts over the ranks (dp_sum_ints)
     int counts_ranks; // the ranks whose tokens the counts of the last forward count (1, or R after a collective one)
+    int forward_only; // a frozen model (GRPO's reference): the floatX weights (fp32 builds: the master), no
+                      // gradients, AdamW state or backward scratch; model_backward and model_update refuse it
 } Model;
 
-// allocate parameters, gradients and the optimizer state (zeros) on the GPU
-void model_build(Model* model, const MoEConfig* config) {
+// allocate parameters, gradients and the optimizer state (zeros) on the GPU; forward_only: the
+// parameters alone (bf16 builds: only their floatX copy; fp32 builds: the fp32 weights, which are that copy)
+static void model_build_as(Model* model, const MoEConfig* config, int forward_only) {
     memset(model, 0, sizeof(*model));
+    model->forward_only = forward_only;
     model->config = *config;
     int D = config->C / config->H;
     if (D > ATT_MAXD) {
@@ -1449,9 +1453,16 @@ void model_build(Model* model, const MoEConfig* config) {
     for (int i = 0; i < NUM_PARAM_TENSORS; i++) n += model->param_sizes[i];
     model->num_params = n;
     float** f32[4] = {&model->master_memory, &model->grads_memory, &model->m_memory, &model->v_memory};
-    for (int i = 0; i < 4; i++) {
+    ParamTensorsF32* views[4] = {&model->master, &model->grads, &model->m_state, &model->v_state};
+#ifdef PRECISION_BF16
+    int nf32 = forward_only ? 0 : 4;
+#else
+    int nf32 = forward_only ? 1 : 4; // the master weights are the weights the kernels read
+#endif
+    for (int i = 0; i < nf32; i++) {
         *f32[i] = (float*)cudaMallocCheck(n * sizeof(float));
         cudaCheck(cudaMemset(*f32[i], 0, n * sizeof(float)));
+        point_params(views[i], *f32[i], model->param_sizes);
     }
 #ifdef PRECISION_BF16
     model->params_memory = (floatX*)cudaMallocCheck(n * sizeof(floatX));
@@ -1460,21 +1471,39 @@ void model_build(Model* model, const MoEConfig* config) {
     model->params_memory = model->master_memory;
 #endif
     point_params(&model->params, model->params_memory, model->param_sizes);
-    point_params(&model->master, model->master_memory, model->param_sizes);
-    point_params(&model->grads, model->grads_memory, model->param_sizes);
-    point_params(&model->m_state, model->m_memory, model->param_sizes);
-    point_params(&model->v_state, model->v_memory, model->param_sizes);
     model->aux = (float*)callocCheck(config->L, sizeof(float));
     model->zl = (float*)callocCheck(config->L, sizeof(float));
     model->loss_terms_d = (float*)cudaMallocCheck((1 + 2 * (size_t)config->L) * sizeof(float));
     model->nonfinite_d = (int*)cudaMallocCheck((size_t)config->L * sizeof(int));
-    group_init(&model->group, 2 * config->E);
+    group_init(&model->group, 2 * config->E); // the grouped expert GEMMs' pointer ring: the forward needs it too
     model->step = -1;
 }
+void model_build(Model* model, const MoEConfig* config) { model_build_as(model, config, 0); }
 
-// host fp32 parameters (and AdamW m, v when given) -> the GPU; the floatX copy is cast from the master
+// what a forward-only model cannot do: stop with a message that names the call
+static void model_trainable_check(const Model* model, const char* what) {
+    if (!model->forward_only) return;
+    fprintf(stderr, "Error: %s on a forward-only model (a frozen reference has no gradients or AdamW state)\n", what);
+    exit(EXIT_FAILURE);
+}
+
+// host fp32 parameters (and AdamW m, v when given) -> the GPU; the floatX copy is cast from the master.
+// A forward-only bf16 model has no master: its floatX copy is cast from a staging buffer, chunk by chunk.
 void model_upload(Model* model, const float* params, const float* m, const float* v) {
     size_t bytes = model->num_params * sizeof(float);
+    if (m || v) model_trainable_check(model, "model_upload of AdamW state");
+    if (!model->master_memory) {
+        size_t n = model->num_params, chunk = n < ((size_t)1 << 24) ? n : ((size_t)1 << 24);
+        float* stage = (float*)cudaMallocCheck(chunk * sizeof(float));
+        for (size_t off = 0; off < n; off += chunk) {
+            size_t k = n - off < chunk ? n - off : chunk;
+            cudaCheck(cudaMemcpy(stage, params + off, k * sizeof(float), cudaMemcpyHostToDevice));
+            cast_to_floatX(model->params_memory + off, stage, k);
+        }
+        cudaCheck(cudaDeviceSynchronize());
+        cuda_free(stage);
+        return;
+    }
     cudaCheck(cudaMemcpy(model->master_memory, params, bytes, cudaMemcpyHostToDevice));
     if (m) cudaCheck(cudaMemcpy(model->m_memory, m, bytes, cudaMemcpyHostToDevice));
     if (v) cudaCheck(cudaMemcpy(model->v_memory, v, bytes, cudaMemcpyHostToDevice));
@@ -1484,6 +1513,7 @@ void model_upload(Model* model, const float* params, const float* m, const float
 // the GPU's fp32 master weights, m and v -> host arrays of num_params (any may be NULL)
 void model_download(const Model* model, float* params, float* m, float* v) {
     size_t bytes = model->num_params * sizeof(float);
+    if ((params && !model->master_memory) || m || v) model_trainable_check(model, "model_download");
     if (params) cudaCheck(cudaMemcpy(params, model->master_memory, bytes, cudaMemcpyDeviceToHost));
     if (m) cudaCheck(cudaMemcpy(m, model->m_memory, bytes, cudaMemcpyDeviceToHost));
     if (v) cudaCheck(cudaMemcpy(v, model->v_memory, bytes, cudaMemcpyDeviceToHost));
@@ -1526,7 +1556,6 @@ static void model_alloc_acts(Model* model, int B, int T) {
     model->logits = (floatX*)cudaMallocCheck(N * V * X);
     model->losses = (float*)cudaMallocCheck(N * S);
     model->logit_lse = (float*)cudaMallocCheck(N * S);
-    model->token_weights_d = (float*)cudaMallocCheck(N * S);
     model->topi = (int*)cudaMallocCheck(L * NK * sizeof(int));
     model->counts = (int*)cudaMallocCheck(L * E * sizeof(int));
     model->offs = (int*)cudaMallocCheck(L * (E + 1) * sizeof(int));
@@ -1544,6 +1573,12 @@ static void model_alloc_acts(Model* model, int B, int T) {
     free(fcos); free(fsin);
     model->inputs_d = (int*)cudaMallocCheck(N * sizeof(int));
     model->targets_d = (int*)cudaMallocCheck(N * sizeof(int));
+    model->reduce_scratch = (double*)cudaMallocCheck((E + 1 + 1024) * sizeof(double));
+    model->maxB = B;
+    model->maxT = T;
+    if (model->forward_only) return; // what follows is the backward's
+    // backward scratch (one layer at a time)
+    model->token_weights_d = (float*)cudaMallocCheck(N * S);
     size_t mx = C > HD ? C : HD;
     model->dres = (floatX*)cudaMallocCheck(N * C * X);
     model->dbuf = (floatX*)cudaMallocCheck(N * mx * X);
@@ -1565,11 +1600,8 @@ static void model_alloc_acts(Model* model, int B, int T) {
     model->dh3 = (floatX*)cudaMallocCheck(NK * F * X);
     model->att_dsum = (float*)cudaMallocCheck(N * H * S);
     model->norm_partial = (float*)cudaMallocCheck((size_t)ceil_div(N, NORM_ROWS) * C * S);
-    model->reduce_scratch = (double*)cudaMallocCheck((E + 1 + 1024) * sizeof(double));
     model->enc_work = (int*)mallocCheck((V + 3 * N + 1) * sizeof(int));
     model->enc_work_d = (int*)cudaMallocCheck((3 * N + 1) * sizeof(int));
-    model->maxB = B;
-    model->maxT = T;
 }
 
 static void model_free_acts(Model* model) {
@@ -1723,7 +1755,10 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
     free(terms);
 }
 
-void model_zero_grad(Model* model) { cudaCheck(cudaMemset(model->grads_memory, 0, model->num_params * sizeof(float))); }
+void model_zero_grad(Model* model) {
+    model_trainable_check(model, "model_zero_grad");
+    cudaCheck(cudaMemset(model->grads_memory, 0, model->num_params * sizeof(float)));
+}
 
 // backward of the last forward (which must have had targets); gradients of dloss * loss are ADDED into
 // model->grads (dloss = 1/grad_accum_steps averages the micro-batches; data parallel, 1/(grad_accum_steps*R):
@@ -1732,6 +1767,7 @@ void model_backward(Model* model, float dloss) {
     const MoEConfig* c = &model->config;
     int B = model->B, T = model->T, L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
     int E = c->E, K = c->K, F = c->F, V = c->V, N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    model_trainable_check(model, "model_backward");
     if (!model->targets) { fprintf(stderr, "Error: model_backward needs a forward with targets\n"); exit(EXIT_FAILURE); }
     ParamTensors p = model->params;
     ParamTensorsF32 g = model->grads;
@@ -1822,6 +1858,7 @@ __global__ void sum_in_order_kernel(double* out, const double* part, int n) {
 }
 // sqrt(sum of all g^2): a fixed grid of partial sums added in block order, the same bits every run
 float global_grad_norm(const Model* model) {
+    model_trainable_check(model, "global_grad_norm");
     double* part = model->reduce_scratch; // needs NORM_GRID + 1 doubles (allocated with the activations)
     if (!part) { fprintf(stderr, "Error: global_grad_norm before any forward pass\n"); exit(EXIT_FAILURE); }
     sumsq_partial_kernel<<<NORM_GRID, 256>>>(part, model->grads_memory, model->num_params);
@@ -1852,6 +1889,7 @@ __global__ void adamw_kernel(float* master, floatX* params, const float* grads, 
 }
 // one AdamW step t (1-based) with gradients first scaled by grad_scale (the clipping factor)
 void model_update(Model* model, float lr, float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale) {
+    model_trainable_check(model, "model_update");
     float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
     size_t off = 0;
     for (int ti = 0; ti < NUM_PARAM_TENSORS; ti++) {
@@ -1887,8 +1925,9 @@ void checkpoint_save(const Model* model, const char* path, int with_optimizer, c
 
 // load a checkpoint into a fresh model; with_optimizer also loads m and v (the file must hold them).
 // The body is read and checked on the host (train_moe.c's checks) before anything is put on the GPU.
-// Returns 0, or -1 after an error message with nothing left allocated.
-int checkpoint_load(Model* model, const char* path, TrainState* st, int with_optimizer) {
+// Returns 0, or -1 after an error message with nothing left allocated. forward_only: a frozen model
+// (model_build_as), its weights alone on the GPU.
+static int checkpoint_load_as(Model* model, const char* path, TrainState* st, int with_optimizer, int forward_only) {
     cpu::Model shell; // what cpu::checkpoint_check_values reads: the host copy of the body
     memset(&shell, 0, sizeof(shell));
     int has_opt;
@@ -1911,11 +1950,19 @@ int checkpoint_load(Model* model, const char* path, TrainState* st, int with_opt
     fclose(fp);
     if (!bad) bad = cpu::checkpoint_check_values(&shell, path, with_optimizer);
     if (!bad) {
-        model_build(model, &shell.config);
+        model_build_as(model, &shell.config, forward_only);
         model_upload(model, shell.params_memory, shell.m_memory, shell.v_memory);
     }
     free(shell.params_memory); free(shell.m_memory); free(shell.v_memory);
     return bad ? -1 : 0;
+}
+int checkpoint_load(Model* model, const char* path, TrainState* st, int with_optimizer) {
+    return checkpoint_load_as(model, path, st, with_optimizer, 0);
+}
+// the weights of a checkpoint as a forward-only model (GRPO's frozen reference): no gradients, no AdamW
+// state, no backward scratch (at 0.94e9 parameters 11 GB less than a trainable copy, 15 GB in bf16 builds)
+int checkpoint_load_frozen(Model* model, const char* path, TrainState* st) {
+    return checkpoint_load_as(model, path, st, 0, 1);
 }
 
 // ----------------------------------------------------------------------------
@@ -2458,7 +2505,7 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
     int use_ref = gc->kl > 0;
     if (use_ref) {
         TrainState rst;
-        if (checkpoint_load(&ref, a->init_ckpt, &rst, 0) != 0) { cpu::evalset_free(&es); return 1; }
+        if (checkpoint_load_frozen(&ref, a->init_ckpt, &rst) != 0) { cpu::evalset_free(&es); return 1; }
         if (!cpu::grpo_same_shape(&ref.config, c)) {
             fprintf(stderr, "Error: reference checkpoint '%s' (flag -e) has another shape than the policy being resumed\n",
                     a->init_ckpt);
