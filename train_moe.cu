@@ -673,12 +673,24 @@ __global__ void attention_forward_kernel(floatX* out, float* lse, const floatX* 
 // cuDNN's fused attention (cudnn-frontend graphs, one per shape, built once and cached): the same
 // tensors in the same layouts, stats = the natural-log logsumexp our backward also reads. A shape
 // cuDNN does not support falls back to the kernels above, with one note on stderr.
+// The cache holds ATT_MAX_GRAPHS graphs and evicts the least recently used, so the shapes of training
+// always get one; decoding's forwards (prefill, sampling) do not ask for cuDNN (Model.decoding), so
+// their many shapes never enter it. Every execution is counted, and so is every call that asked for
+// cuDNN and ran on the built-in kernels: gpu_free prints both (the cuDNN GPU test fails on a zero).
 static cudnnHandle_t cudnn_handle;
 static void* cudnn_workspace = NULL;
 static size_t cudnn_workspace_size = 0;
+static long cudnn_att_runs = 0;      // graph executions, forward and backward
+static long cudnn_att_fallbacks = 0; // calls that asked for cuDNN and ran on the built-in kernels
 typedef std::shared_ptr<fe::graph::Tensor_attributes> FeTensor;
-typedef struct { std::shared_ptr<fe::graph::Graph> graph; FeTensor Q, K, V, O, stats, dO, dQ, dK, dV; int ok; } AttGraph;
+typedef struct {
+    std::shared_ptr<fe::graph::Graph> graph;
+    FeTensor Q, K, V, O, stats, dO, dQ, dK, dV;
+    int ok;
+    unsigned long long used; // att_clock at its last use
+} AttGraph;
 static std::map<std::tuple<int, int, int, int, int, int>, AttGraph> att_graphs; // (backward?, B, T, H, Hkv, D)
+static unsigned long long att_clock = 0;
 #define ATT_MAX_GRAPHS 8
 
 static int fe_ok(fe::error_t err, std::string* msg) {
@@ -693,9 +705,19 @@ static FeTensor fe_tensor(fe::graph::Graph* g, const char* name, int B, int NH, 
 static AttGraph* att_graph(int backward, int B, int T, int H, int Hkv, int D) {
     auto key = std::make_tuple(backward, B, T, H, Hkv, D);
     auto it = att_graphs.find(key);
-    if (it != att_graphs.end()) return it->second.ok ? &it->second : NULL;
-    if (att_graphs.size() >= ATT_MAX_GRAPHS) return NULL; // e.g. sampling's growing contexts: built-in kernels
+    if (it != att_graphs.end()) {
+        it->second.used = ++att_clock;
+        return it->second.ok ? &it->second : NULL;
+    }
+    if (att_graphs.size() >= ATT_MAX_GRAPHS) { // full: the least recently used graph goes
+        auto lru = att_graphs.begin();
+        for (auto g = att_graphs.begin(); g != att_graphs.end(); ++g)
+            if (g->second.used < lru->second.used) lru = g;
+        cudaCheck(cudaDeviceSynchronize()); // nothing of its plan still in flight
+        att_graphs.erase(lru);
+    }
     AttGraph ag;
+    ag.used = ++att_clock;
     ag.graph = std::make_shared<fe::graph::Graph>();
     fe::graph::Graph* g = ag.graph.get();
     g->set_io_data_type(fe::DataType_t::BFLOAT16).set_intermediate_data_type(fe::DataType_t::FLOAT)
@@ -745,22 +767,24 @@ static AttGraph* att_graph(int backward, int B, int T, int H, int Hkv, int D) {
 static int attention_forward_cudnn(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
                                    int B, int T, int H, int Hkv, int D) {
     AttGraph* ag = att_graph(0, B, T, H, Hkv, D);
-    if (!ag) return 0;
+    if (!ag) { cudnn_att_fallbacks++; return 0; }
     std::unordered_map<FeTensor, void*> pack = {{ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v},
                                                 {ag->O, (void*)out}, {ag->stats, (void*)lse}};
     std::string msg;
     if (!fe_ok(ag->graph->execute(cudnn_handle, pack, cudnn_workspace), &msg)) { // e.g. a misaligned pointer
         fprintf(stderr, "note: cuDNN attention forward failed (%s): using the built-in kernels\n", msg.c_str());
         ag->ok = 0;
+        cudnn_att_fallbacks++;
         return 0;
     }
+    cudnn_att_runs++;
     return 1;
 }
 static int attention_backward_cudnn(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* out,
                                     const float* lse, const floatX* q, const floatX* k, const floatX* v,
                                     int B, int T, int H, int Hkv, int D) {
     AttGraph* ag = att_graph(1, B, T, H, Hkv, D);
-    if (!ag) return 0;
+    if (!ag) { cudnn_att_fallbacks++; return 0; }
     std::unordered_map<FeTensor, void*> pack = {
         {ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v}, {ag->O, (void*)out}, {ag->dO, (void*)dout},
         {ag->stats, (void*)lse}, {ag->dQ, (void*)dq}, {ag->dK, (void*)dk}, {ag->dV, (void*)dv}};
@@ -768,17 +792,22 @@ static int attention_backward_cudnn(floatX* dq, floatX* dk, floatX* dv, const fl
     if (!fe_ok(ag->graph->execute(cudnn_handle, pack, cudnn_workspace), &msg)) { // e.g. a misaligned pointer
         fprintf(stderr, "note: cuDNN attention backward failed (%s): using the built-in kernels\n", msg.c_str());
         ag->ok = 0;
+        cudnn_att_fallbacks++;
         return 0;
     }
+    cudnn_att_runs++;
     return 1;
 }
 #endif
 
-// q[B,T,H,D], k,v[B,T,Hkv,D] -> out[B,T,H,D]; lse[B,H,T] (fp32) kept for the backward
+// q[B,T,H,D], k,v[B,T,Hkv,D] -> out[B,T,H,D]; lse[B,H,T] (fp32) kept for the backward. cudnn_ok = 0
+// (decoding's forwards): the built-in kernels even in USE_CUDNN builds
 void attention_forward(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
-                       int B, int T, int H, int Hkv, int D) {
+                       int B, int T, int H, int Hkv, int D, int cudnn_ok) {
 #ifdef USE_CUDNN
-    if (attention_forward_cudnn(out, lse, q, k, v, B, T, H, Hkv, D)) return;
+    if (cudnn_ok && attention_forward_cudnn(out, lse, q, k, v, B, T, H, Hkv, D)) return;
+#else
+    (void)cudnn_ok;
 #endif
     attention_forward_kernel<<<ceil_div((size_t)B * H * T, ATT_WARPS), ATT_WARPS * 32>>>(out, lse, q, k, v, B, T, H, Hkv, D);
     cudaCheck(cudaGetLastError());
@@ -1428,6 +1457,8 @@ typedef struct {
     int counts_ranks; // the ranks whose tokens the counts of the last forward count (1, or R after a collective one)
     int forward_only; // a frozen model (GRPO's reference): the floatX weights (fp32 builds: the master), no
                       // gradients, AdamW state or backward scratch; model_backward and model_update refuse it
+    int decoding;     // set around the forwards of decoding (prefill, sampling): their attention runs on the
+                      // built-in kernels, so cuDNN's graph cache keeps the shapes of training and eval
 } Model;
 
 // allocate parameters, gradients and the optimizer state (zeros) on the GPU; forward_only: the
@@ -1709,7 +1740,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         matmul_forward(v, an, wv, N, C, KD);
         rope_apply(q, model->freqs_cos, model->freqs_sin, B, T, H, D, +1);
         rope_apply(k, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, +1);
-        attention_forward(atty, att_lse, q, k, v, B, T, H, Hkv, D);
+        attention_forward(atty, att_lse, q, k, v, B, T, H, Hkv, D, !model->decoding);
         matmul_forward(res_mid, atty, wo, N, HD, C);
         residual_forward(res_mid, res_mid, res, (size_t)N * C);
         // MoE block: router -> topk -> permute -> experts -> unpermute
@@ -1982,7 +2013,9 @@ void generate(Model* model, const Tokenizer* tk, int eot, int gen_len, uint64_t*
     toks[0] = eot;
     for (int t = 1; t <= gen_len; t++) {
         int ctx = t < maxT ? t : maxT; // a window of the last maxT tokens
+        model->decoding = 1; // a new shape every token: the built-in attention, not a cuDNN graph each
         model_forward(model, toks + t - ctx, NULL, 1, ctx);
+        model->decoding = 0;
         model_logits_to_host(model, probs, ctx - 1, 1);
         float mx = probs[0], s = 0.0f;
         for (int i = 1; i < V; i++) if (probs[i] > mx) mx = probs[i];
@@ -2211,7 +2244,9 @@ void generate_answers(Model* model, const int* prompt, int plen, int R, int max_
     attention_decode_setup(maxT);
     int* toks = (int*)mallocCheck((size_t)R * plen * sizeof(int));
     for (int r = 0; r < R; r++) memcpy(toks + (size_t)r * plen, prompt, plen * sizeof(int));
+    model->decoding = 1; // the prefill: a shape per prompt length, kept out of cuDNN's graph cache
     model_forward(model, toks, NULL, R, plen);
+    model->decoding = 0;
     for (int l = 0; l < L; l++) { // the prefill's k, v [R][plen][KD] become positions 0..plen-1 of the cache
         size_t at = (size_t)l * maxB * maxT * KD, act = (size_t)l * R * plen * KD;
         cache_put(model->kcache + at, model->acts.k + act, R, plen, maxT, KD, 0);
@@ -2416,6 +2451,11 @@ void gpu_init(void) {
 void gpu_free(void) {
     cublasCheck(cublasDestroy(cublas_handle));
 #ifdef USE_CUDNN
+    // the line dev/gpu_check.sh reads
+    printf("cudnn: %ld graph executions\n", cudnn_att_runs);
+    if (cudnn_att_fallbacks)
+        printf("cudnn: %ld attention calls that asked for cuDNN ran on the built-in kernels (see the notes above)\n",
+               cudnn_att_fallbacks);
     att_graphs.clear();
     cuda_free(cudnn_workspace);
     cudnn_workspace = NULL;
@@ -2610,6 +2650,7 @@ int main(int argc, char** argv) {
         fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
     if (a.fwd_in) {
         int rc = run_forward_only(&model, &a);
+        gpu_free();
         dp_free();
         return rc;
     }
@@ -2644,6 +2685,7 @@ int main(int argc, char** argv) {
     if (a.eval_only) {
         printf("val loss %.4f\n", eval_val_loss(&model, &val, a.val_batches));
         run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, st.step);
+        gpu_free();
         dp_free();
         return 0;
     }
