@@ -312,7 +312,7 @@ t0=$(now_ms); unpacked=""
 if [ -f "$ARCHIVE" ] && { [ ! -f "$BIN/MANIFEST" ] || [ "$ARCHIVE" -nt "$BIN/MANIFEST" ]; }; then
     # a folder that held an archive before, or an empty one, is replaced; another is unpacked over
     if [ "$BIN" != "$ROOT" ] && { [ -f "$BIN/MANIFEST" ] || [ -z "$(ls -A "$BIN")" ]; }; then rm -rf "$BIN" && mkdir -p "$BIN"; fi
-    if tar -C "$BIN" -xJf "$ARCHIVE" > "$LOG/unpack.log" 2>&1; then
+    if tar -C "$BIN" -xJf "$ARCHIVE" > "$LOG/unpack.log" 2>&1 && touch -r "$ARCHIVE" "$BIN/MANIFEST"; then
         unpacked="unpacked from $(basename "$ARCHIVE") ($(mib "$(stat -c %s "$ARCHIVE")") MiB) in $(secs_since "$t0") s; "
     else unpacked="FAILED: cannot unpack $ARCHIVE: $(head -c 100 "$LOG/unpack.log")"; fi
 fi
@@ -342,7 +342,7 @@ for p in "${PYTHON:-}" .venv/bin/python "$TORCH_ENV/bin/python" python3; do
 done
 # the reference states: rebuilt (when missing, or older than dev/moe_ref.py) in the background
 ref_pid=""; ref_t0=$(now_ms)
-if [ "$REBUILD" = 1 ] && [ -n "$TORCH_PY" ] && { [ ! -f "$REF/manifest.txt" ] || [ dev/moe_ref.py -nt "$REF/manifest.txt" ]; }; then
+if [ "$MODE" = run ] && [ "$REBUILD" = 1 ] && [ -n "$TORCH_PY" ] && { [ ! -f "$REF/manifest.txt" ] || [ dev/moe_ref.py -nt "$REF/manifest.txt" ]; }; then
     echo "reference states: $TORCH_PY dev/moe_ref.py --outdir $REF (in the background)"
     "$TORCH_PY" dev/moe_ref.py --outdir "$REF" > "$LOG/ref.log" 2>&1 < /dev/null &
     ref_pid=$!
@@ -473,7 +473,8 @@ else record "libraries" ok "${#elfs[@]} binaries resolve every library; $version
 
 # the reference states: joined here
 ref_ok=0
-if [ -n "$ref_pid" ]; then
+if [ "$MODE" = bench ]; then :  # the benchmark reads no reference states
+elif [ -n "$ref_pid" ]; then
     wait "$ref_pid"; rrc=$?; ref_pid=""
     if [ $rrc -eq 0 ] && [ -f "$REF/manifest.txt" ]; then
         ref_ok=1; record "reference states" ok "$(wc -w < "$REF/manifest.txt") configurations, rebuilt with $TORCH_PY in $(secs_since "$ref_t0") s"
