@@ -25,11 +25,15 @@ data, B, T, the LR schedule, the eval files, the default model shape, and a list
         F = K * F (a SwiGLU of the summed width);
   {"name": "topk", "E": 16, "KF": 256, "K": [1, 2, 4, 8]}              vary K at fixed E and K*F
         (fixed active params), F = KF / K;
+  {"name": "topk", "KF": 256, "EF": 2048, "K": [2, 4, 8]}              vary K at fixed K*F and E*F
+        (fixed active and total params), F = KF / K, E = EF / F; a family that declares KF or EF
+        keeps it (a run that breaks it is an error);
   {"name": "x", "runs": [{"E": 8, "K": 2, "F": 64}, ...]}               any explicit list.
 
-Every run is validated before anything runs (K > E, C % H, H % Hkv, odd head size, KF % K, a step
-count below 1, missing data or eval files, unknown fields ...): each problem is reported naming the
-run and the field, and the script exits with status 2.
+Every run is validated before anything runs (K > E, C % H, H % Hkv, odd head size, KF % K, a family
+invariant broken, a step count below 1, missing data or eval files, data that do not fit the model's
+vocabulary, unknown fields ...): each problem is reported naming the run and the field, and the
+script exits with status 2.
 
 Runs live in <root>/<sweep name>/<run name>/ (root: out/sweeps). The run name is the shape
 (L2-C64-H4-E8-K2-F128); a shape that two families share is trained once and counted in both. A run
@@ -47,7 +51,10 @@ finished, else from all; plus the measured seconds per eval point), before any h
 --bench figures if present, else from the running run.
 
 With `ttc_samples` in the config, each finished run's final checkpoint also gets test-time compute
-(`-y 1 -ex 1 -tn S -tt T`: majority vote and pass@n on acc_items items per eval file).
+(`-y 1 -ex 1 -tn S -tt T`: majority vote and pass@n on acc_items items per eval file). With
+`fact_bits`, the final checkpoint's stored bits on every fact of an eval file of one-token answers
+(fact_bits_eval: the trainer's -fi/-fo forward on the facts packed like training documents), with one
+line per fact in fact_items.txt.gz for paired comparisons.
 
 At the end (and with --collect) every run's final metrics go to <root>/<name>/results.csv (and to
 --csv PATH): shape, total/active/non-embedding params, sparsity, TPP, tokens, FLOPs, train loss
@@ -82,12 +89,13 @@ TOP_KEYS = {
     "eval_files", "B", "T", "grad_accum", "lr", "warmup", "warmup_frac", "min_lr_frac", "weight_decay",
     "grad_clip", "seed", "evals", "val_batches", "acc_items", "checkpoints", "keep_checkpoints",
     "model", "families", "extra_args", "threads", "notes", "ttc_samples", "ttc_temp",
-    "seeds", "results_dir", "grpo",
+    "seeds", "results_dir", "grpo", "fact_bits",
 }
 GRPO_KEYS = {"rl_file", "steps", "eval_every", "eval_files", "args", "families", "seeds"}
 MODEL_KEYS = {"V", "L", "C", "H", "Hkv", "E", "K", "F", "aux_coef", "z_coef", "rope_theta"}
 RUN_KEYS = MODEL_KEYS | {"lr", "warmup", "warmup_frac", "init_std"}
-FAMILY_KEYS = RUN_KEYS | {"name", "label", "KF", "runs", "seeds", "budget_flops", "ttc_samples"}
+FAMILY_KEYS = RUN_KEYS | {"name", "label", "KF", "EF", "runs", "seeds", "budget_flops", "ttc_samples"}
+FACT_BITS_KEYS = {"file", "rows"}
 DEFAULT_MODEL = {"V": 4096, "L": 2, "C": 64, "H": 4, "Hkv": None, "E": 8, "K": 2, "F": 128}
 FLOPS_PARAMS = ("active_nonembedding", "active")
 
@@ -161,6 +169,105 @@ def data_file_problem(path, kind):
     return None
 
 
+def eval_vocab(path):
+    """(V, eot) an eval file was built for (header slots 6 and 7)."""
+    with open(path, "rb") as f:
+        h = struct.unpack("<256i", f.read(1024))
+    return h[6], h[7]
+
+
+def tokenizer_vocab(path):
+    """V of a tokenizer file (llm.c's layout), or None if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            h = struct.unpack("<256I", f.read(1024))
+    except (OSError, struct.error):
+        return None
+    return h[2] if (h[0], h[1]) == (20240328, 2) else None
+
+
+def shard_max_token(path):
+    """The largest token id of a shard (its header is checked by data_file_problem)."""
+    import array
+    with open(path, "rb") as f:
+        h = struct.unpack("<256i", f.read(1024))
+        buf = array.array("H" if h[0] == 20240520 else "I")
+        buf.frombytes(f.read())
+    if sys.byteorder != "little":
+        buf.byteswap()
+    return max(buf) if len(buf) else -1
+
+
+def read_eval_items(path):
+    """[(prompt ids, answer ids)] of an eval file (data/tasks/README.md's layout) and its header."""
+    with open(path, "rb") as f:
+        data = f.read()
+    h = struct.unpack_from("<256i", data)
+    pos, items = 1024, []
+    for _ in range(h[2]):
+        pl, al = struct.unpack_from("<2i", data, pos)
+        toks = struct.unpack_from(f"<{pl + al}i", data, pos + 8)
+        pos += 8 + 4 * (pl + al)
+        rl = struct.unpack_from("<i", data, pos)[0]
+        pos += 4 + rl
+        items.append((list(toks[:pl]), list(toks[pl:])))
+    return h, items
+
+
+def vocab_problems(cfg, model, families, ev, err):
+    """The vocabulary against the model: the tokenizer's V must be the model's, and no eval file,
+    RL or fact file may be built for a larger V, nor any shard hold a token id >= V."""
+    Vs = sorted({v for v in [model.get("V")] + [f.get("V") for f in families if isinstance(f, dict)]
+                 if _is_int(v)})
+    if not Vs:
+        return
+    tok = cfg.get("tokenizer")
+    if isinstance(tok, str) and os.path.isfile(resolve(tok)):
+        tv = tokenizer_vocab(resolve(tok))
+        if tv is None:
+            err("config", "tokenizer", f"'{tok}' is not a tokenizer file (magic 20240328, version 2)")
+        elif any(v != tv for v in Vs):
+            err("config model", "V", f"V={Vs[0] if Vs[0] != tv else Vs[-1]} but the tokenizer '{tok}' has "
+                f"V={tv}: the model's vocabulary must be the tokenizer's")
+    files = [("eval_files", f[:-5] if f.endswith(":loss") else f) for f in ev]
+    g = cfg.get("grpo") if isinstance(cfg.get("grpo"), dict) else {}
+    files += [("grpo", x) for x in [g.get("rl_file")] + list(g.get("eval_files", [])) if isinstance(x, str)]
+    fb = cfg.get("fact_bits") if isinstance(cfg.get("fact_bits"), dict) else {}
+    if isinstance(fb.get("file"), str):
+        files.append(("fact_bits", fb["file"]))
+    for field, f in files:
+        path = resolve(f)
+        if os.path.isfile(path) and not data_file_problem(path, "eval"):
+            fv, _eot = eval_vocab(path)
+            if fv > Vs[0]:
+                err("config", field, f"'{f}' was built for V={fv}, more than the model's V={Vs[0]}: its tokens "
+                    f"do not fit the vocabulary")
+    for k in ("train", "val"):
+        for path in sorted(glob.glob(resolve(cfg[k]))) if isinstance(cfg.get(k), str) else []:
+            if not data_file_problem(path, "shard"):
+                mx = shard_max_token(path)
+                if mx >= Vs[0]:
+                    err("config", k, f"'{path}' holds token id {mx}, outside the model's V={Vs[0]}: the data do "
+                        f"not fit the vocabulary")
+
+
+def fact_bits_problem(cfg, T):
+    """None, or why the fact_bits stage cannot score its file (single-token answers, fitting T)."""
+    fb = cfg["fact_bits"]
+    path = resolve(fb["file"])
+    if not os.path.isfile(path):
+        return f"'{fb['file']}' does not exist"
+    why = data_file_problem(path, "eval")
+    if why:
+        return f"'{fb['file']}' {why}"
+    _h, items = read_eval_items(path)
+    if any(len(a) != 1 for _p, a in items):
+        return f"'{fb['file']}': every answer must be one token (a fact's value)"
+    if any(len(p) + 1 > T for p, _a in items):
+        return f"'{fb['file']}': an item is longer than T={T}"
+    return None
+
+
 def plan_sweep(cfg, check_files=True):
     """Expand the families into runs, compute steps from the budget, validate everything.
     Returns (runs, families). Raises ConfigError listing every problem found."""
@@ -230,6 +337,20 @@ def plan_sweep(cfg, check_files=True):
                 err("config grpo", "families", "'families' and 'args' must be lists")
             if "seeds" in g and (not isinstance(g["seeds"], list) or not all(_is_int(x) for x in g["seeds"])):
                 err("config grpo", "seeds", "must be a list of seeds")
+    fb = cfg.get("fact_bits")
+    if fb is not None:
+        if not isinstance(fb, dict) or not isinstance(fb.get("file"), str):
+            err("config", "fact_bits", "must be an object with 'file' (an eval file of single-token answers)")
+        else:
+            bad = sorted(set(fb) - FACT_BITS_KEYS)
+            if bad:
+                err("config fact_bits", bad[0], f"unknown field(s) {bad} (allowed: {sorted(FACT_BITS_KEYS)})")
+            if "rows" in fb and (not _is_int(fb["rows"]) or fb["rows"] < 1):
+                err("config fact_bits", "rows", f"must be an integer >= 1 (got {fb['rows']!r})")
+            if check_files and _is_int(cfg.get("T")):
+                why = fact_bits_problem(cfg, cfg["T"])
+                if why:
+                    err("config fact_bits", "file", why)
     if cfg.get("keep_checkpoints", "final") not in ("final", "all"):
         err("config", "keep_checkpoints", "must be 'final' or 'all'")
     ev = cfg.get("eval_files", [])
@@ -267,6 +388,7 @@ def plan_sweep(cfg, check_files=True):
                 err("config", "eval_files", f"'{f}' {data_file_problem(path, 'eval')}")
         if "tokenizer" in cfg and not os.path.isfile(resolve(cfg["tokenizer"])):
             err("config", "tokenizer", f"'{cfg['tokenizer']}' does not exist")
+        vocab_problems(cfg, model, cfg.get("families") if isinstance(cfg.get("families"), list) else [], ev, err)
 
     fams = cfg.get("families")
     if not isinstance(fams, list) or not fams:
@@ -321,15 +443,24 @@ def plan_sweep(cfg, check_files=True):
                     members.append((f"E={e}", {"E": e}))
         elif lists == ["K"]:
             kind = "K"
-            kf = fam.get("KF")
+            kf, ef = fam.get("KF"), fam.get("EF")
             if not _is_int(kf) or kf < 1:
                 err(where, "KF", f"a family that lists K needs KF (the constant K*F, an integer >= 1; got {kf!r})")
+            if "EF" in fam and (not _is_int(ef) or ef < 1):
+                err(where, "EF", f"EF (the constant E*F) must be an integer >= 1 (got {ef!r})")
+                ef = None
             for k in fam["K"]:
                 if _is_int(kf) and _is_int(k) and k >= 1 and kf % k:
                     err(f"{where} K={k}", "KF", f"KF={kf} is not divisible by K={k} (F = KF/K must be an integer)")
                     continue
                 f = kf // k if _is_int(kf) and _is_int(k) and k >= 1 else None
-                members.append((f"K={k}", {"K": k, "F": f}))
+                over = {"K": k, "F": f}
+                if _is_int(ef) and f:  # fixed total params too: E = EF / F
+                    if ef % f:
+                        err(f"{where} K={k}", "EF", f"EF={ef} is not divisible by F={f} (E = EF/F must be an integer)")
+                        continue
+                    over["E"] = ef // f
+                members.append((f"K={k}", over))
         else:
             kind = "single"
             members.append(("", {}))
@@ -362,6 +493,12 @@ def plan_sweep(cfg, check_files=True):
                 continue
             shape = f"(L={r['L']} C={r['C']} H={r['H']} Hkv={r['Hkv']} E={r['E']} K={r['K']} F={r['F']})"
             rw = f"{rwhere} {shape}"
+            for inv, (p, q) in (("KF", ("K", "F")), ("EF", ("E", "F"))):
+                want = fam.get(inv)
+                if _is_int(want) and r[p] * r[q] != want:  # the family's invariant
+                    err(rw, inv, f"{p}*{q} = {r[p] * r[q]} breaks the family's invariant {inv}={want} "
+                        f"(a family that declares {inv} keeps {p}*{q} constant)")
+                    ok = False
             if r["K"] > r["E"]:
                 err(rw, "K", f"K={r['K']} > E={r['E']}: top-k cannot choose more experts than exist")
                 ok = False
@@ -614,9 +751,152 @@ def run_grpo(cfg, run, run_dir, trainer, env, tag):
     return rc == 0 and grpo_log_done(cfg, os.path.join(gdir, "log.txt"))
 
 
+def fact_bits_done(cfg, run, d):
+    """d holds the fact_bits stage's result for the run's final checkpoint and the configured file."""
+    info = read_json(os.path.join(d, "fact_bits.json"))
+    return bool(info) and info.get("steps") == run["steps"] and info.get("file") == cfg["fact_bits"]["file"] \
+        and os.path.exists(os.path.join(d, "fact_items.txt.gz"))
+
+
+def needs_fact_bits(cfg, run, run_dir):
+    return bool(cfg.get("fact_bits")) and not fact_bits_done(cfg, run, run_dir)
+
+
+def pack_rows(items, T, eot):
+    """Items (prompt, answer) back to back in rows of T tokens, as training documents are packed (an
+    item never straddles two rows; a row's unused end is eot). Returns the rows and, per item, (row,
+    the position whose logits predict the answer token, the answer token)."""
+    rows, where, cur = [], [], []
+    for p, a in items:
+        seq = p + a
+        if len(cur) + len(seq) > T:
+            rows.append(cur + [eot] * (T - len(cur)))
+            cur = []
+        where.append((len(rows), len(cur) + len(p) - 1, a[0]))
+        cur += seq
+    if cur:
+        rows.append(cur + [eot] * (T - len(cur)))
+    return rows, where
+
+
+def answer_scores(logits, V, base, values):
+    """From one position's logits (logits[base:base+V]): ln p(answer) over the whole vocabulary, ln p
+    over the value tokens alone, and whether the answer is the argmax (lowest id on ties, as the
+    trainer's greedy decoding). `values` is (answer token, [value token ids])."""
+    ans, vids = values
+    row = logits[base:base + V]
+    mx = max(row)
+    lse = mx + math.log(math.fsum(math.exp(x - mx) for x in row))
+    vals = [row[i] for i in vids]
+    vmx = max(vals)
+    vlse = vmx + math.log(math.fsum(math.exp(x - vmx) for x in vals))
+    return row[ans] - lse, row[ans] - vlse, row.index(mx) == ans
+
+
+def fact_bits_eval(cfg, ckpt, V, T, trainer, env, work_dir, stdout_path):
+    """The bits checkpoint `ckpt` stores about every fact of cfg["fact_bits"]["file"]: each item
+    (prompt [eot, first, surname, attribute], answer [value]) is packed into rows of T tokens like
+    the training documents, the trainer's forward-only mode (-fi/-fo, cfg["fact_bits"]["rows"] rows a
+    call) gives the logits, and per fact saved = log2(values) + log2 p(value), p normalised over the
+    file's value tokens (0 for a model that knows nothing about it). Returns (summary, [bits saved],
+    [greedy right 0/1]) in the file's order, or None if the trainer failed."""
+    import array
+    fb = cfg["fact_bits"]
+    h, items = read_eval_items(resolve(fb["file"]))
+    eot = h[7]
+    value_ids = sorted({a[0] for _p, a in items})
+    nv = len(value_ids)
+    rows, where = pack_rows(items, T, eot)
+    per_call = fb.get("rows", 128)
+    t0 = time.time()
+    scores = [None] * len(items)
+    by_row = {}
+    for i, (r, pos, ans) in enumerate(where):
+        by_row.setdefault(r, []).append((i, pos, ans))
+    tmpdir = os.path.join(work_dir, "fact_bits.tmp")
+    os.makedirs(tmpdir, exist_ok=True)
+    fi, fo = os.path.join(tmpdir, "in.bin"), os.path.join(tmpdir, "out.bin")
+    try:
+        for r0 in range(0, len(rows), per_call):
+            chunk = rows[r0:r0 + per_call]
+            with open(fi, "wb") as f:
+                f.write(struct.pack(f"<{len(chunk) * T}i", *[t for row in chunk for t in row]))
+            cmd = [trainer, "-e", ckpt, "-fi", fi, "-fo", fo, "-b", str(len(chunk)), "-t", str(T)]
+            if "tokenizer" in cfg:
+                cmd += ["-k", resolve(cfg["tokenizer"])]
+            if run_to_file(cmd, stdout_path, env) != 0:
+                return None
+            logits = array.array("f")
+            with open(fo, "rb") as f:
+                logits.frombytes(f.read())
+            if sys.byteorder != "little":
+                logits.byteswap()
+            if len(logits) != len(chunk) * T * V:
+                return None
+            for r in range(r0, r0 + len(chunk)):
+                for i, pos, ans in by_row.get(r, []):
+                    scores[i] = answer_scores(logits, V, ((r - r0) * T + pos) * V, (ans, value_ids))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    ln2 = math.log(2.0)
+    saved = [math.log2(nv) + lv / ln2 for _lf, lv, _c in scores]
+    right = [int(c) for _lf, _lv, c in scores]
+    out = {"file": fb["file"], "facts": len(items), "values": nv,
+           "stored_bits": round(math.fsum(saved), 1), "bits_per_fact": math.fsum(saved) / len(items),
+           "acc": sum(right) / len(items), "bpt": -math.fsum(lf for lf, _lv, _c in scores) / ln2 / len(items),
+           "rows": len(rows), "seconds": time.time() - t0}
+    return out, saved, right
+
+
+def write_fact_items(path, saved, right):
+    import gzip
+    body = "# bits saved (log2 values + log2 p(value) over the value tokens), greedy right\n" + \
+        "".join(f"{b:.1f} {c}\n" for b, c in zip(saved, right))
+    with open(path, "wb") as f:
+        f.write(gzip.compress(body.encode(), mtime=0))
+
+
+def run_fact_bits(cfg, run, run_dir, trainer, env, tag):
+    """fact_bits_eval on the final checkpoint: fact_bits.json gets the sums, fact_items.txt.gz one
+    line per fact (bits saved to 0.1, greedy right 0/1), in the file's order, for paired comparisons."""
+    ckpt = os.path.join(run_dir, f"model_{run['steps']:08d}.bin")
+    log(f"{tag} {run['name']}: fact bits of every fact in {cfg['fact_bits']['file']}")
+    res = fact_bits_eval(cfg, ckpt, run["V"], run["T"], trainer, env, run_dir,
+                         os.path.join(run_dir, "fact_bits_stdout.txt"))
+    if res is None:
+        if not STOP.is_set():
+            log(f"{tag} {run['name']}: fact bits FAILED (see fact_bits_stdout.txt)")
+        return False
+    out, saved, right = res
+    out["steps"] = run["steps"]
+    write_fact_items(os.path.join(run_dir, "fact_items.txt.gz"), saved, right)
+    write_json(os.path.join(run_dir, "fact_bits.json"), out)
+    info = read_json(os.path.join(run_dir, "run.json")) or {}
+    info["fact_bits_s"] = out["seconds"]
+    write_json(os.path.join(run_dir, "run.json"), info)
+    log(f"{tag} {run['name']}: fact bits {out['stored_bits']:.0f} stored ({out['bits_per_fact']:.3f} per fact of "
+        f"{math.log2(out['values']):.0f}), greedy {100 * out['acc']:.1f}%")
+    return True
+
+
+def read_fact_items(path):
+    """fact_items.txt.gz -> ([bits saved], [right 0/1])."""
+    import gzip
+    bits, right = [], []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            if not line.startswith("#"):
+                b, c = line.split()
+                bits.append(float(b))
+                right.append(int(c))
+    return bits, right
+
+
 def finish_stages(cfg, run, run_dir, trainer, env, tag):
-    """After training: test-time compute and GRPO where configured, then the export of the run's
-    logs to results_dir. Returns True when every stage is done."""
+    """After training: the fact bits, test-time compute and GRPO where configured, then the export of
+    the run's logs to results_dir. Returns True when every stage is done."""
+    if needs_fact_bits(cfg, run, run_dir) and not run_fact_bits(cfg, run, run_dir, trainer, env, tag):
+        return False
     if needs_ttc(cfg, run, run_dir) and not run_ttc(cfg, run, run_dir, trainer, env, tag):
         return False
     if needs_grpo(cfg, run, run_dir) and not run_grpo(cfg, run, run_dir, trainer, env, tag):
@@ -636,7 +916,8 @@ def export_run(cfg, run, run_dir):
     if not d:
         return
     os.makedirs(d, exist_ok=True)
-    for src, dst in (("log.txt", "log.txt"), ("run.json", "run.json"), (os.path.join("grpo", "log.txt"), "grpo_log.txt")):
+    for src, dst in (("log.txt", "log.txt"), ("run.json", "run.json"), (os.path.join("grpo", "log.txt"), "grpo_log.txt"),
+                     ("fact_bits.json", "fact_bits.json"), ("fact_items.txt.gz", "fact_items.txt.gz")):
         if os.path.exists(os.path.join(run_dir, src)):
             shutil.copyfile(os.path.join(run_dir, src), os.path.join(d, dst) + ".tmp")
             os.replace(os.path.join(d, dst) + ".tmp", os.path.join(d, dst))
@@ -655,6 +936,8 @@ def committed_done(cfg, run):
     if run["steps"] not in lg["val"]:
         return False
     if run.get("ttc_samples", cfg.get("ttc_samples")) and run["steps"] not in lg["ttc"]:
+        return False
+    if cfg.get("fact_bits") and not fact_bits_done(cfg, run, d):
         return False
     return not grpo_wanted(cfg, run) or grpo_log_done(cfg, os.path.join(d, "grpo_log.txt"))
 
@@ -725,6 +1008,7 @@ def run_timing(run, run_dir):
         t["eval_s"] = max(0.0, (wall - train_s - 1.0 * len(info.get("sessions", []))) / nev)
     t["ttc_s"] = info.get("ttc_s")
     t["grpo_s"] = info.get("grpo_s")
+    t["fact_bits_s"] = info.get("fact_bits_s")
     return t
 
 
@@ -772,8 +1056,9 @@ class Eta:
             ev = statistics.median(evs) if evs else 0.0
             ttc = [t["ttc_s"] for t in pool if t.get("ttc_s")]
             grpo = [t["grpo_s"] for t in pool if t.get("grpo_s")] if run["name"] in self.grpo else []
+            fbits = [t["fact_bits_s"] for t in pool if t.get("fact_bits_s")]
             return (run["flops"] / rate + run["n_evals"] * ev + (statistics.median(ttc) if ttc else 0.0)
-                    + (statistics.median(grpo) if grpo else 0.0))
+                    + (statistics.median(grpo) if grpo else 0.0) + (statistics.median(fbits) if fbits else 0.0))
         b = self.bench.get(run["name"])
         if b:
             return run["steps"] * b["ms_step"] / 1e3 + run["n_evals"] * b.get("eval_s", 0.0)
@@ -1017,6 +1302,13 @@ def final_metrics(cfg, run, run_dir):
             for nn in sorted(byn):
                 row[f"{tname}_maj{nn}"] = byn[nn].get("maj")
                 row[f"{tname}_pass{nn}"] = byn[nn].get("pass")
+    fbi = read_json(os.path.join(run_dir, "fact_bits.json")) if cfg.get("fact_bits") else None
+    if fbi and fbi.get("steps") == run["steps"]:
+        row["facts_all_bits"] = fbi["stored_bits"]
+        row["facts_all_bits_per_fact"] = round(fbi["bits_per_fact"], 6)
+        row["facts_all_acc"] = round(fbi["acc"], 6)
+        row["facts_all_bpt"] = round(fbi["bpt"], 6)
+        row["facts_all_n"] = fbi["facts"]
     if cfg.get("grpo") and grpo_wanted(cfg, run):
         gl = parse_log(os.path.join(run_dir, "grpo_log.txt" if committed else os.path.join("grpo", "log.txt")))
         if cfg["grpo"]["steps"] in gl["task"]:
@@ -1035,7 +1327,7 @@ def collect(cfg, runs, families, sweep_dir, csv_copy=None):
     for r in runs:  # runs finished before results_dir was set, or before a stage was added
         rd = os.path.join(sweep_dir, r["name"])
         if (cfg.get("results_dir") and run_state(r, rd)[0] == "done" and not needs_ttc(cfg, r, rd)
-                and not needs_grpo(cfg, r, rd) and not committed_done(cfg, r)):
+                and not needs_grpo(cfg, r, rd) and not needs_fact_bits(cfg, r, rd) and not committed_done(cfg, r)):
             export_run(cfg, r, rd)
     rows = [final_metrics(cfg, r, os.path.join(sweep_dir, r["name"])) for r in runs]
     keys = []
@@ -1268,7 +1560,7 @@ def main(argv=None):
     def finished(r):
         rd = os.path.join(sweep_dir, r["name"])
         return committed_done(cfg, r) or (run_state(r, rd)[0] == "done" and not needs_ttc(cfg, r, rd)
-                                          and not needs_grpo(cfg, r, rd))
+                                          and not needs_grpo(cfg, r, rd) and not needs_fact_bits(cfg, r, rd))
     todo = [r for r in runs if not finished(r)]
     if cfg.get("seeds"):  # seed-major: every model's first seed before any model's second
         todo.sort(key=lambda r: cfg["seeds"].index(r["seed"]) if r["seed"] in cfg["seeds"] else 0)

@@ -20,6 +20,7 @@ import csv
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -342,6 +343,156 @@ def test_auto_trainer(tmp):
           f"rc={rc} chosen={chosen} command={info.get('command', [''])[:1]} {(out + err)[-600:]}")
 
 
+# ----------------------------------------------------------------------------------------------
+# the v3 study: data/build_study3.py's small vocabulary, the family invariants, the fact_bits stage
+
+def build_v3(out, *flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data", "build_study3.py"), "--out", out, *flags],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+
+
+V3_TINY = ["--people", "40", "--mentions", "5", "--total-tokens", "250000", "--reason-eval", "20", "--reason-rl", "20",
+           "--fact-eval", "240", "--val-tokens", "6000"]
+
+
+def test_v3_data(tmp):
+    """build_study3.py: a tiny build, its checks, refusals before anything is built, nesting, --check."""
+    d = os.path.join(tmp, "s3")
+    r = build_v3(d, *V3_TINY)
+    if not check(r.returncode == 0, "build_study3: a tiny build", r.stderr[-800:]):
+        return None
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    V = m["vocabulary"]["V"]
+    toks = sweep.tokenizer_vocab(os.path.join(d, "tokenizer.bin"))
+    evs = {f: sweep.eval_vocab(os.path.join(d, f)) for f in ("facts_all.bin", "facts_eval.bin", "reason_id_eval.bin")}
+    check(toks == V and V < 1024 and all(v == (V, V - 1) for v in evs.values()),
+          f"build_study3: its own vocabulary (V={V}), in the tokenizer and every eval header, eot = V - 1", str(evs))
+    mm = m["memorization"]
+    check(mm["facts"] == 240 and mm["fact_bits"] == 240 * 8 and mm["tokens_per_fact_mention"] < 4,
+          "build_study3: 40 people x 6 attributes x 256 values = 1,920 bits, under 4 tokens per fact mention", str(mm))
+    _h, items = sweep.read_eval_items(os.path.join(d, "facts_all.bin"))
+    check(len(items) == 240 and all(len(p) == 4 and len(a) == 1 for p, a in items),
+          "facts_all: every fact once, prompt [eot, first, surname, attribute], a one-token answer")
+    for flags, what in ((["--people", "20000"], "--people 20000"), (["--values", "100000"], "--values 100000"),
+                        (["--people", "40", "--total-tokens", "1000"], "--total-tokens 1000")):
+        bad = os.path.join(tmp, "s3_bad")
+        r = build_v3(bad, *flags)
+        check(r.returncode == 2 and "does not fit" in r.stderr and not os.path.exists(bad),
+              f"build_study3 {what}: a fact set that does not fit is refused before anything is built", r.stderr[-400:])
+    half = os.path.join(tmp, "s3_half")
+    r = build_v3(half, *[{"40": "20", "240": "120"}.get(x, x) for x in V3_TINY])
+    _h, hitems = sweep.read_eval_items(os.path.join(half, "facts_all.bin")) if r.returncode == 0 else (None, [])
+    sys.path.insert(0, os.path.join(ROOT, "data"))
+    import build_study3
+
+    def texts(dd, its):  # as text: the two builds' reasoning parts differ, so may their token ids
+        voc = build_study3.read_vocab(os.path.join(dd, "tokenizer.bin"))
+        return {voc.decode(p[1:] + a) for p, a in its}
+    check(r.returncode == 0 and len(hitems) == 120 and texts(half, hitems) <= texts(d, items),
+          "build_study3 --people 20: its facts are the first 20 people's of the 40-people build (nested)")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "build_study3.py"), "--out", d, "--check"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    check(r.returncode == 0 and "identical" in r.stdout, "build_study3 --check: a rebuild is byte-identical",
+          (r.stdout + r.stderr)[-400:])
+    return d, V
+
+
+def v3_cfg(d, V, **kw):
+    cfg = {"name": "v3t", "budget_flops": 2e8, "train": f"{d}/study3_train_*.bin", "val": f"{d}/study3_val_000.bin",
+           "tokenizer": f"{d}/tokenizer.bin", "eval_files": [f"{d}/facts_eval.bin"],
+           "fact_bits": {"file": f"{d}/facts_all.bin", "rows": 16}, "B": 4, "T": 8, "lr": 3e-3, "evals": 1,
+           "val_batches": 2, "acc_items": 0, "checkpoints": 1, "model": {"V": V, "L": 1, "C": 32, "H": 2},
+           "families": [{"name": "E", "K": 1, "F": 32, "E": [1, 2]}]}
+    cfg.update(kw)
+    return cfg
+
+
+def test_v3_config_errors(tmp, d, V):
+    """Bad input is refused before anything trains: a family breaking its invariant, data that do not
+    fit the model's vocabulary, a budget below one step."""
+    root = os.path.join(tmp, "v3_bad_root")
+    cases = [
+        (v3_cfg(d, V, families=[{"name": "topk", "runs": [{"E": 16, "K": 2, "F": 128}, {"E": 32, "K": 4, "F": 32}],
+                                  "KF": 256, "EF": 2048}]),
+         ["run topk/run #1", "K*F = 128 breaks the family's invariant KF=256", "E*F = 1024 breaks the family's invariant EF=2048"],
+         "a family whose runs break its declared K*F and E*F"),
+        (v3_cfg(d, V, families=[{"name": "topk", "K": [2, 3], "KF": 192, "EF": 1000}]),
+         ["EF=1000 is not divisible by F=96"], "a K family whose E = EF/F is not an integer"),
+        (v3_cfg(d, V, model={"V": 512, "L": 1, "C": 32, "H": 2}),
+         ["the tokenizer", f"has V={V}", f"was built for V={V}, more than the model's V=512", "do not fit the vocabulary"],
+         "a model vocabulary smaller than the data's (tokenizer, eval files, shards)"),
+        (v3_cfg(d, V, budget_flops=1e3), ["less than one step"], "a budget below one step"),
+        (v3_cfg(d, V, fact_bits={"file": f"{d}/reason_id_eval.bin"}), ["every answer must be one token"],
+         "a fact_bits file whose answers are not single tokens"),
+    ]
+    for i, (cfg, needles, what) in enumerate(cases):
+        p = os.path.join(tmp, f"v3_bad{i}.json")
+        with open(p, "w") as f:
+            json.dump(cfg, f)
+        rc, out, err = run_sweep(p, "--root", root)
+        check(rc == 2 and all(n in err for n in needles) and not os.path.exists(root),
+              f"v3 config: {what} is refused (exit 2) before anything trains", err[-900:])
+    runs, fams = sweep.plan_sweep(v3_cfg(d, V, families=[{"name": "topk", "K": [2, 4, 8], "KF": 256, "EF": 2048}],
+                                         model={"V": V, "L": 4, "C": 64, "H": 4}), check_files=False)
+    check([(r["E"], r["K"], r["F"]) for r in runs] == [(16, 2, 128), (32, 4, 64), (64, 8, 32)]
+          and len({r["total_params"] - r["L"] * r["E"] * r["C"] for r in runs}) == 1,
+          "a K family with KF and EF: E16-K2-F128, E32-K4-F64, E64-K8-F32, equal total params (router aside)",
+          str([(r["E"], r["K"], r["F"], r["total_params"]) for r in runs]))
+    s3 = sweep.load_config(os.path.join(HERE, "sweep_configs", "study3.json"))
+    runs, fams = sweep.plan_sweep(s3, check_files=False)
+    by_fam = {f["name"]: f["runs"] for f in fams}
+    dense = next(r for r in runs if r["E"] == 1)
+    check(sorted(n.rsplit("-s", 1)[0] for n in by_fam["topk"])[::3] == ["L4-C64-H4-E16-K2-F128", "L4-C64-H4-E32-K4-F64",
+                                                                        "L4-C64-H4-E64-K8-F32"]
+          and all("-K1-" in n for n in by_fam["k1"]) and not any("-K1-" in n for n in by_fam["topk"])
+          and abs(dense["tokens"] - 30e6) < 2048 and len(runs) == 27,
+          "study3.json: topk holds K*F and E*F, K=1 is outside it, the dense model reads 30.0M tokens, 27 runs",
+          str(by_fam))
+
+
+def test_v3_fact_bits(trainer, tmp, d, V):
+    """The fact_bits stage: packing, the scores, and end to end against the trainer's own task loss."""
+    rows, where = sweep.pack_rows([([9, 1, 2, 3], [7]), ([9, 4, 5], [6]), ([9, 1, 1, 1], [5])], 10, 9)
+    check(rows == [[9, 1, 2, 3, 7, 9, 4, 5, 6, 9], [9, 1, 1, 1, 5, 9, 9, 9, 9, 9]]
+          and where == [(0, 3, 7), (0, 7, 6), (1, 3, 5)],
+          "pack_rows: items back to back, never across two rows, each answer's predicting position", f"{rows} {where}")
+    import array
+    lg = array.array("f", [0.0, 1.0, 3.0, 2.0])
+    lf, lv, right = sweep.answer_scores(lg, 4, 0, (2, [2, 3]))
+    exp_f = 3.0 - math.log(sum(math.exp(x) for x in (0, 1, 3, 2)))
+    exp_v = 3.0 - math.log(math.exp(3) + math.exp(2))
+    check(abs(lf - exp_f) < 1e-12 and abs(lv - exp_v) < 1e-12 and right,
+          "answer_scores: log p over the vocabulary and over the value tokens, greedy right", f"{lf} {lv} {right}")
+    cfg = v3_cfg(d, V, results_dir=os.path.join(tmp, "v3_committed"))
+    p = os.path.join(tmp, "v3.json")
+    with open(p, "w") as f:
+        json.dump(cfg, f)
+    root = os.path.join(tmp, "v3_root")
+    rc, out, err = run_sweep(p, "--root", root, "--trainer", trainer, timeout=300)
+    if not check(rc == 0 and "fact bits" in out, "v3: a sweep with the fact_bits stage runs", (out + err)[-1500:]):
+        return
+    res = read_csv(os.path.join(root, "v3t", "results.csv"))
+    for r in res:
+        fb = json.load(open(os.path.join(root, "v3t", r["name"], "fact_bits.json")))
+        bits, right = sweep.read_fact_items(os.path.join(root, "v3t", r["name"], "fact_items.txt.gz"))
+        check(fb["facts"] == 240 == len(bits) and abs(sum(bits) - fb["stored_bits"]) <= 0.05 * 240 + 0.1
+              and sum(right) == round(fb["acc"] * 240),
+              f"{r['name']}: fact_bits.json and one line per fact agree ({fb['stored_bits']} bits)")
+        # T=8 holds one fact per row, so the packed forward sees what the trainer's own task eval sees
+        check(abs(float(r["facts_all_bpt"]) - float(r["facts_bpt"])) < 1e-3 * float(r["facts_bpt"])
+              and abs(float(r["facts_all_acc"]) - float(r["facts_acc"])) < 1e-9,
+              f"{r['name']}: fact bits' loss and greedy accuracy equal the trainer's task eval on the same facts",
+              f"fact_bits bpt {r['facts_all_bpt']} acc {r['facts_all_acc']}; trainer bpt {r['facts_bpt']} acc {r['facts_acc']}")
+    com = sorted(glob.glob(os.path.join(tmp, "v3_committed", "*", "fact_items.txt.gz")))
+    check(len(com) == 2, "results_dir gets every run's fact_items.txt.gz and fact_bits.json", str(com))
+    shutil.rmtree(root)
+    rc, out, err = run_sweep(p, "--root", root, "--trainer", trainer)
+    res2 = read_csv(os.path.join(root, "v3t", "results.csv")) if rc == 0 else []
+    check(rc == 0 and "2 already finished, 0 to run" in out and [r["facts_all_bits"] for r in res2]
+          == [r["facts_all_bits"] for r in res], "v3: a fresh clone finds the fact bits committed and trains nothing",
+          (out + err)[-600:])
+
+
 def main():
     ap = argparse.ArgumentParser(description="quick test of scripts/sweep.py and scripts/plot.py")
     ap.add_argument("--trainer", default=os.path.join(ROOT, "train_moe"))
@@ -358,10 +509,15 @@ def main():
         root = os.path.join(tmp, "sweeps")
         test_bad_configs(tmp)
         test_dry_run(cfgpath, root)
+        v3 = test_v3_data(tmp)
+        if v3:
+            test_v3_config_errors(tmp, *v3)
         if os.path.isfile(args.trainer) and os.access(args.trainer, os.X_OK):
             test_end_to_end(cfgpath, root, os.path.abspath(args.trainer), tmp)
             test_seeds_results_grpo(os.path.abspath(args.trainer), tmp)
             test_auto_trainer(tmp)
+            if v3:
+                test_v3_fact_bits(os.path.abspath(args.trainer), tmp, *v3)
         else:
             if REQUIRE_ALL:
                 check(False, f"--require-all: no trainer at {args.trainer} (make train_moe)")
