@@ -495,7 +495,7 @@ part_test() { # ROW TEST TRAINER BUDGET
     echo "[$row] $BIN/$test $REF $BIN/$trainer $BIN/train_moe"
     needs_or_skip "$row" "$budget" ref "$test" "$trainer" train_moe && return
     timed "$log" "$limit" "$BIN/$test" "$REF" "$BIN/$trainer" "$BIN/train_moe"
-    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+    summary=$(grep -i -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
     first=$(grep -m 1 -E '^ *FAIL' "$log" | sed 's/^ *//' | cut -c1-100)
     if [ $rc -eq 0 ] && [ -n "$summary" ]; then record "$row" ok "$summary" "$secs"
     else record "$row" FAIL "$(why_failed "$log" $rc "$secs" "$limit")${summary:+; $summary}${first:+; first: $first}" "$secs"; fi
@@ -508,7 +508,7 @@ part_cudnn() {
     if [ $have_cudnn = 0 ] && [ "$DRY" = 0 ]; then record "$row" "not run" "no cuDNN build (no cudnn_frontend.h where it was built)"; return; fi
     needs_or_skip "$row" 25 ref test_moe_cu_cudnn && return
     timed "$log" "$limit" "$BIN/test_moe_cu_cudnn" -q "$REF"
-    summary=$(grep -E '^quick subset' "$log" | tail -n 1 | sed 's/^quick subset (-q): //')
+    summary=$(grep -i -E '^quick subset \(-q\): ' "$log" | tail -n 1 | sed -E 's/^[^:]*: //')
     n=$(cudnn_execs "$log")
     if [ $rc -ne 0 ] || [ -z "$summary" ]; then record "$row" FAIL "$(why_failed "$log" $rc "$secs" "$limit")${summary:+; $summary}" "$secs"
     elif [ -z "$n" ]; then record "$row" FAIL "$summary, but no 'cudnn: N graph executions' line: cuDNN's use unknown" "$secs"
@@ -595,11 +595,11 @@ part_d1024() {
 # 6. GRPO: the one-update check against the CPU on dev/ref's fixed rollouts; one GRPO step on CPU and GPU
 part_grpo() {
     local row="6 grpo update vs CPU" log="$LOG/test_moe_cu_grpo.log" summary lines bad t0
-    if grep -aq 'grpo subset (-g)' "$BIN/test_moe_cu" 2> /dev/null; then
+    if grep -aqi 'grpo subset (-g)' "$BIN/test_moe_cu" 2> /dev/null; then
         echo "[$row] $BIN/test_moe_cu -g $REF"
         if ! needs_or_skip "$row" 10 ref test_moe_cu; then
             timed "$log" "$limit" "$BIN/test_moe_cu" -g "$REF"
-            summary=$(grep -E '^grpo subset' "$log" | tail -n 1 | sed 's/^grpo subset (-g): //')
+            summary=$(grep -i -E '^grpo subset \(-g\): ' "$log" | tail -n 1 | sed -E 's/^[^:]*: //')
             if [ $rc -eq 0 ] && [ -n "$summary" ]; then record "$row" ok "test_moe_cu -g: $summary" "$secs"
             else record "$row" FAIL "$(why_failed "$log" $rc "$secs" "$limit")${summary:+; $summary}" "$secs"; fi
         fi
@@ -668,7 +668,7 @@ part_memcheck() {
     timed "$log" "$limit" "$cs" --tool memcheck --error-exitcode 1 --print-limit 20 "$BIN/test_moe_cu" -q "$REF"
     m=$(grep -i -m 1 -E 'device not supported|not supported on this (device|platform)|unable to (find|load)|failed to initialize' "$log" | cut -c1-100)
     summary=$(grep -E 'ERROR SUMMARY' "$log" | tail -n 1 | sed 's/^=* *//')
-    quick=$(grep -E '^quick subset' "$log" | tail -n 1 | sed 's/^quick subset (-q): //')
+    quick=$(grep -i -E '^quick subset \(-q\): ' "$log" | tail -n 1 | sed -E 's/^[^:]*: //')
     if [ -n "$m" ] && [ -z "$quick" ]; then record "$row" n/a "not available here: $m" "$secs"
     elif [ $rc -eq 0 ] && [ -n "$quick" ]; then record "$row" ok "${summary:-no errors}; test $quick" "$secs"
     else record "$row" FAIL "$(why_failed "$log" $rc "$secs" "$limit"); ${summary:-no ERROR SUMMARY}; test ${quick:-did not finish}" "$secs"; fi

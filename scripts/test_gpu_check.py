@@ -18,7 +18,7 @@ What it checks
   compute-sanitizer refusing the device ("n/a: not available here"), a kernel that fails validation,
   GPU and CPU GRPO steps that differ.
 - every part passing: the lines the check parses (the test summaries, "cudnn: N graph executions",
-  "grpo subset (-g)", the trainer's step lines, peak memory, the GRPO step line); PARTS=fp32,2 runs only
+  "GRPO subset (-g)", the trainer's step lines, peak memory, the GRPO step line); PARTS=fp32,2 runs only
   those; a bad PARTS is refused.
 - the logs always come back: summary.txt and gpu_check.tgz (logs, no .bin files) in OUT after a normal
   end, after a failure and after the check is stopped by SIGTERM mid-part; the kernel lab's logs land in
@@ -246,12 +246,12 @@ def pass_files(tmp):
     test = ("case $1 in\n"
             "  -q) echo 'quick subset (-q): 9 passed, 0 failed'; {extra} ;;\n"
             "  -g) echo '[gqa grpo] update 1/2 on the GPU vs the CPU: ratios of mini-batch 1: max|r-1| 0'; "
-            "echo 'grpo subset (-g): 8 passed, 0 failed' ;;\n"
+            "echo 'GRPO subset (-g): 8 passed, 0 failed' ;;\n"
             "  *) echo '[gqa grpo] update 1/2 on the GPU vs the CPU: loss 0.1 vs 0.1'; echo '30 passed, 0 failed' ;;\n"
             "esac\n")
     return {
         "test_moe_cu_fp32": ("script", test.format(extra="true")),
-        "test_moe_cu": ("script", "# has the GRPO subset: grpo subset (-g)\n" + test.format(extra="true")),
+        "test_moe_cu": ("script", "# has the GRPO subset: GRPO subset (-g)\n" + test.format(extra="true")),
         "test_moe_cu_cudnn": ("wrap", "wrap_torchlib", test.format(extra="echo 'cudnn: 24 graph executions'")),
         "train_moe_cu": ("script", trainer_body(None)),
         "train_moe_cu_cudnn": ("wrap", "wrap_torchlib", trainer_body(12)),

@@ -11,7 +11,7 @@
 # with under 2 s are not run ("not run K: out of time", counted as failed), so the table still comes out.
 set -u
 if [ -n "${LAB_BIN:-}" ]; then LAB_BIN=$(cd "$LAB_BIN" && pwd) || exit 1; fi
-cd "$(dirname "$0")"
+cd "$(dirname "$0")" || exit 1
 
 if [ $# -gt 0 ]; then kernels=("$@"); else kernels=($(ls *.cu | sed 's/\.cu$//' | sort)); fi
 LOG_DIR=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/kernel_lab.XXXXXX")}
