@@ -300,6 +300,220 @@ def test_no_numpy(tmp):
           "without numpy: exit 2 and 'pip install numpy matplotlib'", r.stderr[-400:])
 
 
+# ----------------------------------------------------------------------------------------------
+# v3: scripts/study3_report.py (scipy/statsmodels statistics, the gate, the "not testable" verdict)
+
+V3_E = (1, 4, 8, 16, 32, 64)
+V3_TOPK = ((16, 2, 128), (32, 4, 64), (64, 8, 32))
+
+
+def v3_total(E, K, F):
+    return 200_000 + 4 * 64 * 3 * E * F
+
+
+def v3_rows(bits=lambda E: 2.0 + 0.5 * math.log2(E), reason=lambda E: 0.40, val=lambda E: 1.00,
+            topk_reason=lambda K: 0.40, seeds=(1, 2, 3), noise=0.004, seed=11, n_items=400,
+            grpo=None, ttc=None):
+    """Planted v3 results: rows of results.csv and {run: (bits per fact, greedy right)}.
+    bits(E), reason(E), val(E): the family E's stored bits per fact, reason_id accuracy, val loss;
+    topk_reason(K) the topk family's reason_id accuracy relative to K=2 (E16-K2 is family E's model);
+    grpo(E) / ttc(E) planted gains."""
+    rng = random.Random(seed)
+    rows, items = [], {}
+    shapes = [("E", E, 1 if E == 1 else 2, 256 if E == 1 else 128) for E in V3_E]
+    shapes += [("topk", E, K, F) for E, K, F in V3_TOPK] + [("k1", 8, 1, 256)]
+    for fam, E, K, F in shapes:
+        model = f"L4-C64-H4-E{E}-K{K}-F{F}"
+        fams = "E;topk" if (E, K) == (16, 2) else fam
+        if fam == "topk" and (E, K) == (16, 2):
+            continue
+        total = v3_total(E, K, F)
+        for sd in seeds:
+            b = bits(E) if fam == "E" else bits(16)
+            r_id = reason(E) if fam != "topk" else reason(16) + topk_reason(K) - topk_reason(2)
+            b_s = b + rng.gauss(0, noise * 10)
+            row = {"name": f"{model}-s{sd}", "model": model, "seed": str(sd), "families": fams, "status": "done",
+                   "E": E, "K": K, "F": F, "total_params": total, "tpp": 30e6 / total,
+                   "val_loss": val(E) + rng.gauss(0, noise), "facts_acc": b / 8 + rng.gauss(0, noise),
+                   "reason_id_acc": r_id + rng.gauss(0, noise), "reason_shift_acc": r_id / 2,
+                   "facts_all_bits_per_fact": b_s, "facts_all_bits": b_s * n_items, "facts_all_acc": b / 8}
+            if grpo and sd == seeds[0]:
+                row["grpo0_reason_id_acc"] = row["reason_id_acc"]
+                row["grpo_reason_id_acc"] = row["reason_id_acc"] + grpo(E) + rng.gauss(0, noise)
+            if ttc:
+                row["reason_id_maj32"] = row["reason_id_acc"] + ttc(E) + rng.gauss(0, noise)
+            rows.append(row)
+            irng = random.Random(hash((model, sd)) & 0xffffffff)
+            ib = [b_s + irng.gauss(0, 1.0) for _ in range(n_items)]
+            items[row["name"]] = (ib, [1 if x > 3 else 0 for x in ib])
+    return rows, items
+
+
+def v3_models(rows, items):
+    import study3_report as s3
+    models = s3.group_models([{k: str(v) for k, v in r.items()} for r in rows])
+    for m in models.values():
+        for r in m["seeds"]:
+            m["items"][r["seed"]] = items[r["name"]]
+    return models
+
+
+def v3_gate(models, half_ratio=1.1):
+    """The gate on planted models: the half-set dense model stores full / half_ratio bits."""
+    import study3_report as s3
+    seed1 = {k: dict(m, seeds=m["seeds"][:1], items={"1": m["items"]["1"]}) for k, m in models.items()}
+    dense = s3.pick(seed1, 1, 1)
+    half = dict(dense, seeds=[dict(r, facts_all_bits=str(float(r["facts_all_bits"]) / half_ratio))
+                              for r in dense["seeds"]])
+    return s3.gate(dense, s3.pick(seed1, 8, 2), half)
+
+
+def verdicts(findings):
+    return {f["id"]: f["verdict"] for f in findings}
+
+
+def test_v3_margins():
+    import study3_report as s3
+    check(s3.MARGINS == {"acc": 0.03, "val_loss": 0.02, "bits_per_fact": 0.25}
+          and s3.GATE == {"storage_ratio": 1.25, "e8_ratio": 1.10, "reason_range": (0.15, 0.75)},
+          "v3: the margins and the gate's thresholds are the ones declared before the runs", f"{s3.MARGINS} {s3.GATE}")
+
+
+def test_v3_reproduction():
+    """Planted reproduction: stored bits rise and then plateau; reasoning flat from E=8 on while val
+    loss falls; K irrelevant; GRPO and test-time compute add the same everywhere; reasoning peaks at
+    the model nearest 20 tokens per parameter."""
+    import study3_report as s3
+    rows, items = v3_rows(bits=lambda E: 2.0 + 0.6 * min(math.log2(E), 4.0),
+                          reason=lambda E: {1: 0.30, 4: 0.36, 8: 0.42, 16: 0.42, 32: 0.42, 64: 0.42}[E],
+                          val=lambda E: 1.0 - 0.01 * math.log2(E), grpo=lambda E: 0.05, ttc=lambda E: 0.04)
+    models = v3_models(rows, items)
+    g = v3_gate(models)
+    check(g["passed"], "v3 gate: a storage-bound dense model, E=8 storing more, dense reasoning in range: passes",
+          json.dumps(s3.clean(g))[:600])
+    f = s3.analyze(models, g)
+    v = verdicts(f)
+    check(v["F1"] == "reproduced" and f[0]["stats"]["trend_bits"]["p_increasing"] < 0.05,
+          "v3 F1: bits that rise and then plateau are a monotone rise (Kendall on model means): reproduced", str(f[0]))
+    check(len(f[0]["stats"]["paired_vs_dense"]) == 5 and all(p["lo"] > 0 for p in f[0]["stats"]["paired_vs_dense"]),
+          "v3 F1: every sparse model stores more than dense, paired per fact (interval above 0)",
+          str(f[0]["stats"]["paired_vs_dense"])[:400])
+    check(v["F2"] == "reproduced" and "saturates" in f[1]["why"], "v3 F2: flat reasoning over E >= 8: saturates (TOST)",
+          str(f[1])[:500])
+    check(v["F3"] == "reproduced", "v3 F3: K without effect: every pair equivalent (TOST)", f[2]["why"])
+    check(v["F4"] == "reproduced" and v["F5"] == "reproduced",
+          "v3 F4, F5: the same gain on both sides: no rescue", f"{f[3]['why']} | {f[4]['why']}")
+
+
+def test_v3_refutation():
+    """Planted refutation: stored bits fall with total params, reasoning rises over E >= 8, K
+    matters by 10 points, the sparse models gain 10 points more from GRPO."""
+    import study3_report as s3
+    rows, items = v3_rows(bits=lambda E: 4.0 - 0.3 * math.log2(E), reason=lambda E: 0.30 + 0.04 * math.log2(E),
+                          topk_reason=lambda K: 0.30 + 0.05 * math.log2(K), grpo=lambda E: 0.10 if E >= 16 else 0.0)
+    models = v3_models(rows, items)
+    g = v3_gate(models)
+    f = s3.analyze(models, g)
+    v = verdicts(f)
+    check(not g["passed"] and g["conditions"]["e8_stores_more"]["ok"] is False,
+          "v3 gate: E=8 storing less than dense fails the gate", str(g["conditions"]["e8_stores_more"])[:300])
+    check(v["F1"] == "not reproduced" and "fall" in f[0]["why"], "v3 F1: falling stored bits: not reproduced", f[0]["why"])
+    check(v["F2"] == "not reproduced", "v3 F2: reasoning rising over E >= 8: not reproduced", f[1]["why"])
+    check(v["F3"] == "not reproduced" and "K=8 - K=2" in f[2]["why"], "v3 F3: K matters beyond the margin: not "
+          "reproduced, naming the pair", f[2]["why"])
+    check(v["F4"] == "not reproduced", "v3 F4: the sparse models gain more from GRPO: not reproduced", f[3]["why"])
+    check(v["F5"] == "not testable" and "test-time compute" in f[4]["why"],
+          "v3 F5: no test-time compute columns: not testable, saying so", f[4]["why"])
+
+
+def test_v3_not_testable():
+    import study3_report as s3
+    rows, items = v3_rows(val=lambda E: 1.0 + 0.05 * math.log2(E), reason=lambda E: 0.40 - 0.02 * math.log2(E))
+    models = v3_models(rows, items)
+    g = v3_gate(models, half_ratio=1.9)   # the dense model stores almost twice as much with twice the facts
+    f = s3.analyze(models, g)
+    v = verdicts(f)
+    check(not g["passed"] and g["conditions"]["storage_bound"]["ok"] is False
+          and abs(g["conditions"]["storage_bound"]["ratio"] - 1.9) < 1e-9,
+          "v3 gate: a dense model not storage-bound (ratio 1.9) fails the gate with its figure")
+    check(v["F1"] == "not testable" and "do not fill the dense model" in f[0]["why"],
+          "v3 F1: facts that do not fill the dense model: not testable, naming the precondition", f[0]["why"])
+    check(v["F2"] == "not testable" and "val loss rises" in f[1]["why"],
+          "v3 F2: val loss rising with total params: not testable (a drop is explained by loss)", f[1]["why"])
+    check(v["F4"] == "not testable", "v3 F4: no GRPO runs: not testable", f[3]["why"])
+    low, items2 = v3_rows(reason=lambda E: 0.05)
+    f2 = s3.f2_reasoning(v3_models(low, items2))
+    check(f2["verdict"] == "not testable" and "floor or ceiling" in f2["why"],
+          "v3 F2: dense reasoning at the floor (5%): not testable", f2["why"])
+    one, items3 = v3_rows(seeds=(1,))
+    m1 = v3_models(one, items3)
+    check(s3.f3_topk(m1)["verdict"] == "not testable" and "fewer than 2 finished seeds" in s3.f3_topk(m1)["why"],
+          "v3 F3: one seed per model: not testable", s3.f3_topk(m1)["why"])
+    m2 = v3_models(rows, items)
+    m2.pop("L4-C64-H4-E64-K8-F32")
+    check(s3.f3_topk(m2)["verdict"] == "not testable", "v3 F3: two values of K: not testable", s3.f3_topk(m2)["why"])
+    bad = v3_models(rows, items)
+    bad["L4-C64-H4-E64-K8-F32"]["F"] = 16      # K*F = 128 and E*F = 1024: the invariant broken
+    check(s3.f3_topk(bad)["verdict"] == "not testable" and "not constant" in s3.f3_topk(bad)["why"],
+          "v3 F3: a family whose K*F or E*F is not constant: not testable", s3.f3_topk(bad)["why"])
+    for m in models.values():
+        m["tpp"] = m["tpp"] * 10
+    check(s3.f6_optimum(models)["verdict"] == "not testable" and "bracket 20" in s3.f6_optimum(models)["why"],
+          "v3 F6: a grid that does not bracket 20 tokens per param: not testable", s3.f6_optimum(models)["why"])
+    no_half = s3.gate(s3.pick(models, 1, 1), s3.pick(models, 8, 2), None)
+    check(not no_half["passed"] and no_half["conditions"]["storage_bound"]["ok"] is None,
+          "v3 gate: without the half-set run the storage condition is 'not measured' and the gate does not pass")
+
+
+def test_v3_rules():
+    """The statistics themselves: TOST, Welch intervals, Kendall, the paired per-fact test."""
+    import study3_report as s3
+    eq = s3.tost([0.40, 0.41, 0.405], [0.402, 0.398, 0.41], 0.03)
+    ne = s3.tost([0.40, 0.41, 0.405], [0.50, 0.49, 0.51], 0.03)
+    check(eq["equivalent"] and not ne["equivalent"] and ne["hi"] < -0.03,
+          "v3 TOST: equal means within the margin are equivalent; 10 points apart are beyond it", f"{eq} {ne}")
+    ms = [{"model": str(i), "total": 2 ** i, "seeds": [{"x": str(v)}]} for i, v in enumerate([1, 2, 3, 3.5, 3.6, 3.7])]
+    tr = s3.trend(ms, "x")
+    check(abs(tr["p_increasing"] - 1 / 720) < 1e-9 and abs(tr["tau"] - 1.0) < 1e-9,
+          "v3 trend: a strictly increasing sequence of 6 model means has exact Kendall p = 1/720", str(tr))
+    a = {"model": "a", "items": {"1": ([1.0, 2.0, 3.0, 4.0] * 50, [1] * 200)}}
+    b = {"model": "b", "items": {"1": ([0.9, 2.0, 2.8, 3.9] * 50, [0] * 200)}}
+    pi = s3.paired_items(a, b)
+    check(pi and abs(pi["diff"] - 0.1) < 1e-9 and pi["lo"] > 0 and pi["p_wilcoxon"] < 0.05,
+          "v3 paired per fact: a small consistent gain is detected by the paired test", str(pi))
+    check(s3.paired_items(a, {"model": "c", "items": {}}) is None, "v3 paired: no per-fact results -> none")
+
+
+def test_v3_main(tmp):
+    """study3_report.py end to end on a planted results.csv with per-fact files."""
+    rows, items = v3_rows(bits=lambda E: 2.0 + 0.6 * min(math.log2(E), 4.0), val=lambda E: 1.0 - 0.01 * math.log2(E))
+    d = os.path.join(tmp, "v3")
+    os.makedirs(d, exist_ok=True)
+    keys = sorted({k for r in rows for k in r})
+    with open(os.path.join(d, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    import gzip
+    for name, (b, c) in items.items():
+        os.makedirs(os.path.join(d, "runs", name), exist_ok=True)
+        with gzip.open(os.path.join(d, "runs", name, "fact_items.txt.gz"), "wt") as f:
+            f.write("# bits right\n" + "".join(f"{x:.1f} {y}\n" for x, y in zip(b, c)))
+    half = [dict(r, facts_all_bits=r["facts_all_bits"] / 1.1) for r in rows if r["E"] == 1]
+    with open(os.path.join(d, "half.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(half)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "study3_report.py"), os.path.join(d, "results.csv"),
+                        "--items", os.path.join(d, "runs"), "--half-csv", os.path.join(d, "half.csv"),
+                        "--out", os.path.join(d, "report")], capture_output=True, text=True)
+    md = open(os.path.join(d, "report", "verdict.md")).read() if r.returncode == 0 else ""
+    st = json.load(open(os.path.join(d, "report", "stats.json"))) if r.returncode == 0 else {}
+    check(r.returncode == 0 and "Gate: passed" in md and "| F1 |" in md and "**reproduced**" in md
+          and st.get("gate", {}).get("passed") is True and len(st.get("findings", [])) == 6,
+          "v3 report: verdict.md (gate, findings, models) and stats.json from a planted sweep", (r.stdout + r.stderr)[-800:])
+
+
 def main():
     test_t_quantiles()
     with tempfile.TemporaryDirectory(prefix="test_study_report_") as tmp:
@@ -307,6 +521,12 @@ def main():
         test_contrasts()
         test_partial(tmp)
         test_no_numpy(tmp)
+        test_v3_margins()
+        test_v3_rules()
+        test_v3_reproduction()
+        test_v3_refutation()
+        test_v3_not_testable()
+        test_v3_main(tmp)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
