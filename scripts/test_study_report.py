@@ -484,6 +484,22 @@ def test_v3_rules():
     check(s3.paired_items(a, {"model": "c", "items": {}}) is None, "v3 paired: no per-fact results -> none")
 
 
+def test_v3_optimum():
+    """F6 on planted reasoning: a peak at the model nearest 20 tokens per param (E=16, 16.9), and a
+    best model at the dense end (75.6 tokens per param)."""
+    import study3_report as s3
+    tpps = {E: 30e6 / v3_total(E, 1 if E == 1 else 2, 256 if E == 1 else 128) for E in V3_E}
+    rows, items = v3_rows(reason=lambda E: 0.45 - 0.04 * abs(math.log2(E) - 4))
+    f = s3.f6_optimum(v3_models(rows, items))
+    check(f["verdict"] == "reproduced" and f["stats"]["best"].startswith("L4-C64-H4-E16-") and 10 <= tpps[16] <= 40,
+          f"v3 F6: a peak at E=16 ({tpps[16]:.1f} tokens/param) beating both ends: reproduced", f["why"])
+    rows, items = v3_rows(reason=lambda E: 0.45 - 0.03 * math.log2(E))
+    f = s3.f6_optimum(v3_models(rows, items))
+    check(f["verdict"] == "not reproduced" and f["stats"]["best"].startswith("L4-C64-H4-E1-"),
+          f"v3 F6: the best model at {tpps[1]:.0f} tokens/param, clearly above the one nearest 20: not reproduced",
+          f["why"])
+
+
 def test_v3_main(tmp):
     """study3_report.py end to end on a planted results.csv with per-fact files."""
     rows, items = v3_rows(bits=lambda E: 2.0 + 0.6 * min(math.log2(E), 4.0), val=lambda E: 1.0 - 0.01 * math.log2(E))
@@ -526,6 +542,7 @@ def main():
         test_v3_reproduction()
         test_v3_refutation()
         test_v3_not_testable()
+        test_v3_optimum()
         test_v3_main(tmp)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
