@@ -267,6 +267,8 @@ why_failed() {
 }
 # the largest N of the lines "cudnn: N graph executions" in a log (empty: no such line)
 cudnn_execs() { grep -i -o -E 'cudnn: *[0-9]+ graph execution' "$1" 2> /dev/null | grep -o -E '[0-9]+' | sort -n | tail -n 1; }
+# what a cuDNN run's log says of cuDNN's use, for a FAIL: N (from cudnn_execs) or nothing
+cudnn_unused() { if [ -z "$1" ]; then echo "no 'cudnn: N graph executions' line"; else echo "cudnn: $1 graph executions"; fi; }
 have() { [ -x "$BIN/$1" ]; }
 # needs_or_skip ROW THING...: records "not run" (and returns 0) when a binary or input is missing, it is
 # a dry run, or the part's allowance is under 5 s; else sets limit to that allowance
@@ -541,7 +543,7 @@ part_determinism() {
         if ! cmp -s "$dd/$b/a/$ck" "$dd/$b/b/$ck"; then bad="$b: $ck differs between two runs"; break; fi
         if [ "$b" = train_moe_cu_cudnn ]; then
             n=$(cudnn_execs "$dd/$b/a.log")
-            if [ "${n:-0}" -eq 0 ]; then bad="$b: cuDNN did not execute (${n:-no} 'cudnn: N graph executions' line)"; break; fi
+            if [ "${n:-0}" -eq 0 ]; then bad="$b: cuDNN did not execute ($(cudnn_unused "$n"))"; break; fi
             okb+=("cuDNN ($n graph executions)")
         else okb+=(bf16); fi
     done
@@ -583,12 +585,12 @@ part_d1024() {
                    for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (mfu[j] < mfu[i]) { x = mfu[i]; mfu[i] = mfu[j]; mfu[j] = x }
                    for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (tok[j] < tok[i]) { x = tok[i]; tok[i] = tok[j]; tok[j] = x }
                    printf "MFU %.1f%%, %.0f tok/s (medians of steps 3-%d), peak %s MiB, %.0f s before and between the steps",
-                          mfu[int((k + 1) / 2)], tok[int((k + 1) / 2)], steps, peak == "" ? "?" : peak, secs - ms / 1000
+                          mfu[int((k + 1) / 2)], tok[int((k + 1) / 2)], steps, peak == "" ? "?" : peak, (secs > ms / 1000 ? secs - ms / 1000 : 0)
                }' "$log")
     n=$(cudnn_execs "$log")
     if [ $rc -ne 0 ] || [ -z "$fig" ]; then record "$row" FAIL "$(why_failed "$log" $rc "$secs" "$limit")" "$secs"
     elif [ "$trainer" = train_moe_cu_cudnn ] && [ "${n:-0}" -eq 0 ]; then
-        record "$row" FAIL "$fig; but cuDNN did not execute (${n:-no} 'cudnn: N graph executions' line)" "$secs"
+        record "$row" FAIL "$fig; but cuDNN did not execute ($(cudnn_unused "$n"))" "$secs"
     else record "$row" ok "$fig$note${n:+; cuDNN: $n graph executions}" "$secs"; fi
 }
 
@@ -683,7 +685,7 @@ part_lab() {
     summary=$(grep -E '^[0-9]+ results, [0-9]+ failed validation' "$log" | tail -n 1 | sed 's/\. peaks.*//')
     files=$(grep -c '^ran ' "$log"); bad=$(grep -E '^ran ' "$log" | grep -vc 'exit 0,'); skipped=$(grep -c '^not run ' "$log")
     if [ $rc -eq 0 ]; then record "$row" ok "$files files, $summary" "$secs"
-    else record "$row" FAIL "$(why_failed "$log" $rc "$secs" "$(( limit + 5 ))"): $bad of $files files failed${skipped:+, $skipped not run (out of time)}; ${summary:-no table}" "$secs"; fi
+    else record "$row" FAIL "$(why_failed "$log" $rc "$secs" "$(( limit + 5 ))"): $bad of $files files failed$([ "$skipped" -gt 0 ] && echo ", $skipped not run (out of time)"); ${summary:-no table}" "$secs"; fi
 }
 
 # 9. data parallel: train_moe_cu_mpi under mpiexec (the MPI runtime archived beside it) on the small model,
