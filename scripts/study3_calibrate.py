@@ -13,6 +13,9 @@ sweep.fact_bits_eval on the config's fact_bits file; one JSON line per point goe
 <out>/points.jsonl: run, config, data (the train glob), step, tokens, stored bits, bits per fact,
 greedy accuracy over all facts, and the val loss and task accuracies the run's log.txt has at that
 step. --watch N polls every N seconds until every named run has its final checkpoint scored.
+
+    python3 scripts/study3_calibrate.py --table scripts/sweep_results/study_v3/calibration/points.jsonl
+prints the points as a markdown table.
 """
 import argparse
 import json
@@ -86,7 +89,24 @@ def score_new(cfg, cfg_name, runs, run_dirs, trainer, out, env):
     return finished
 
 
+def table(path):
+    pts = [json.loads(line) for line in open(path) if line.strip()]
+    pts.sort(key=lambda p: (p["config"], p["E"], p["K"], p["run"], p["step"]))
+    print("| config (data) | run | step | tokens | stored bits | bits/fact | greedy (all facts) | val loss | "
+          "facts / reason_id / reason_shift % |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for p in pts:
+        t = p.get("tasks") or {}
+        accs = " / ".join("" if t.get(k) is None else f"{100 * t[k]:.1f}" for k in ("facts", "reason_id", "reason_shift"))
+        vl = "" if p.get("val_loss") is None else f"{p['val_loss']:.4f}"
+        print(f"| {p['config']} ({p['facts']} facts) | {p['run']} | {p['step']}/{p['steps']} | {p['tokens'] / 1e6:.1f}M | "
+              f"{p['stored_bits']:.0f} | {p['bits_per_fact']:.3f} | {100 * p['facts_all_acc']:.1f}% | {vl} | {accs} |")
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
+        table(sys.argv[2])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("config")
     ap.add_argument("run_dirs", nargs="+")
