@@ -776,6 +776,76 @@ static void test_grpo_binary(const char* tmp) {
     expect_error("reference of another shape", args, "other/model_00000001.bin' (flag -e) has another shape", b2);
 }
 
+// GRPO's rollout streams, the scheme train_moe.cu's grpo_rollouts follows on the GPU so that the same
+// checkpoint and seed give the same rollouts there: row r of a rollout batch samples from its own
+// stream hash3(seed, r, 0x7011), so its tokens and log-probs are those of sample_response run alone on
+// that stream, with one decoder thread or several; another seed gives other rollouts
+static void test_rollout_streams(const char* dir, const char* name) {
+    Model model;
+    DebugState d;
+    load_reference(dir, name, &model, &d);
+    int T = d.T, V = model.config.V, eot = V - 1, plen = 2;
+    GrpoConfig gc = {2, 3, T - plen, 1, AGG_TOKEN_MEAN, 1.0f, 0.2f, 0.0f}; // P G R M agg temp clip kl
+    int rows = gc.P * gc.G, items[2] = {0, 1};
+    EvalSet es; // two prompts cut from the debug batch; a reasoning task, so no stop at newlines
+    memset(&es, 0, sizeof es);
+    strcpy(es.name, "streams");
+    int pl[2] = {plen, plen}, al[2] = {1, 1};
+    int* toks[2] = {d.x, d.x + 1};
+    char* refs[2] = {(char*)"1", (char*)"2"};
+    es.n = 2; es.kind = TASK_REASONING; es.max_prompt = plen; es.max_answer = gc.R;
+    es.plen = pl; es.alen = al; es.toks = toks; es.ref = refs;
+    Tokenizer tk; // no pieces: every answer reads empty (reward 0), which these checks do not need
+    memset(&tk, 0, sizeof tk);
+    const uint64_t seed = 0x5EED;
+    Rollouts ro[3], alone;
+    int threads[3] = {1, 2, 1};
+    uint64_t seeds[3] = {seed, seed, seed + 1};
+#ifdef OMP
+    int nt = omp_get_max_threads();
+#endif
+    for (int k = 0; k < 3; k++) {
+#ifdef OMP
+        omp_set_num_threads(threads[k]);
+#endif
+        Decoders dec = decoders_make(&model, T);
+        rollouts_alloc(&ro[k], rows, T);
+        grpo_rollouts(&dec, &es, items, &gc, &tk, eot, seeds[k], &ro[k]);
+        decoders_free(&dec);
+    }
+#ifdef OMP
+    omp_set_num_threads(nt);
+#endif
+    // each row by itself, on the stream the GPU gives it
+    rollouts_alloc(&alone, rows, T);
+    model_alloc_acts(&model, 1, T);
+    int resp[64], longest = 0;
+    float logp[64];
+    for (int r = 0; r < rows; r++) {
+        uint64_t rng = hash3(seed, (uint64_t)r, 0x7011);
+        int n = sample_response(&model, toks[items[r / gc.G]], plen, gc.R, eot, 0, &tk, resp, logp, 1, gc.temp, &rng);
+        rollouts_set_row(&alone, r, toks[items[r / gc.G]], plen, resp, n, logp, eot);
+        longest = n > longest ? n : longest;
+    }
+    size_t N = (size_t)rows * T;
+    int same[3];
+    for (int k = 0; k < 3; k++)
+        same[k] = memcmp(ro[k].x, alone.x, N * sizeof(int)) == 0 && memcmp(ro[k].y, alone.y, N * sizeof(int)) == 0 &&
+                  memcmp(ro[k].old_logp, alone.old_logp, N * sizeof(float)) == 0 &&
+                  memcmp(ro[k].rlen, alone.rlen, rows * sizeof(int)) == 0;
+    CHECK(same[0], "[%s] GRPO rollouts (1 thread): a row differs from sample_response alone on hash3(seed, r, 0x7011)", name);
+    CHECK(same[1], "[%s] GRPO rollouts (2 threads): a row differs from sample_response alone on hash3(seed, r, 0x7011)", name);
+    CHECK(!same[2], "[%s] GRPO rollouts with another seed are the same", name);
+    CHECK(longest > 1, "[%s] every rollout row stopped after one token: the streams were hardly drawn", name);
+    printf("[%s] GRPO rollouts: row r == sample_response alone on hash3(seed, r, 0x7011), 1 thread: %s, 2 threads: %s; "
+           "another seed differs: %s (longest response %d tokens)\n", name, same[0] ? "yes" : "NO",
+           same[1] ? "yes" : "NO", same[2] ? "NO" : "yes", longest);
+    for (int k = 0; k < 3; k++) rollouts_free(&ro[k]);
+    rollouts_free(&alone);
+    debug_free(&d);
+    model_free(&model);
+}
+
 int main(int argc, char** argv) {
     const char* dir = argc > 1 ? argv[1] : "dev/ref";
     if (argc > 2) trainer = argv[2];
@@ -811,6 +881,7 @@ int main(int argc, char** argv) {
     CHECK(ngrpo >= 4, "only %d GRPO reference cases in %s", ngrpo, path);
     test_sampler_logp(dir, "e6");
     test_sampler_logp(dir, "dense");
+    test_rollout_streams(dir, "e6");
     test_checkpoint_roundtrip(dir, first, tmp);
     test_trainer_binary(tmp);
     test_grpo_binary(tmp);
