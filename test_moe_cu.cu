@@ -7,8 +7,13 @@ resume, run-to-run determinism), then tests the trainer binary.
         DIR holds manifest.txt and NAME_model.bin / NAME_debug.bin; TRAINER is the binary of the same
         precision (default below), CPU_TRAINER train_moe.c's (default ./train_moe)
         -q: the quick subset, for compute-sanitizer (memcheck, racecheck): top-k on non-finite logits,
-            long-context decoding attention, one reference configuration (gqa), determinism and
-            resume; no task eval, no trainer binaries
+            long-context decoding attention, the classifier in chunks, cuDNN's graph cache (USE_CUDNN
+            builds), one reference configuration (gqa), determinism and resume; no task eval, no trainer
+            binaries
+        -g: the GRPO subset: top-k, decoding and classifier checks as -q, then every GRPO check (each
+            dev/ref case's update against the CPU, pi_old recomputed so the first ratios are 1, rollouts
+            against the CPU's from one seed, the forward-only reference); no trainer binaries
+USE_CUDNN builds fail where cuDNN ran no attention call, and end with the line `cudnn: N graph executions`.
 Like test_moe.c it reuses the program itself: nothing of the trainer is copied here.
 
 Tolerances. FP32 builds are held to the CPU test's: logits max|diff| <= 1e-4, loss terms <= 1e-5,
@@ -156,6 +161,172 @@ static void test_decode_long(void) {
     cuda_free(f_d); cuda_free(x_d); cuda_free(out_d);
 }
 
+// random values in [-1, 1) as floatX on the device; host gets the very values the kernels read
+static floatX* random_floatX(float* host, size_t n, uint64_t seed) {
+    uint64_t rng = seed;
+    for (size_t i = 0; i < n; i++) host[i] = 2.0f * rng_f32(&rng) - 1.0f;
+    float* f_d = (float*)cudaMallocCheck(n * sizeof(float));
+    floatX* x_d = (floatX*)cudaMallocCheck(n * sizeof(floatX));
+    cudaCheck(cudaMemcpy(f_d, host, n * sizeof(float), cudaMemcpyHostToDevice));
+    cast_to_floatX(x_d, f_d, n);
+    copy_floatX_to_host(host, x_d, n);
+    cuda_free(f_d);
+    return x_d;
+}
+
+// the classifier's matmuls in chunks of rows (classifier_max_elems lowered so that 37 rows go in
+// chunks of 7) and in one call, both against a double sum on the host; and the chunk sizes at the
+// size that needs them (B=8, T=4096, V=100k: every chunk's N x V operand within INT_MAX elements)
+static void test_classifier_chunks(void) {
+    const int N = 37, C = 64, V = 200;
+    size_t nx = (size_t)N * C, nw = (size_t)V * C, nl = (size_t)N * V;
+    float* x = (float*)mallocCheck(nx * sizeof(float));
+    float* w = (float*)mallocCheck(nw * sizeof(float));
+    float* dl = (float*)mallocCheck(nl * sizeof(float));
+    floatX* x_d = random_floatX(x, nx, 11);
+    floatX* w_d = random_floatX(w, nw, 12);
+    floatX* dl_d = random_floatX(dl, nl, 13);
+    floatX* l_d[2];
+    floatX* dx_d[2];
+    float* dw_d[2];
+    int rows_used[2];
+    for (int k = 0; k < 2; k++) { // k = 0: one call; k = 1: chunks of 7 rows
+        l_d[k] = (floatX*)cudaMallocCheck(nl * sizeof(floatX));
+        dx_d[k] = (floatX*)cudaMallocCheck(nx * sizeof(floatX));
+        dw_d[k] = (float*)cudaMallocCheck(nw * sizeof(float));
+        cudaCheck(cudaMemset(dx_d[k], 0, nx * sizeof(floatX)));
+        cudaCheck(cudaMemset(dw_d[k], 0, nw * sizeof(float)));
+        classifier_max_elems = k ? (size_t)7 * V + 5 : (size_t)INT_MAX;
+        rows_used[k] = classifier_chunk_rows(N, V);
+        classifier_forward(l_d[k], x_d, w_d, N, C, V);
+        classifier_backward(dx_d[k], dw_d[k], dl_d, x_d, w_d, N, C, V);
+    }
+    classifier_max_elems = INT_MAX;
+    float* got = (float*)mallocCheck(nl * sizeof(float));
+    double err[2][3] = {{0}}, scale[3] = {0}, between = 0.0; // logits, dx, dw
+    float* first = (float*)mallocCheck(nl * sizeof(float));
+    for (int k = 0; k < 2; k++) {
+        copy_floatX_to_host(got, l_d[k], nl);
+        if (k == 0) memcpy(first, got, nl * sizeof(float));
+        for (int n = 0; n < N; n++)
+            for (int v = 0; v < V; v++) {
+                double r = 0.0;
+                for (int c = 0; c < C; c++) r += (double)x[(size_t)n * C + c] * w[(size_t)v * C + c];
+                size_t i = (size_t)n * V + v;
+                err[k][0] = fmax(err[k][0], fabs(got[i] - r));
+                scale[0] = fmax(scale[0], fabs(r));
+                if (k) between = fmax(between, fabs(got[i] - first[i]));
+            }
+        copy_floatX_to_host(got, dx_d[k], nx);
+        for (int n = 0; n < N; n++)
+            for (int c = 0; c < C; c++) {
+                double r = 0.0;
+                for (int v = 0; v < V; v++) r += (double)dl[(size_t)n * V + v] * w[(size_t)v * C + c];
+                err[k][1] = fmax(err[k][1], fabs(got[(size_t)n * C + c] - r));
+                scale[1] = fmax(scale[1], fabs(r));
+            }
+        cudaCheck(cudaMemcpy(got, dw_d[k], nw * sizeof(float), cudaMemcpyDeviceToHost));
+        for (int v = 0; v < V; v++)
+            for (int c = 0; c < C; c++) {
+                double r = 0.0;
+                for (int n = 0; n < N; n++) r += (double)dl[(size_t)n * V + v] * x[(size_t)n * C + c];
+                err[k][2] = fmax(err[k][2], fabs(got[(size_t)v * C + c] - r));
+                scale[2] = fmax(scale[2], fabs(r));
+            }
+    }
+#ifdef PRECISION_BF16
+    const double tol_x = 1e-2; // logits and dx are rounded to bf16 (dw is fp32, from exact bf16 products)
+#else
+    const double tol_x = 1e-5;
+#endif
+    const char* what[3] = {"logits", "dxf", "dlm_head"};
+    int ok = 1;
+    for (int k = 0; k < 2; k++)
+        for (int j = 0; j < 3; j++) {
+            double rel = err[k][j] / scale[j], tol = j == 2 ? 1e-5 : tol_x;
+            ok &= rel <= tol;
+            CHECK(rel <= tol, "classifier %s (%s): max|diff| / max|ref| %.3e > %.0e", what[j], k ? "chunks of 7 rows" : "one call",
+                  rel, tol);
+        }
+    CHECK(rows_used[0] == N && rows_used[1] == 7, "classifier chunk rows: %d at the default limit (want %d), %d at 7V+5 (want 7)",
+          rows_used[0], N, rows_used[1]);
+    // the size of the review: B=8, T=4096, V=100k (3.3e9 logits): chunks under INT_MAX elements that cover N
+    int bigN = 8 * 4096, bigV = 100000, r = classifier_chunk_rows(bigN, bigV);
+    int big_ok = r >= 1 && r < bigN && (size_t)r * bigV <= (size_t)INT_MAX && (size_t)r * (bigV + 1) > (size_t)INT_MAX;
+    CHECK(big_ok, "classifier chunks at N=%d V=%d: %d rows per chunk (%zu elements)", bigN, bigV, r, (size_t)r * bigV);
+    printf("[classifier] in chunks of 7 rows and in one call vs a double sum: logits %.1e %.1e, dxf %.1e %.1e, dlm_head "
+           "%.1e %.1e (relative); chunked vs one call max|diff| %.1e; at N=%d V=%d: %d chunks of %d rows\n",
+           err[1][0] / scale[0], err[0][0] / scale[0], err[1][1] / scale[1], err[0][1] / scale[1], err[1][2] / scale[2],
+           err[0][2] / scale[2], between, bigN, bigV, (bigN + r - 1) / r, r);
+    for (int k = 0; k < 2; k++) { cuda_free(l_d[k]); cuda_free(dx_d[k]); cuda_free(dw_d[k]); }
+    cuda_free(x_d); cuda_free(w_d); cuda_free(dl_d);
+    free(x); free(w); free(dl); free(got); free(first);
+}
+
+#ifdef USE_CUDNN
+// cuDNN's graph cache, least recently used out: more attention shapes than it holds, then the first
+// again, and every call runs on cuDNN (a full first-come cache sent new shapes to the built-in kernels
+// unseen); the outputs agree with the built-in kernels'. Then decoding: a prefill adds no graph and no
+// execution, and a training forward after it still runs on cuDNN.
+static void test_cudnn_cache(const char* dir) {
+    const int H = 4, Hkv = 2, D = 64, B = 1, nshapes = ATT_MAX_GRAPHS + 2, maxT = 8 * nshapes;
+    size_t nq = (size_t)B * maxT * H * D, nk = (size_t)B * maxT * Hkv * D;
+    float* host = (float*)mallocCheck(nq * sizeof(float));
+    floatX* q = random_floatX(host, nq, 21);
+    floatX* k = random_floatX(host, nk, 22);
+    floatX* v = random_floatX(host, nk, 23);
+    floatX* out = (floatX*)cudaMallocCheck(nq * sizeof(floatX));
+    floatX* out2 = (floatX*)cudaMallocCheck(nq * sizeof(floatX));
+    float* lse = (float*)cudaMallocCheck((size_t)B * H * maxT * sizeof(float));
+    long runs0 = cudnn_att_runs, falls0 = cudnn_att_fallbacks;
+    for (int i = 0; i <= nshapes; i++) // T = 8, 16, ..., 8 * nshapes, then 8 again (evicted by then)
+        attention_forward(out, lse, q, k, v, B, 8 * (i % nshapes + 1), H, Hkv, D, 1);
+    long runs = cudnn_att_runs - runs0, falls = cudnn_att_fallbacks - falls0;
+    CHECK(runs == nshapes + 1 && falls == 0 && att_graphs.size() <= ATT_MAX_GRAPHS,
+          "cuDNN graph cache: %ld of %d attention calls of %d shapes ran on cuDNN (%ld fell back; %zu graphs held, at most %d)",
+          runs, nshapes + 1, nshapes, falls, att_graphs.size(), ATT_MAX_GRAPHS);
+    // the last call (T = 8) against the built-in kernels
+    attention_forward(out2, lse, q, k, v, B, 8, H, Hkv, D, 0);
+    size_t n8 = (size_t)B * 8 * H * D;
+    float* a = (float*)mallocCheck(n8 * sizeof(float));
+    float* b = (float*)mallocCheck(n8 * sizeof(float));
+    copy_floatX_to_host(a, out, n8);
+    copy_floatX_to_host(b, out2, n8);
+    float worst = 0.0f;
+    for (size_t i = 0; i < n8; i++) worst = fmaxf(worst, fabsf(a[i] - b[i]));
+    CHECK(worst <= 2e-2f, "cuDNN attention vs the built-in kernels: max|diff| %.3e > 2e-2", worst);
+    // decoding keeps out of the cache
+    char path[1024];
+    Model g;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/gqa_model.bin", dir);
+    if (checkpoint_load(&g, path, &st, 0) != 0) exit(EXIT_FAILURE);
+    int T = g.config.T, V = g.config.V, L = g.config.L, outt[4 * 16], lens[4];
+    model_alloc_acts(&g, 4, T);
+    size_t graphs0 = att_graphs.size();
+    runs0 = cudnn_att_runs;
+    const int prompt[4] = {1, 2, 3, 4};
+    Tokenizer none;
+    memset(&none, 0, sizeof none);
+    for (int plen = 1; plen <= 3; plen++) generate_answers(&g, prompt, plen, 2, 3, -1, 0, &none, outt, lens, 0.0f, NULL);
+    long dec_runs = cudnn_att_runs - runs0;
+    int x[4 * 16], y[4 * 16];
+    for (int i = 0; i < 4 * T; i++) { x[i] = (i * 7 + 1) % V; y[i] = (i * 5 + 2) % V; }
+    runs0 = cudnn_att_runs;
+    model_forward(&g, x, y, 4, T);
+    long train_runs = cudnn_att_runs - runs0;
+    CHECK(dec_runs == 0 && att_graphs.size() <= graphs0 + 1 && train_runs == L,
+          "cuDNN and decoding: prefills ran %ld cuDNN graphs (want 0), graphs %zu -> %zu, the training forward after them %ld of %d",
+          dec_runs, graphs0, att_graphs.size(), train_runs, L);
+    printf("[cudnn] %d shapes through a cache of %d: %ld of %d calls on cuDNN, max|diff| vs built-in %.1e; prefills on cuDNN: "
+           "%ld, training forward after them: %ld of %d layers\n", nshapes, ATT_MAX_GRAPHS, runs, nshapes + 1, worst, dec_runs,
+           train_runs, L);
+    model_free(&g);
+    cuda_free(q); cuda_free(k); cuda_free(v); cuda_free(out); cuda_free(out2); cuda_free(lse);
+    free(host); free(a); free(b);
+}
+#endif
+
 // ----------------------------------------------------------------------------
 // 1. one configuration against its PyTorch debug state
 
@@ -174,7 +345,16 @@ static void test_reference(const char* dir, const char* name) {
            d.B, d.T, PRECISION_NAME);
 
     model_zero_grad(&model);
+#ifdef USE_CUDNN
+    long runs0 = cudnn_att_runs, falls0 = cudnn_att_fallbacks;
+#endif
     model_forward(&model, d.x, d.y, d.B, d.T);
+#ifdef USE_CUDNN
+    // the cuDNN build must run attention on cuDNN, not fall back to the built-in kernels unseen
+    long runs_fwd = cudnn_att_runs - runs0;
+    CHECK(runs_fwd == L, "[%s] cuDNN ran %ld of the forward's %d attention calls (%ld fell back to the built-in kernels)",
+          name, runs_fwd, L, cudnn_att_fallbacks - falls0);
+#endif
     // logits
     float* logits = (float*)mallocCheck((size_t)N * V * sizeof(float));
     model_logits_to_host(&model, logits, 0, N);
@@ -232,7 +412,16 @@ static void test_reference(const char* dir, const char* name) {
            maxdiff, logit_rel, lossdiff, routerdiff, model.ce, model.loss, expert_mismatch, worst_margin);
 
     // every gradient
+#ifdef USE_CUDNN
+    runs0 = cudnn_att_runs; falls0 = cudnn_att_fallbacks;
+#endif
     model_backward(&model, 1.0f);
+#ifdef USE_CUDNN
+    long runs_bwd = cudnn_att_runs - runs0;
+    CHECK(runs_bwd == L, "[%s] cuDNN ran %ld of the backward's %d attention calls (%ld fell back to the built-in kernels)",
+          name, runs_bwd, L, cudnn_att_fallbacks - falls0);
+    printf("  cuDNN attention: %ld of %d forward and %ld of %d backward calls\n", runs_fwd, L, runs_bwd, L);
+#endif
     float* grads = download_grads(&model);
     size_t off = 0;
     float worst = 0.0f;
@@ -528,8 +717,10 @@ static void test_task_eval(const char* dir, const char* name) {
     }
     CHECK(bad == 0, "[%s] batched greedy decoding (%d rows): %d rows disagree with the CPU", name, R, bad);
     uint64_t r1 = 7, r2 = 7;
-    generate_answers(&g, es.toks[0], es.plen[0], R, max_new, -1, 1, &tk, rows, lens, 1.0f, &r1);
-    generate_answers(&g, es.toks[0], es.plen[0], R, max_new, -1, 1, &tk, rows2, lens2, 1.0f, &r2);
+    uint64_t* s1[4] = {&r1, &r1, &r1, &r1}; // every row drawing from one stream, row by row
+    uint64_t* s2[4] = {&r2, &r2, &r2, &r2};
+    generate_answers(&g, es.toks[0], es.plen[0], R, max_new, -1, 1, &tk, rows, lens, 1.0f, s1);
+    generate_answers(&g, es.toks[0], es.plen[0], R, max_new, -1, 1, &tk, rows2, lens2, 1.0f, s2);
     int same = r1 == r2;
     for (int r = 0; r < R; r++)
         same &= lens[r] == lens2[r] && memcmp(rows + r * max_new, rows2 + r * max_new, lens[r] * sizeof(int)) == 0;
@@ -657,6 +848,42 @@ static void test_trainer_binary(const char* tmp, const char* trainer, const char
               rc[0], rc[1], ttc_line);
         printf("[trainer] -ex 1 -ev on the step-8 checkpoint: task loss CPU %.4f GPU %.4f bits/token, GPU test-time compute: %s\n",
                loss[0], loss[1], ttc_line ? "yes" : "NO");
+        // GRPO (-rl, with a KL reference: the GPU's is forward-only) from the same checkpoint and seed on both
+        // trainers: the sampler's RNG state and the prompt position in their step-2 checkpoints are the same
+        // (one draw per RL step, as train_moe.c); fp32, the first step's rollouts too (its reward and length)
+        TrainState rl_st[2];
+        double rl_len[2] = {-1, -2}, rl_reward[2] = {-1, -2};
+        int rl_ok[2];
+        for (int side = 0; side < 2; side++) {
+            snprintf(cmd, sizeof cmd, "%s -e %s -rl %s -j '%s' -k none -t 32 -rp 2 -rg 3 -rm 1 -rr 6 -rt 1.0 -rk 0.05 -l 1e-3 "
+                     "-x 2 -v 0 -s 0 -o %s/rl_%s", side ? trainer : cpu_trainer, a8, path, val, tmp, side ? "gpu" : "cpu");
+            int r = run_cmd(cmd, &out);
+            const char* at = strstr(out, "rl step    1/2 |");
+            const char* lp = at ? strstr(at, "| len ") : NULL;
+            const char* rp = at ? strstr(at, "| reward ") : NULL;
+            if (lp) rl_len[side] = atof(lp + strlen("| len "));
+            if (rp) rl_reward[side] = atof(rp + strlen("| reward "));
+            char ck[1100];
+            snprintf(ck, sizeof ck, "%s/rl_%s/model_00000002.bin", tmp, side ? "gpu" : "cpu");
+            MoEConfig cc;
+            int has_opt = 0;
+            FILE* fp = r == 0 ? cpu::checkpoint_open(ck, &cc, &rl_st[side], &has_opt) : NULL;
+            rl_ok[side] = fp != NULL && lp != NULL && rp != NULL;
+            if (fp) fclose(fp);
+            if (!rl_ok[side]) printf("%s\n", out);
+            free(out);
+        }
+        int same_rng = rl_ok[0] && rl_ok[1] && rl_st[0].rng == rl_st[1].rng && rl_st[0].step == 2 && rl_st[1].step == 2 &&
+                       memcmp(&rl_st[0].pos, &rl_st[1].pos, sizeof(DataPos)) == 0;
+        CHECK(same_rng, "GRPO: the CPU and GPU trainers' step-2 checkpoints hold different RNG states or prompt positions "
+              "(runs ok: CPU %d GPU %d)", rl_ok[0], rl_ok[1]);
+#ifndef PRECISION_BF16
+        CHECK(rl_len[0] == rl_len[1] && rl_reward[0] == rl_reward[1], "GRPO step 1 from the same checkpoint and seed: CPU "
+              "rollouts' length %.1f reward %.3f, GPU %.1f %.3f", rl_len[0], rl_reward[0], rl_len[1], rl_reward[1]);
+#endif
+        printf("[trainer] GRPO from one checkpoint and seed: RNG state and prompt position after 2 RL steps CPU == GPU: %s; "
+               "step 1 rollouts: length %.1f vs %.1f, reward %.3f vs %.3f\n", same_rng ? "yes" : "NO", rl_len[0], rl_len[1],
+               rl_reward[0], rl_reward[1]);
         // non-finite router logits: the step-8 checkpoint with huge (finite, so it loads) router weights
         // and norm in layer 1, whose logits then all overflow: both trainers stop at step 1, same message
         cpu::Model bm;
@@ -776,23 +1003,237 @@ static void test_grpo_update(const char* dir, const char* name) {
     cpu::model_free(&cm);
 }
 
+// GRPO's frozen reference, forward-only: no gradients, AdamW state or backward scratch (bf16 builds:
+// no fp32 master either), at least 3 x 4 bytes per parameter less than a trainable copy, and the very
+// logits and losses of one
+static void test_forward_only(const char* dir, const char* name) {
+    char path[1024];
+    Model full, ref;
+    TrainState st;
+    DebugState d;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    size_t at = gpu_bytes_allocated;
+    if (checkpoint_load(&full, path, &st, 0) != 0) exit(EXIT_FAILURE);
+    snprintf(path, sizeof path, "%s/%s_debug.bin", dir, name);
+    debug_read(&d, path, &full.config, full.num_params);
+    model_alloc_acts(&full, d.B, d.T);
+    size_t full_bytes = gpu_bytes_allocated - at;
+    at = gpu_bytes_allocated;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    if (checkpoint_load_frozen(&ref, path, &st) != 0) exit(EXIT_FAILURE);
+    model_alloc_acts(&ref, d.B, d.T);
+    size_t ref_bytes = gpu_bytes_allocated - at; // (bf16: with the upload's staging buffer, freed since)
+    size_t n = full.num_params, N = (size_t)d.B * d.T, V = full.config.V;
+    int bare = ref.forward_only && !ref.grads_memory && !ref.m_memory && !ref.v_memory && !ref.dres && !ref.dbuf &&
+               !ref.dxe && !ref.dh1 && !ref.dact && !ref.token_weights_d && !ref.enc_work;
+#ifdef PRECISION_BF16
+    bare = bare && !ref.master_memory;
+#endif
+    CHECK(bare, "[%s] the forward-only reference holds gradients, AdamW state, a master copy or backward scratch", name);
+    CHECK(full_bytes >= ref_bytes + 3 * n * sizeof(float), "[%s] forward-only reference: %zu bytes on the GPU, a trainable "
+          "copy %zu (want at least %zu less)", name, ref_bytes, full_bytes, 3 * n * sizeof(float));
+    model_forward(&full, d.x, d.y, d.B, d.T);
+    model_forward(&ref, d.x, d.y, d.B, d.T);
+    float* a = (float*)mallocCheck(N * V * sizeof(float));
+    float* b = (float*)mallocCheck(N * V * sizeof(float));
+    model_logits_to_host(&full, a, 0, N);
+    model_logits_to_host(&ref, b, 0, N);
+    int same = memcmp(a, b, N * V * sizeof(float)) == 0 && full.loss == ref.loss;
+    cudaCheck(cudaMemcpy(a, full.losses, N * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(b, ref.losses, N * sizeof(float), cudaMemcpyDeviceToHost));
+    same = same && memcmp(a, b, N * sizeof(float)) == 0;
+    CHECK(same, "[%s] the forward-only reference's logits or losses differ from a trainable copy's", name);
+    printf("[%s] forward-only reference: %.2f MiB on the GPU vs %.2f MiB trainable, the same logits and losses: %s\n", name,
+           ref_bytes / 1048576.0, full_bytes / 1048576.0, same ? "yes" : "NO");
+    free(a); free(b);
+    debug_free(&d);
+    model_free(&ref);
+    model_free(&full);
+}
+
+// after pi_old was recomputed (grpo_old_logp): the first mini-batch's update, and its ratios
+// pi / pi_old read back from its forward's per-token losses; returns the largest |ratio - 1|, and
+// the clipped tokens in *clipped
+static float first_update_ratios(Model* g, const Rollouts* ro, const GrpoConfig* gc, float* w, long* clipped) {
+    int mb = ro->rows / gc->M, T = ro->T;
+    size_t n = (size_t)mb * T;
+    GrpoStats gs = {0};
+    model_zero_grad(g);
+    grpo_backward(g, ro->x, ro->y, ro->adv, ro->old_logp, ro->ref_logp, mb, T, gc, w, &gs);
+    float* ce = (float*)mallocCheck(n * sizeof(float));
+    cudaCheck(cudaMemcpy(ce, g->losses, n * sizeof(float), cudaMemcpyDeviceToHost));
+    float worst = 0.0f;
+    for (size_t i = 0; i < n; i++)
+        if (ro->y[i] >= 0) worst = fmaxf(worst, fabsf(expf(-ce[i] - ro->old_logp[i]) - 1.0f));
+    free(ce);
+    *clipped = gs.clipped;
+    return worst;
+}
+#define RATIO_TOL 1e-6f // pi_old comes from the very forward the update runs: its ratios are 1 up to exp's rounding
+
+// pi_old recomputed through the training forward, on the fixed rollouts of dev/ref: the first
+// mini-batch's ratios are 1 and nothing is clipped (its advantages made +-1, so a ratio off by more
+// than the clip range would be)
+static void test_grpo_old_logp(const char* dir, const char* name) {
+    char path[1024];
+    Model g;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    if (checkpoint_load(&g, path, &st, 0) != 0) exit(EXIT_FAILURE);
+    snprintf(path, sizeof path, "%s/%s_grpo.bin", dir, name);
+    cpu::GrpoRef ref;
+    if (cpu::grpo_ref_read(&ref, path, g.config.T, g.num_params) != 0) {
+        CHECK(0, "[%s grpo] cannot read its GRPO reference (above)", name);
+        model_free(&g);
+        return;
+    }
+    GrpoConfig gc = ref.gc;
+    Rollouts ro = ref.ro;
+    for (int r = 0; r < ro.rows; r++) ro.adv[r] = r % 2 ? 1.0f : -1.0f;
+    int mb = ro.rows / gc.M;
+    float* w = (float*)mallocCheck((size_t)mb * ro.T * sizeof(float));
+    model_alloc_acts(&g, mb, ro.T);
+    grpo_old_logp(&g, &ro, gc.M);
+    long clipped;
+    float worst = first_update_ratios(&g, &ro, &gc, w, &clipped);
+    CHECK(worst <= RATIO_TOL && clipped == 0, "[%s grpo] first mini-batch after pi_old's recompute: max|ratio - 1| %.3e > %.0e "
+          "or %ld tokens clipped", name, worst, RATIO_TOL, clipped);
+    printf("[%s grpo] pi_old through the training forward: first mini-batch max|ratio - 1| %.1e, clipped %ld\n", name, worst,
+           clipped);
+    free(w);
+    cpu::grpo_ref_free(&ref);
+    model_free(&g);
+}
+
+// rollouts on the GPU against train_moe.c's from the same checkpoint and seed (row r samples from
+// hash3(seed, r, 0x7011) on both): fp32, every row the same; bf16, at least half (rounding of the
+// logits may move a sample; with one stream drawn row by row, as before, almost none would match).
+// Then pi_old through the training forward: the decoder's log-probs are within 1e-4 of it in fp32
+// (in bf16 the gap is printed: it is what the recompute removes), and the first ratios are 1.
+static void test_grpo_rollouts(const char* dir, const char* name) {
+    char path[1024];
+    Model g;
+    cpu::Model cm;
+    TrainState st;
+    snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
+    if (checkpoint_load(&g, path, &st, 0) != 0 || cpu::checkpoint_load(&cm, path, &st, 0) != 0) exit(EXIT_FAILURE);
+    int T = g.config.T, V = g.config.V, eot = V - 1, plen = 2;
+    GrpoConfig gc = {2, 4, T - plen, 2, 0, 1.0f, 0.2f, 0.0f}; // P G R M agg temp clip kl
+    int rows = gc.P * gc.G, mb = rows / gc.M, items[2] = {0, 1};
+    int p0[2] = {1 % V, 5 % V}, p1[2] = {9 % V, 2 % V};
+    EvalSet es; // two prompts; a reasoning task (no stop at newlines)
+    memset(&es, 0, sizeof es);
+    strcpy(es.name, "rollouts");
+    int pl[2] = {plen, plen}, al[2] = {1, 1};
+    int* toks[2] = {p0, p1};
+    char* refs[2] = {(char*)"1", (char*)"2"};
+    es.n = 2; es.kind = cpu::TASK_REASONING; es.max_prompt = plen; es.max_answer = gc.R;
+    es.plen = pl; es.alen = al; es.toks = toks; es.ref = refs;
+    Tokenizer tk;
+    memset(&tk, 0, sizeof tk);
+    const uint64_t seed = 0xC0FFEE;
+    Rollouts cro, gro;
+    cpu::rollouts_alloc(&cro, rows, T);
+    cpu::rollouts_alloc(&gro, rows, T);
+    cpu::Decoders dec = cpu::decoders_make(&cm, T);
+    cpu::grpo_rollouts(&dec, &es, items, &gc, &tk, eot, seed, &cro);
+    cpu::decoders_free(&dec);
+    model_alloc_acts(&g, gc.G > mb ? gc.G : mb, T);
+    grpo_rollouts(&g, &es, items, &gc, &tk, eot, seed, &gro);
+    int same = 0, tokens = 0;
+    for (int r = 0; r < rows; r++) {
+        size_t o = (size_t)r * T;
+        same += gro.rlen[r] == cro.rlen[r] && memcmp(gro.x + o, cro.x + o, T * sizeof(int)) == 0 &&
+                memcmp(gro.y + o, cro.y + o, T * sizeof(int)) == 0;
+        tokens += gro.rlen[r];
+    }
+#ifdef PRECISION_BF16
+    CHECK(2 * same >= rows, "[%s] GPU rollouts: %d of %d rows as the CPU's from the same seed (want at least half)", name, same, rows);
+#else
+    CHECK(same == rows, "[%s] GPU rollouts: %d of %d rows as the CPU's from the same seed", name, same, rows);
+#endif
+    // pi_old: the decoder's log-probs, then the training forward's
+    size_t N = (size_t)rows * T;
+    float* dec_logp = (float*)mallocCheck(N * sizeof(float));
+    memcpy(dec_logp, gro.old_logp, N * sizeof(float));
+    grpo_old_logp(&g, &gro, gc.M);
+    float gap = 0.0f, dec_ratio = 0.0f;
+    for (size_t i = 0; i < N; i++)
+        if (gro.y[i] >= 0) {
+            gap = fmaxf(gap, fabsf(dec_logp[i] - gro.old_logp[i]));
+            if (i < (size_t)mb * T) dec_ratio = fmaxf(dec_ratio, fabsf(expf(gro.old_logp[i] - dec_logp[i]) - 1.0f));
+        }
+#ifndef PRECISION_BF16
+    CHECK(gap <= 1e-4f, "[%s] the decoder's log-probs vs the training forward's: max|diff| %.3e > 1e-4", name, gap);
+#endif
+    for (int r = 0; r < rows; r++) gro.adv[r] = r % 2 ? 1.0f : -1.0f;
+    float* w = (float*)mallocCheck((size_t)mb * T * sizeof(float));
+    long clipped;
+    float worst = first_update_ratios(&g, &gro, &gc, w, &clipped);
+    CHECK(worst <= RATIO_TOL && clipped == 0, "[%s] first mini-batch of GPU rollouts: max|ratio - 1| %.3e > %.0e or %ld clipped",
+          name, worst, RATIO_TOL, clipped);
+    printf("[%s] GPU rollouts (%d rows, %d tokens) == the CPU's from the same seed: %d rows; decoder log-probs vs the training "
+           "forward's max|diff| %.1e (as pi_old they would put the first ratios off 1 by %.1e); recomputed: %.1e, clipped %ld\n",
+           name, rows, tokens, same, gap, dec_ratio, worst, clipped);
+    free(dec_logp); free(w);
+    cpu::rollouts_free(&cro);
+    cpu::rollouts_free(&gro);
+    cpu::model_free(&cm);
+    model_free(&g);
+}
+
+// the cuDNN build must have run attention on cuDNN: a run where every call fell back fails
+static void check_cudnn_used(void) {
+#ifdef USE_CUDNN
+    CHECK(cudnn_att_runs > 0, "USE_CUDNN build: cuDNN attention never executed (%ld calls fell back to the built-in kernels)",
+          cudnn_att_fallbacks);
+#endif
+}
+
+// every GRPO check: each dev/ref case's update against the CPU's, pi_old recomputed (first ratios 1),
+// rollouts against the CPU's from one seed, the forward-only reference
+static void test_grpo_all(const char* dir) {
+    char path[1024], name[256];
+    snprintf(path, sizeof path, "%s/grpo_manifest.txt", dir);
+    FILE* mf = fopenCheck(path, "r");
+    int ngrpo = 0;
+    while (fscanf(mf, "%255s", name) == 1) { test_grpo_update(dir, name); test_grpo_old_logp(dir, name); ngrpo++; }
+    fclose(mf);
+    CHECK(ngrpo >= 4, "only %d GRPO reference cases in %s", ngrpo, path);
+    test_grpo_rollouts(dir, "e6");
+    test_grpo_rollouts(dir, "gqa");
+    test_forward_only(dir, "gqa");
+}
+
 int main(int argc, char** argv) {
-    int quick = argc > 1 && strcmp(argv[1], "-q") == 0;
-    if (quick) { argc--; argv++; }
+    int quick = argc > 1 && strcmp(argv[1], "-q") == 0, grpo = argc > 1 && strcmp(argv[1], "-g") == 0;
+    if (quick || grpo) { argc--; argv++; }
     const char* dir = argc > 1 ? argv[1] : "dev/ref";
     const char* trainer = argc > 2 ? argv[2] : DEFAULT_TRAINER;
     const char* cpu_trainer = argc > 3 ? argv[3] : "./train_moe";
     gpu_init();
     test_topk_nonfinite();
     test_decode_long();
+    test_classifier_chunks();
+#ifdef USE_CUDNN
+    test_cudnn_cache(dir);
+#endif
     if (quick) { // the subset for compute-sanitizer: every kernel of the forward, backward and update, small
         char tmp[] = "/tmp/test_moe_cu_XXXXXX";
         if (!mkdtemp(tmp)) { perror("mkdtemp"); return 1; }
         test_reference(dir, "gqa");
         test_determinism_and_resume(dir, "gqa", tmp);
         rmdir(tmp);
+        check_cudnn_used();
         gpu_free();
         printf("quick subset (-q): %d passed, %d failed\n", n_pass, n_fail);
+        return n_fail ? 1 : 0;
+    }
+    if (grpo) { // GRPO on the GPU against the CPU, nothing else
+        test_grpo_all(dir);
+        check_cudnn_used();
+        gpu_free();
+        printf("GRPO subset (-g): %d passed, %d failed\n", n_pass, n_fail);
         return n_fail ? 1 : 0;
     }
     char path[1024], name[256];
@@ -813,16 +1254,12 @@ int main(int argc, char** argv) {
     test_determinism_and_resume(dir, first, tmp);
     test_task_eval(dir, "gqa");
     test_task_eval(dir, "mqa");
-    snprintf(path, sizeof path, "%s/grpo_manifest.txt", dir);
-    mf = fopenCheck(path, "r");
-    int ngrpo = 0;
-    while (fscanf(mf, "%255s", name) == 1) { test_grpo_update(dir, name); ngrpo++; }
-    fclose(mf);
-    CHECK(ngrpo >= 4, "only %d GRPO reference cases in %s", ngrpo, path);
+    test_grpo_all(dir);
     test_trainer_binary(tmp, trainer, cpu_trainer);
     char cmd[256];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
     if (system(cmd) != 0) printf("(could not remove %s)\n", tmp);
+    check_cudnn_used();
     gpu_free();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;

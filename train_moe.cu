@@ -2219,16 +2219,16 @@ static void decode_step(Model* model, const int* toks, int R, int pos) {
 }
 
 // decoding with a KV cache on the GPU, R <= maxB rows that continue one prompt together (the samples
-// of one item): greedy (temperature <= 0) or sampled at a temperature with *rng, drawn row by row at
-// each position. Prefill: one forward over R copies of the prompt, whose per-layer k and v (after
+// of one item): greedy (temperature <= 0; rngs may be NULL) or sampled at a temperature, row r drawing
+// from *rngs[r] (rows may share a stream: then it is drawn row by row at each position). Prefill: one forward over R copies of the prompt, whose per-layer k and v (after
 // RoPE) become the cache. A row stops as train_moe.c's generate_answer does (stop_token, a newline
 // if stop_newline, max_new tokens); finished rows ride along until all are done. Row r's tokens go to
 // out[r * max_new ...], their number to lens[r]. For GRPO's rollouts (train_moe.c's sample_response):
 // keep_stop keeps a sampled stop token as the row's last token, and logp (if not NULL, laid out as out)
 // receives each token's log-prob under softmax(logits) at temperature 1.
 void generate_answers(Model* model, const int* prompt, int plen, int R, int max_new, int stop_token, int stop_newline,
-                      const Tokenizer* tk, int* out, int* lens, float temperature, uint64_t* rng, float* logp = NULL,
-                      int keep_stop = 0) {
+                      const Tokenizer* tk, int* out, int* lens, float temperature, uint64_t* const* rngs,
+                      float* logp = NULL, int keep_stop = 0) {
     const MoEConfig* c = &model->config;
     int L = c->L, V = c->V, KD = c->Hkv * (c->C / c->H), maxB = model->maxB, maxT = model->maxT;
     if (R > maxB) { fprintf(stderr, "Error: generate_answers: %d rows, more than B=%d\n", R, maxB); exit(EXIT_FAILURE); }
@@ -2263,7 +2263,7 @@ void generate_answers(Model* model, const int* prompt, int plen, int R, int max_
             next[r] = 0; // what a finished row feeds (ignored)
             if (done[r]) continue;
             const float* lr = logits + (size_t)r * V;
-            int t = cpu::pick_token(lr, V, temperature, rng, probs);
+            int t = cpu::pick_token(lr, V, temperature, rngs ? rngs[r] : NULL, probs);
             if (logp) { // as the training forward's cross-entropy: max + log(sum exp(l - max)) - l[t]
                 float mx = cpu::vmax(lr, V);
                 for (int i = 0; i < V; i++) probs[i] = cpu::vexpf(lr[i] - mx);
@@ -2315,11 +2315,13 @@ int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
     char* text = (char*)mallocCheck(cap);
     char** ans = (char**)callocCheck(nsamples, sizeof(char*));
     int* right = (int*)callocCheck(nsamples, sizeof(int));
+    uint64_t** rngs = (uint64_t**)mallocCheck(rows * sizeof(uint64_t*));
+    for (int r = 0; r < rows; r++) rngs[r] = rng; // one stream, drawn row by row
     for (int i = 0; i < items; i++) {
         for (int s0 = 0; s0 < nsamples; s0 += rows) {
             int R = nsamples - s0 < rows ? nsamples - s0 : rows;
             generate_answers(model, es->toks[i], es->plen[i], R, max_new, eot, es->kind == TASK_MEMORIZATION, tk, out,
-                             lens, temperature, rng);
+                             lens, temperature, rngs);
             for (int r = 0; r < R; r++)
                 ans[s0 + r] = cpu::sample_answer(tk, out + (size_t)r * max_new, lens[r], es, i, &text, &cap, &right[s0 + r]);
         }
@@ -2327,7 +2329,7 @@ int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
         for (int s = 0; s < nsamples; s++) free(ans[s]);
     }
     for (int j = 0; j < nn; j++) { maj[j] /= items; pass[j] /= items; }
-    free(out); free(lens); free(text); free(ans); free(right);
+    free(out); free(lens); free(text); free(ans); free(right); free(rngs);
     *scored = items;
     return nn;
 }
@@ -2364,19 +2366,29 @@ float grpo_backward(Model* model, const int* x, const int* y, const float* adv, 
     return (float)loss;
 }
 
-// G responses to each of the P items, a prompt's G rows decoded together; rewards from the answer check
+// row r's sampler stream in a rollout batch drawn with seed: train_moe.c's grpo_rollouts gives every row
+// its own, hash3(seed, r, 0x7011), so a row's tokens depend on the seed and r alone (any thread count
+// there, any batching here)
+static uint64_t grpo_row_stream(uint64_t seed, int r) { return hash3(seed, (uint64_t)r, 0x7011); }
+
+// G responses to each of the P items, a prompt's G rows decoded together, row r = p*G + g sampling
+// from grpo_row_stream(seed, r) as on the CPU: the same checkpoint and seed give the CPU's rollouts
+// (up to rounding of the logits); rewards from the answer check. Returns how many rows earned reward 1.
 int grpo_rollouts(Model* model, const EvalSet* es, const int* items, const GrpoConfig* gc, const Tokenizer* tk,
-                  int eot, uint64_t* rng, Rollouts* ro) {
+                  int eot, uint64_t seed, Rollouts* ro) {
     int G = gc->G, R = gc->R, right = 0;
     int* out = (int*)mallocCheck((size_t)G * R * sizeof(int));
     float* logp = (float*)mallocCheck((size_t)G * R * sizeof(float));
     int* lens = (int*)mallocCheck(G * sizeof(int));
+    uint64_t* streams = (uint64_t*)mallocCheck(G * sizeof(uint64_t));
+    uint64_t** rngs = (uint64_t**)mallocCheck(G * sizeof(uint64_t*));
     size_t cap = 1024;
     char* text = (char*)mallocCheck(cap);
     for (int p = 0; p < gc->P; p++) {
         int i = items[p];
+        for (int g = 0; g < G; g++) { streams[g] = grpo_row_stream(seed, p * G + g); rngs[g] = &streams[g]; }
         generate_answers(model, es->toks[i], es->plen[i], G, R, eot, es->kind == TASK_MEMORIZATION, tk, out, lens, gc->temp,
-                         rng, logp, 1);
+                         rngs, logp, 1);
         for (int g = 0; g < G; g++) {
             int r = p * G + g, n = lens[g];
             const int* resp = out + (size_t)g * R;
@@ -2386,23 +2398,30 @@ int grpo_rollouts(Model* model, const EvalSet* es, const int* items, const GrpoC
             right += ro->reward[r] > 0;
         }
     }
-    free(out); free(logp); free(lens); free(text);
+    free(out); free(logp); free(lens); free(streams); free(rngs); free(text);
     return right;
 }
 
-// the reference model's log-probs of the response tokens, mini-batch by mini-batch
-void grpo_ref_logp(Model* ref, Rollouts* ro, int M) {
+// the log-probs under model of the rollouts' response tokens, through the training forward on the
+// update's mini-batches (rows/M rows each), into dst laid out as ro->y (0 where no target)
+void grpo_logp(Model* model, const Rollouts* ro, int M, float* dst) {
     int mb = ro->rows / M, T = ro->T;
     size_t n = (size_t)mb * T;
     float* ce = (float*)mallocCheck(n * sizeof(float));
     for (int m = 0; m < M; m++) {
         size_t o = (size_t)m * n;
-        model_forward(ref, ro->x + o, ro->y + o, mb, T);
-        cudaCheck(cudaMemcpy(ce, ref->losses, n * sizeof(float), cudaMemcpyDeviceToHost));
-        for (size_t j = 0; j < n; j++) ro->ref_logp[o + j] = ro->y[o + j] >= 0 ? -ce[j] : 0.0f;
+        model_forward(model, ro->x + o, ro->y + o, mb, T);
+        cudaCheck(cudaMemcpy(ce, model->losses, n * sizeof(float), cudaMemcpyDeviceToHost));
+        for (size_t j = 0; j < n; j++) dst[o + j] = ro->y[o + j] >= 0 ? -ce[j] : 0.0f;
     }
     free(ce);
 }
+// the reference model's log-probs of the response tokens, mini-batch by mini-batch
+void grpo_ref_logp(Model* ref, Rollouts* ro, int M) { grpo_logp(ref, ro, M, ro->ref_logp); }
+// pi_old: the policy's log-probs of its rollouts, recomputed by the very forward the first update runs
+// (as verl recomputes them with the actor), not taken from the decoder: in bf16 the KV-cached decode
+// and the training forward round differently, and the first mini-batch's ratios would not be 1
+void grpo_old_logp(Model* policy, Rollouts* ro, int M) { grpo_logp(policy, ro, M, ro->old_logp); }
 
 // ----------------------------------------------------------------------------
 // throughput: model FLOPs utilisation and the device
@@ -2575,8 +2594,9 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
         double t0 = now_ms();
         model->step = step + 1;
         cpu::grpo_next_prompts(perm, &perm_epoch, es.n, &pos, st->seed, items, gc->P);
-        grpo_rollouts(model, &es, items, gc, tk, eot, &st->rng, &ro);
+        grpo_rollouts(model, &es, items, gc, tk, eot, cpu::rng_u64(&st->rng), &ro); // one draw per step, as train_moe.c
         int flat = cpu::grpo_advantages(ro.reward, ro.adv, rows, gc->G);
+        grpo_old_logp(model, &ro, gc->M);
         if (use_ref) grpo_ref_logp(&ref, &ro, gc->M);
         double t1 = now_ms();
         GrpoStats gs = {0};
