@@ -31,6 +31,10 @@ rank reads it and trains on its own B/R sequences; NCCL sums each layer's expert
 load-balancing loss of the whole batch, as Megatron-Core) and, after the last micro-batch, the gradients,
 so every rank takes the same AdamW step. Rank 0 alone prints, logs, evaluates and saves checkpoints.
 
+Beside this file, as llm.c keeps llmc/zero.cuh and llmc/cudnn_att.cpp: dev/moe/dist_nccl.cuh (processes:
+MPI and NCCL, the dist_* functions, named as train_moe.c's) and dev/moe/cudnn_att.cuh (USE_CUDNN=1:
+attention through cuDNN), each #included at a marked point below.
+
 Build: make -f dev/cuda_build.mk train_moe_cu       (PRECISION=FP32: the fp32 build; USE_CUDNN=1: cuDNN attention)
    or: nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp -DOMP [-DPRECISION_FP32] train_moe.cu -lcublas -lcublasLt -o train_moe_cu
        make -f dev/cuda_build.mk train_moe_cu_mpi   (data parallel; needs MPI and NCCL)
@@ -56,18 +60,17 @@ Run:   ./train_moe_cu -h        mpirun -n 8 ./train_moe_cu_mpi -b 64 ...
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublas_v2.h>
-#ifdef USE_MPI
-#include <mpi.h>  // before train_moe.c, so that its own #include <mpi.h> (inside namespace cpu) adds nothing
+#ifdef USE_MPI // dev/moe/dist_nccl.cuh's headers, here before train_moe.c: its own #include <mpi.h>
+#include <mpi.h>  // (inside namespace cpu) then adds nothing
 #include <nccl.h>
 #endif
-#ifdef USE_CUDNN
+#ifdef USE_CUDNN // dev/moe/cudnn_att.cuh's headers, here before train_moe.c's namespace cpu (see that file)
 #include <map>
 #include <tuple>
 #include <memory>
 #include <unordered_map>
 #include <string>
 #include <cudnn_frontend.h> // header-only, from PyPI nvidia-cudnn-frontend (see dev/cuda_build.mk)
-namespace fe = cudnn_frontend;
 #endif
 
 // the CPU trainer, whole: its host code is ours, and its model is the reference the GPU test diffs against.
@@ -217,157 +220,10 @@ static void copy_floatX_to_host(float* dst, const floatX* src, size_t n) {
 }
 
 // ----------------------------------------------------------------------------
-// data parallel (USE_MPI builds): R processes, one per GPU, started by mpirun; rank r trains on sequences
-// [r*B/R, (r+1)*B/R) of every global batch. The collectives: each layer's expert counts and the gradients,
-// summed over the ranks by NCCL; by MPI, the logged loss terms (their means over the ranks) and, before
-// each checkpoint, a checksum of every rank's parameters. Without USE_MPI there is one rank and these
-// functions do nothing.
+// processes (USE_MPI builds: data parallel, one process per GPU under mpirun): MPI and NCCL, kept in their
+// own file as llm.c keeps llmc/zero.cuh. Without USE_MPI: one rank, and its functions do nothing.
 
-int dp_rank = 0, dp_world = 1; // this process's rank in MPI_COMM_WORLD, and the number of ranks R
-#ifdef USE_MPI
-static ncclComm_t dp_comm;
-static cudaStream_t dp_stream; // NCCL's: a blocking stream, so it is ordered with the default (legacy) stream
-                               // of every kernel both ways, with no events
-static void mpi_check(int err, const char* file, int line) {
-    if (err == MPI_SUCCESS) return;
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(err, msg, &len);
-    cpu::die("MPI: %s", msg, file, line);
-}
-#define mpiCheck(err) mpi_check(err, __FILE__, __LINE__)
-static void nccl_check(ncclResult_t r, const char* file, int line) {
-    if (r != ncclSuccess) cpu::die("NCCL: %s", ncclGetErrorString(r), file, line);
-}
-#define ncclCheck(r) nccl_check(r, __FILE__, __LINE__)
-#endif
-
-// MPI_Init, this process's rank and the world size. Only rank 0 prints: the others' stdout goes to
-// /dev/null (their errors still reach stderr).
-void dp_init(int* argc, char*** argv) {
-#ifdef USE_MPI
-    mpiCheck(MPI_Init(argc, argv));
-    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &dp_rank));
-    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &dp_world));
-    if (dp_rank > 0 && !freopen("/dev/null", "w", stdout)) cpu::die("stdout to /dev/null: %s", strerror(errno), __FILE__, __LINE__);
-#else
-    (void)argc; (void)argv;
-#endif
-}
-
-// the GPU of this rank: rank % (GPUs this node shows)
-int dp_device(void) {
-    int dev = 0;
-#ifdef USE_MPI
-    int ndev = 0;
-    cudaCheck(cudaGetDeviceCount(&ndev));
-    if (ndev > 0) dev = dp_rank % ndev;
-#endif
-    return dev;
-}
-
-// after gpu_init chose this rank's GPU: rank 0 makes the NCCL id, MPI hands it to every rank, all join
-void dp_comm_init(void) {
-#ifdef USE_MPI
-    ncclUniqueId id;
-    if (dp_rank == 0) ncclCheck(ncclGetUniqueId(&id));
-    mpiCheck(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD));
-    ncclCheck(ncclCommInitRank(&dp_comm, dp_world, id, dp_rank));
-    cudaCheck(cudaStreamCreate(&dp_stream));
-#endif
-}
-
-void dp_free(void) {
-#ifdef USE_MPI
-    if (dp_comm) {
-        ncclCheck(ncclCommDestroy(dp_comm));
-        cudaCheck(cudaStreamDestroy(dp_stream));
-    }
-    dp_comm = NULL;
-    mpiCheck(MPI_Finalize());
-#endif
-}
-
-// stop after an error that every rank found alike (rank 0 has said what): every rank exits non-zero
-// and none is left waiting for another
-void dp_fail(void) {
-    dp_free();
-    exit(EXIT_FAILURE);
-}
-
-// every rank waits here for the others (while rank 0 evaluates or saves), asleep rather than spinning on
-// a core rank 0's host code may need
-void dp_barrier(void) {
-#ifdef USE_MPI
-    MPI_Request req;
-    int done = 0;
-    mpiCheck(MPI_Ibarrier(MPI_COMM_WORLD, &req));
-    for (;;) {
-        mpiCheck(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
-        if (done) break;
-        struct timespec ms = {0, 1000000};
-        nanosleep(&ms, NULL);
-    }
-#endif
-}
-
-// x[n] (device) := its sum over the ranks, in place. NCCL adds in a fixed order for a given R and
-// machine, and every rank receives the same bits.
-void dp_sum_ints(int* x, size_t n) {
-#ifdef USE_MPI
-    ncclCheck(ncclAllReduce(x, x, n, ncclInt32, ncclSum, dp_comm, dp_stream));
-#else
-    (void)x; (void)n;
-#endif
-}
-void dp_sum_floats(float* x, size_t n) {
-#ifdef USE_MPI
-    ncclCheck(ncclAllReduce(x, x, n, ncclFloat32, ncclSum, dp_comm, dp_stream));
-#else
-    (void)x; (void)n;
-#endif
-}
-
-// x[n] (host) := its mean over the ranks
-void dp_mean(double* x, int n) {
-#ifdef USE_MPI
-    mpiCheck(MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
-    for (int i = 0; i < n; i++) x[i] /= dp_world;
-#else
-    (void)x; (void)n;
-#endif
-}
-
-#ifdef USE_MPI
-// *out += sum_i bits(x[i]) * (2i+1) mod 2^64: integer adds, the same in any order
-__global__ void checksum_kernel(unsigned long long* out, const float* x, size_t n) {
-    unsigned long long s = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        s += (unsigned long long)__float_as_uint(x[i]) * (2 * i + 1);
-    atomicAdd(out, s);
-}
-#endif
-// every rank must hold the same bits in x[n] (device: the replicated parameters): a checksum of them
-// compared over the ranks; where they differ, an error on rank 0 and every rank stops
-void dp_check_same(const float* x, size_t n, const char* what) {
-#ifdef USE_MPI
-    unsigned long long *sum_d, h, lo, hi;
-    cudaCheck(cudaMalloc(&sum_d, sizeof(*sum_d)));
-    cudaCheck(cudaMemset(sum_d, 0, sizeof(*sum_d)));
-    checksum_kernel<<<1024, 256>>>(sum_d, x, n);
-    cudaCheck(cudaGetLastError());
-    cudaCheck(cudaMemcpy(&h, sum_d, sizeof(h), cudaMemcpyDeviceToHost));
-    cuda_free(sum_d);
-    mpiCheck(MPI_Allreduce(&h, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD));
-    mpiCheck(MPI_Allreduce(&h, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD));
-    if (lo != hi) {
-        if (dp_rank == 0) fprintf(stderr, "Error: the ranks' copies of %s differ (a sum that was not the same on every rank)\n", what);
-        dp_fail();
-    }
-#else
-    (void)x; (void)n; (void)what;
-#endif
-}
+#include "dev/moe/dist_nccl.cuh"
 
 // ----------------------------------------------------------------------------
 // GEMM: every matmul of the model goes through cuBLAS (column-major), row-major tensors read transposed.
@@ -670,134 +526,10 @@ __global__ void attention_forward_kernel(floatX* out, float* lse, const floatX* 
     if (lane == 0) lse[idx] = mrun + logf(lrun);
 }
 #ifdef USE_CUDNN
-// cuDNN's fused attention (cudnn-frontend graphs, one per shape, built once and cached): the same
-// tensors in the same layouts, stats = the natural-log logsumexp our backward also reads. A shape
-// cuDNN does not support falls back to the kernels above, with one note on stderr.
-// The cache holds ATT_MAX_GRAPHS graphs and evicts the least recently used, so the shapes of training
-// always get one; decoding's forwards (prefill, sampling) do not ask for cuDNN (Model.decoding), so
-// their many shapes never enter it. Every execution is counted, and so is every call that asked for
-// cuDNN and ran on the built-in kernels: gpu_free prints both (the cuDNN GPU test fails on a zero).
-static cudnnHandle_t cudnn_handle;
-static void* cudnn_workspace = NULL;
-static size_t cudnn_workspace_size = 0;
-static long cudnn_att_runs = 0;      // graph executions, forward and backward
-static long cudnn_att_fallbacks = 0; // calls that asked for cuDNN and ran on the built-in kernels
-typedef std::shared_ptr<fe::graph::Tensor_attributes> FeTensor;
-typedef struct {
-    std::shared_ptr<fe::graph::Graph> graph;
-    FeTensor Q, K, V, O, stats, dO, dQ, dK, dV;
-    int ok;
-    unsigned long long used; // att_clock at its last use
-} AttGraph;
-static std::map<std::tuple<int, int, int, int, int, int>, AttGraph> att_graphs; // (backward?, B, T, H, Hkv, D)
-static unsigned long long att_clock = 0;
-#define ATT_MAX_GRAPHS 8
-
-static int fe_ok(fe::error_t err, std::string* msg) {
-    if (err.is_good()) return 1;
-    *msg = err.get_message();
-    return 0;
-}
-static FeTensor fe_tensor(fe::graph::Graph* g, const char* name, int B, int NH, int T, int D) { // x[B,T,NH,D]
-    return g->tensor(fe::graph::Tensor_attributes().set_name(name).set_dim({B, NH, T, D})
-                         .set_stride({(int64_t)T * NH * D, D, (int64_t)NH * D, 1}));
-}
-static AttGraph* att_graph(int backward, int B, int T, int H, int Hkv, int D) {
-    auto key = std::make_tuple(backward, B, T, H, Hkv, D);
-    auto it = att_graphs.find(key);
-    if (it != att_graphs.end()) {
-        it->second.used = ++att_clock;
-        return it->second.ok ? &it->second : NULL;
-    }
-    if (att_graphs.size() >= ATT_MAX_GRAPHS) { // full: the least recently used graph goes
-        auto lru = att_graphs.begin();
-        for (auto g = att_graphs.begin(); g != att_graphs.end(); ++g)
-            if (g->second.used < lru->second.used) lru = g;
-        cudaCheck(cudaDeviceSynchronize()); // nothing of its plan still in flight
-        att_graphs.erase(lru);
-    }
-    AttGraph ag;
-    ag.used = ++att_clock;
-    ag.graph = std::make_shared<fe::graph::Graph>();
-    fe::graph::Graph* g = ag.graph.get();
-    g->set_io_data_type(fe::DataType_t::BFLOAT16).set_intermediate_data_type(fe::DataType_t::FLOAT)
-        .set_compute_data_type(fe::DataType_t::FLOAT);
-    ag.Q = fe_tensor(g, "Q", B, H, T, D);
-    ag.K = fe_tensor(g, "K", B, Hkv, T, D);
-    ag.V = fe_tensor(g, "V", B, Hkv, T, D);
-    float scale = 1.0f / sqrtf((float)D);
-    if (!backward) {
-        auto opts = fe::graph::SDPA_attributes().set_name("attention").set_generate_stats(true)
-                        .set_causal_mask(true).set_attn_scale(scale);
-        auto outs = g->sdpa(ag.Q, ag.K, ag.V, opts);
-        ag.O = outs[0]; ag.stats = outs[1];
-        ag.O->set_output(true).set_dim({B, H, T, D}).set_stride({(int64_t)T * H * D, D, (int64_t)H * D, 1});
-        ag.stats->set_output(true).set_data_type(fe::DataType_t::FLOAT).set_dim({B, H, T, 1})
-            .set_stride({(int64_t)H * T, T, 1, 1});
-    } else {
-        ag.O = fe_tensor(g, "O", B, H, T, D);
-        ag.dO = fe_tensor(g, "dO", B, H, T, D);
-        ag.stats = g->tensor(fe::graph::Tensor_attributes().set_name("stats").set_dim({B, H, T, 1})
-                                 .set_stride({(int64_t)H * T, T, 1, 1}).set_data_type(fe::DataType_t::FLOAT));
-        // deterministic: the default backward may add partial sums with float atomics, in a varying order
-        auto opts = fe::graph::SDPA_backward_attributes().set_name("attention_backward").set_causal_mask(true)
-                        .set_attn_scale(scale).set_deterministic_algorithm(true);
-        auto outs = g->sdpa_backward(ag.Q, ag.K, ag.V, ag.O, ag.dO, ag.stats, opts);
-        ag.dQ = outs[0]; ag.dK = outs[1]; ag.dV = outs[2];
-        ag.dQ->set_output(true).set_dim({B, H, T, D}).set_stride({(int64_t)T * H * D, D, (int64_t)H * D, 1});
-        ag.dK->set_output(true).set_dim({B, Hkv, T, D}).set_stride({(int64_t)T * Hkv * D, D, (int64_t)Hkv * D, 1});
-        ag.dV->set_output(true).set_dim({B, Hkv, T, D}).set_stride({(int64_t)T * Hkv * D, D, (int64_t)Hkv * D, 1});
-    }
-    std::string msg;
-    int64_t ws = 0;
-    ag.ok = fe_ok(g->validate(), &msg) && fe_ok(g->build_operation_graph(cudnn_handle), &msg) &&
-            fe_ok(g->create_execution_plans({fe::HeurMode_t::A}), &msg) && fe_ok(g->check_support(cudnn_handle), &msg) &&
-            fe_ok(g->build_plans(cudnn_handle), &msg) && fe_ok(g->get_workspace_size(ws), &msg);
-    if (!ag.ok)
-        fprintf(stderr, "note: cuDNN attention %s unavailable for B=%d T=%d H=%d Hkv=%d D=%d (%s): using the built-in kernels\n",
-                backward ? "backward" : "forward", B, T, H, Hkv, D, msg.c_str());
-    if (ag.ok && (size_t)ws > cudnn_workspace_size) {
-        cuda_free(cudnn_workspace);
-        cudnn_workspace = cudaMallocCheck((size_t)ws);
-        cudnn_workspace_size = (size_t)ws;
-    }
-    att_graphs[key] = ag;
-    return ag.ok ? &att_graphs[key] : NULL;
-}
-static int attention_forward_cudnn(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
-                                   int B, int T, int H, int Hkv, int D) {
-    AttGraph* ag = att_graph(0, B, T, H, Hkv, D);
-    if (!ag) { cudnn_att_fallbacks++; return 0; }
-    std::unordered_map<FeTensor, void*> pack = {{ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v},
-                                                {ag->O, (void*)out}, {ag->stats, (void*)lse}};
-    std::string msg;
-    if (!fe_ok(ag->graph->execute(cudnn_handle, pack, cudnn_workspace), &msg)) { // e.g. a misaligned pointer
-        fprintf(stderr, "note: cuDNN attention forward failed (%s): using the built-in kernels\n", msg.c_str());
-        ag->ok = 0;
-        cudnn_att_fallbacks++;
-        return 0;
-    }
-    cudnn_att_runs++;
-    return 1;
-}
-static int attention_backward_cudnn(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* out,
-                                    const float* lse, const floatX* q, const floatX* k, const floatX* v,
-                                    int B, int T, int H, int Hkv, int D) {
-    AttGraph* ag = att_graph(1, B, T, H, Hkv, D);
-    if (!ag) { cudnn_att_fallbacks++; return 0; }
-    std::unordered_map<FeTensor, void*> pack = {
-        {ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v}, {ag->O, (void*)out}, {ag->dO, (void*)dout},
-        {ag->stats, (void*)lse}, {ag->dQ, (void*)dq}, {ag->dK, (void*)dk}, {ag->dV, (void*)dv}};
-    std::string msg;
-    if (!fe_ok(ag->graph->execute(cudnn_handle, pack, cudnn_workspace), &msg)) { // e.g. a misaligned pointer
-        fprintf(stderr, "note: cuDNN attention backward failed (%s): using the built-in kernels\n", msg.c_str());
-        ag->ok = 0;
-        cudnn_att_fallbacks++;
-        return 0;
-    }
-    cudnn_att_runs++;
-    return 1;
-}
+// cuDNN's fused attention instead of the kernels above (USE_CUDNN=1 builds), kept in its own file as llm.c
+// keeps llmc/cudnn_att.cpp: attention_forward_cudnn / attention_backward_cudnn, tried first by
+// attention_forward and attention_backward below
+#include "dev/moe/cudnn_att.cuh"
 #endif
 
 // q[B,T,H,D], k,v[B,T,Hkv,D] -> out[B,T,H,D]; lse[B,H,T] (fp32) kept for the backward. cudnn_ok = 0
@@ -1453,7 +1185,7 @@ typedef struct {
     const float* token_weights; // host, NULL: the backward is of the mean ce; else of sum_n w[n]*ce_n (GRPO)
     float* token_weights_d;     // device copy, N
     int collective;   // 1: forward and backward are this rank's part of a step of every rank (all take part):
-                      // the forward sums each layer's expert counts over the ranks (dp_sum_ints)
+                      // the forward sums each layer's expert counts over the ranks (dist_sum_counts)
     int counts_ranks; // the ranks whose tokens the counts of the last forward count (1, or R after a collective one)
     int forward_only; // a frozen model (GRPO's reference): the floatX weights (fp32 builds: the master), no
                       // gradients, AdamW state or backward scratch; model_backward and model_update refuse it
@@ -1694,7 +1426,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         }
     int N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
     model->B = B; model->T = T; model->inputs = inputs; model->targets = targets;
-    model->counts_ranks = model->collective ? dp_world : 1;
+    model->counts_ranks = model->collective ? dist.world : 1;
     cudaCheck(cudaMemcpy(model->inputs_d, inputs, N * sizeof(int), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemset(model->nonfinite_d, 0, (size_t)L * sizeof(int)));
     ParamTensors p = model->params;
@@ -1753,7 +1485,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
         unpermute_forward(res + (size_t)N * C, res_mid, ye, gate, row_of, N, K, C);
         // the load-balancing counts: this batch's, or in a step of every rank, their sum (in place: the
         // plan above is done with them; the backward reads the sum)
-        if (model->collective) dp_sum_ints(counts, E);
+        if (model->collective) dist_sum_counts(counts, E);
         router_losses(model->loss_terms_d + 1 + l, model->loss_terms_d + 1 + L + l, z, lse, counts,
                       N * model->counts_ranks, N, E, K, model->reduce_scratch);
     }
@@ -2449,10 +2181,10 @@ double peak_flops(void) {
 #endif
 }
 
-// pick the GPU (data parallel: the rank's, dp_device), make the cuBLAS handle (fp32 accumulation and
+// pick the GPU (data parallel: the rank's, dist_device), make the cuBLAS handle (fp32 accumulation and
 // reductions, no TF32)
 void gpu_init(void) {
-    int dev = dp_device();
+    int dev = dist_device();
     cudaCheck(cudaSetDevice(dev));
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, dev));
@@ -2462,24 +2194,13 @@ void gpu_init(void) {
     // no TF32, and split-K partial sums of bf16 GEMMs added in fp32 (the compute type), never in bf16
     cublasCheck(cublasSetMathMode(cublas_handle, (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
 #ifdef USE_CUDNN
-    cudnnStatus_t cs = cudnnCreate(&cudnn_handle);
-    if (cs != CUDNN_STATUS_SUCCESS) cpu::die("cuDNN: %s", cudnnGetErrorString(cs), __FILE__, __LINE__);
-    printf("attention: cuDNN %zu (fused, flash-style)\n", cudnnGetVersion());
+    cudnn_att_init();
 #endif
 }
 void gpu_free(void) {
     cublasCheck(cublasDestroy(cublas_handle));
 #ifdef USE_CUDNN
-    // the line dev/gpu_check.sh reads
-    printf("cudnn: %ld graph executions\n", cudnn_att_runs);
-    if (cudnn_att_fallbacks)
-        printf("cudnn: %ld attention calls that asked for cuDNN ran on the built-in kernels (see the notes above)\n",
-               cudnn_att_fallbacks);
-    att_graphs.clear();
-    cuda_free(cudnn_workspace);
-    cudnn_workspace = NULL;
-    cudnn_workspace_size = 0;
-    cudnnDestroy(cudnn_handle);
+    cudnn_att_free();
 #endif
 }
 
@@ -2492,19 +2213,18 @@ using cpu::Args;
 
 // the flags against the number of ranks, which every rank checks alike: rank 0 says what is wrong,
 // every rank stops. Expert parallelism (-ep) is train_moe.c's alone.
-static void dp_check_flags(const Args* a) {
+static void dist_setup(const Args* a) {
     const char* one = a->rl_file ? "-rl (GRPO)" : a->fwd_in ? "-fi/-fo (forward only)" : a->eval_only ? "-ex (eval only)" : NULL;
-    if (a->ep == 1 && (dp_world == 1 || (!one && a->B % dp_world == 0))) return;
-    if (dp_rank == 0) {
-        if (a->ep != 1)
-            fprintf(stderr, "Error: -ep %d: expert parallelism is train_moe_mpi's (train_moe.c); train_moe_cu is data "
-                            "parallel only (USE_MPI=1: mpirun -n R ./train_moe_cu_mpi)\n", a->ep);
-        else if (one) fprintf(stderr, "Error: %s runs in one process, not across %d ranks (run ./train_moe_cu)\n", one, dp_world);
-        else
-            fprintf(stderr, "Error: the batch size B=%d (flag -b) must be divisible by the %d ranks: -b is the global batch, "
-                            "of which each rank trains B/%d sequences\n", a->B, dp_world, dp_world);
-    }
-    dp_fail();
+    if (a->ep == 1 && (dist.world == 1 || (!one && a->B % dist.world == 0))) return;
+    char msg[512];
+    if (a->ep != 1)
+        snprintf(msg, sizeof msg, "-ep %d: expert parallelism is train_moe_mpi's (train_moe.c); train_moe_cu is data "
+                                  "parallel only (USE_MPI=1: mpirun -n R ./train_moe_cu_mpi)", a->ep);
+    else if (one) snprintf(msg, sizeof msg, "%s runs in one process, not across %d ranks (run ./train_moe_cu)", one, dist.world);
+    else
+        snprintf(msg, sizeof msg, "the batch size B=%d (flag -b) must be divisible by the %d ranks: -b is the global batch, "
+                                  "of which each rank trains B/%d sequences", a->B, dist.world, dist.world);
+    dist_fail(msg);
 }
 
 // -fi/-fo: logits of the loaded model on raw int32 tokens
@@ -2538,7 +2258,7 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
     for (int i = 0; i < nsets; i++) {
         double bpt, bpb, maj[16], pass[16];
         int trunc, scored, ns[16];
-        eval_task_loss(model, &sets[i], tk, a->B / dp_world, a->T, eot, &bpt, &bpb, &trunc); // rows the activations hold
+        eval_task_loss(model, &sets[i], tk, a->B / dist.world, a->T, eot, &bpt, &bpb, &trunc); // rows the activations hold
         double acc = 0.0;
         scored = 0;
         if (!sets[i].loss_only) acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
@@ -2636,13 +2356,13 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
 }
 
 int main(int argc, char** argv) {
-    dp_init(&argc, &argv);
+    dist_init(&argc, &argv);
     Args a;
     cpu::parse_args(&a, argc, argv);
-    dp_check_flags(&a);
+    dist_setup(&a);
     gpu_init();
-    dp_comm_init();
-    if (dp_rank == 0 && a.profile_every > 0) fprintf(stderr, "note: -pf (the per-phase time table) is train_moe.c's: train_moe_cu ignores it\n");
+    dist_nccl_init();
+    if (dist.rank == 0 && a.profile_every > 0) fprintf(stderr, "note: -pf (the per-phase time table) is train_moe.c's: train_moe_cu ignores it\n");
     Tokenizer tk;
     if (tokenizer_init(&tk, a.tokenizer) != 0) exit(EXIT_FAILURE);
     // the model: from a checkpoint (-e or -y) or a random init
@@ -2666,19 +2386,19 @@ int main(int argc, char** argv) {
     }
     if (st.rng == 0) st.rng = hash3(st.seed, 0x5A3, 0);
     MoEConfig* c = &model.config;
-    if (dp_rank == 0 && tk.ok && tk.V != c->V)
+    if (dist.rank == 0 && tk.ok && tk.V != c->V)
         fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
     if (a.fwd_in) {
         int rc = run_forward_only(&model, &a);
         gpu_free();
-        dp_free();
+        dist_finalize();
         return rc;
     }
 
     cpu::print_model_summary(c, model.num_params);
     printf("train: B=%d T=%d grad_accum=%d steps=%d lr=%g warmup=%d min_lr=%g wd=%g clip=%g precision=%s\n",
            a.B, a.T, a.grad_accum, a.steps, a.lr, a.warmup, a.lr * a.min_lr_frac, a.weight_decay, a.grad_clip, PRECISION_NAME);
-    if (dp_world > 1) printf("data parallel: %d ranks, a GPU each (NCCL); each trains %d sequences of every batch\n", dp_world, a.B / dp_world);
+    if (dist.world > 1) printf("data parallel: %d ranks, a GPU each (NCCL); each trains %d sequences of every batch\n", dist.world, a.B / dist.world);
 
     int nsets = 0;
     EvalSet* sets = cpu::evalsets_load(a.eval_files, c->V, a.T, &nsets);
@@ -2689,12 +2409,12 @@ int main(int argc, char** argv) {
     }
     loader_init(&val, a.val_glob, "-j", a.B, a.T, c->V, 0, st.seed);
     int rl_rows = a.rl_file ? a.grpo.P * a.grpo.G / a.grpo.M : 0;
-    int Bl = a.B / dp_world; // the sequences of each global batch this rank trains on
+    int Bl = a.B / dist.world; // the sequences of each global batch this rank trains on
     model_alloc_acts(&model, Bl > rl_rows ? Bl : rl_rows, a.T);
     printf("gpu memory: %.1f MiB allocated by the trainer, %.1f MiB in use on the device\n",
            gpu_bytes_allocated / (1024.0 * 1024.0), gpu_mem_sample());
     FILE* logf = NULL;
-    if (a.out_dir && dp_rank == 0) {
+    if (a.out_dir && dist.rank == 0) {
         cpu::mkdir_p(a.out_dir);
         char* lp = (char*)mallocCheck(strlen(a.out_dir) + 16);
         sprintf(lp, "%s/log.txt", a.out_dir);
@@ -2706,7 +2426,7 @@ int main(int argc, char** argv) {
         printf("val loss %.4f\n", eval_val_loss(&model, &val, a.val_batches));
         run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, st.step);
         gpu_free();
-        dp_free();
+        dist_finalize();
         return 0;
     }
     if (a.rl_file) {
@@ -2718,13 +2438,13 @@ int main(int argc, char** argv) {
         tokenizer_free(&tk);
         model_free(&model);
         gpu_free();
-        dp_free();
+        dist_finalize();
         free(resume_path);
         return rc;
     }
     double tokens_per_step = (double)a.B * a.T * a.grad_accum; // of every rank
-    double flops_per_step = tokens_per_step * flops_per_token(c, a.T), peak = peak_flops() * dp_world;
-    size_t shard = (size_t)dp_rank * Bl * a.T; // where this rank's sequences start in each global batch
+    double flops_per_step = tokens_per_step * flops_per_token(c, a.T), peak = peak_flops() * dist.world;
+    size_t shard = (size_t)dist.rank * Bl * a.T; // where this rank's sequences start in each global batch
     for (int step = st.step; step < a.steps; step++) {
         cudaCheck(cudaDeviceSynchronize());
         double t0 = now_ms();
@@ -2735,15 +2455,15 @@ int main(int argc, char** argv) {
         for (int micro = 0; micro < a.grad_accum; micro++) {
             loader_next_batch(&train); // the global batch: every rank reads it, and trains on its B/R sequences
             model_forward(&model, train.inputs + shard, train.targets + shard, Bl, a.T);
-            model_backward(&model, 1.0f / (a.grad_accum * dp_world));
+            model_backward(&model, 1.0f / (a.grad_accum * dist.world));
             loss += model.loss; ce += model.ce;
             for (int l = 0; l < c->L; l++) { aux += model.aux[l] / c->L; zl += model.zl[l] / c->L; }
         }
         model.collective = 0; // the evals below are rank 0's alone
-        dp_sum_floats(model.grads_memory, model.num_params); // every rank: the gradient of the whole batch
+        dist_allreduce_grads(model.grads_memory, model.num_params); // every rank: the gradient of the whole batch
         loss /= a.grad_accum; ce /= a.grad_accum; aux /= a.grad_accum; zl /= a.grad_accum;
         double terms[4] = {loss, ce, aux, zl};
-        dp_mean(terms, 4); // what is logged: the means over the ranks
+        dist_mean(terms, 4); // what is logged: the means over the ranks
         loss = terms[0]; ce = terms[1]; aux = terms[2]; zl = terms[3];
         float norm = global_grad_norm(&model);
         float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
@@ -2765,24 +2485,24 @@ int main(int argc, char** argv) {
         if (evals) { // the router's aux and z of the last micro-batch (for its stats): their means over the ranks
             for (int l = 0; l < c->L; l++) {
                 double t[2] = {model.aux[l], model.zl[l]};
-                dp_mean(t, 2);
+                dist_mean(t, 2);
                 model.aux[l] = (float)t[0]; model.zl[l] = (float)t[1];
             }
         }
-        if (evals && dp_rank == 0) { // rank 0 evaluates alone, on its whole copy of the model
+        if (evals && dist.rank == 0) { // rank 0 evaluates alone, on its whole copy of the model
             print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
             float vl = eval_val_loss(&model, &val, a.val_batches);
             printf("val loss %.4f\n", vl);
             if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
             run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, step + 1);
         }
-        if (sample && dp_rank == 0) {
+        if (sample && dist.rank == 0) {
             printf("--- sample ---\n");
             generate(&model, &tk, eot, a.gen_len, &st.rng);
             printf("--------------\n");
         }
-        if (save) dp_check_same(model.master_memory, model.num_params, "the parameters");
-        if (save && dp_rank == 0) {
+        if (save) dist_check_replicas(model.master_memory, model.num_params);
+        if (save && dist.rank == 0) {
             char* path = (char*)mallocCheck(strlen(a.out_dir) + 32);
             sprintf(path, "%s/model_%08d.bin", a.out_dir, step + 1);
             TrainState now = {step + 1, train.pos, st.rng, st.seed};
@@ -2790,7 +2510,7 @@ int main(int argc, char** argv) {
             printf("saved %s\n", path);
             free(path);
         }
-        if (evals || sample || save) dp_barrier(); // the other ranks wait for rank 0
+        if (evals || sample || save) dist_wait_all(); // the other ranks wait for rank 0
         if (logf) fflush(logf);
     }
     printf("peak gpu memory %.0f MiB\n", gpu_mem_peak_mib);
@@ -2802,7 +2522,7 @@ int main(int argc, char** argv) {
     tokenizer_free(&tk);
     model_free(&model);
     gpu_free();
-    dp_free();
+    dist_finalize();
     free(resume_path);
     return 0;
 }
