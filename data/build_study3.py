@@ -24,7 +24,7 @@ Memorization: --people invented people, each with --attributes attributes (city,
          job kelp
     that is [eot, first, surname] + [attribute, value] per fact: 3.5 tokens per fact mention.
   * Every fact is stated exactly --mentions times: in each of --mentions rounds a person's shuffled
-    attributes are cut into documents of 1-3 facts. The validation documents are further mentions
+    attributes are cut into documents of 1 to --max-chunk (3) facts. The validation documents are further mentions
     of training facts, drawn the same way.
   * The first half of the people of a build with --people 2N are the people of a build with
     --people N (names and values alike), so the gate's half-set data nests in the full set.
@@ -246,23 +246,23 @@ def fact_doc(ids, person, attrs):
                                                           (ids["attr"][at], ids["value"][vals[at]])]
 
 
-def chunks(rng, items):
+def chunks(rng, items, most=3):
     out, i = [], 0
     while i < len(items):
-        k = rng.randint(1, 3)
+        k = rng.randint(1, most)
         out.append(items[i:i + k])
         i += k
     return out
 
 
-def memorization_schedule(rng, n_people, n_attrs, mentions):
+def memorization_schedule(rng, n_people, n_attrs, mentions, most=3):
     """[(person, attributes)] of every training document: see the docstring's rounds."""
     docs = []
     for k in range(n_people):
         for _ in range(mentions):
             order = list(range(n_attrs))
             rng.shuffle(order)
-            docs += [(k, tuple(part)) for part in chunks(rng, order)]
+            docs += [(k, tuple(part)) for part in chunks(rng, order, most)]
     return docs
 
 
@@ -384,8 +384,8 @@ def qa_item(vocab, prompt, answer, ref, kind):
 def check_args(a):
     if not 1 <= a.attributes <= len(ATTRIBUTES):
         raise Bad("--attributes must be 1..%d (%s)" % (len(ATTRIBUTES), ",".join(ATTRIBUTES)))
-    if a.people < 1 or a.mentions < 1 or a.values < 2:
-        raise Bad("--people and --mentions must be >= 1 and --values >= 2")
+    if a.people < 1 or a.mentions < 1 or a.values < 2 or a.max_chunk < 1:
+        raise Bad("--people, --mentions and --max-chunk must be >= 1 and --values >= 2")
     if a.people > a.first_names * a.surnames:
         raise Bad("the fact set does not fit the vocabulary: --people %d needs %d distinct names, "
                   "but --first-names %d x --surnames %d give %d" % (
@@ -398,7 +398,7 @@ def check_args(a):
     if a.first_names + a.surnames + a.values + a.attributes + 1000 > 65535:
         raise Bad("the fact set does not fit the vocabulary: %d names and %d values make V larger "
                   "than uint16 shards hold (65535)" % (a.first_names + a.surnames, a.values))
-    mem = a.people * a.mentions * (2 * a.attributes + 3 * a.attributes / 2.0)
+    mem = a.people * a.mentions * (2 * a.attributes + 3 * a.attributes / (1 + min(a.max_chunk, a.attributes)) * 2)
     if mem > a.total_tokens:
         raise Bad("the fact set does not fit --total-tokens %d: %d people x %d attributes x %d "
                   "mentions take about %.0f tokens" % (a.total_tokens, a.people, a.attributes,
@@ -475,7 +475,7 @@ def build(a, out):
     # the facts' schedule sets the reasoning tokens; the reasoning pieces are the vocabulary's
     # words, which the invented words then avoid
     schedule = memorization_schedule(random.Random(stable_hash("study3-mem", a.seed)), a.people,
-                                     a.attributes, a.mentions)
+                                     a.attributes, a.mentions, a.max_chunk)
     mem_tok = sum(3 + 2 * len(at) for _k, at in schedule)
     if mem_tok > a.total_tokens:
         raise Bad("the facts' %d tokens exceed --total-tokens %d" % (mem_tok, a.total_tokens))
@@ -627,6 +627,8 @@ def parser():
     ap.add_argument("--first-names", type=int, default=128, help="first-name tokens")
     ap.add_argument("--surnames", type=int, default=128, help="surname tokens")
     ap.add_argument("--mentions", type=int, default=50, help="statements of each fact in train")
+    ap.add_argument("--max-chunk", type=int, default=3,
+                    help="most facts per training document (a round's facts are cut into 1..N)")
     ap.add_argument("--fact-eval", type=int, default=2000, help="facts in facts_eval.bin")
     ap.add_argument("--total-tokens", type=int, default=30_200_000,
                     help="train tokens: the facts' mentions, and reasoning problems up to this")
