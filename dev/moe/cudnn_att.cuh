@@ -11,9 +11,9 @@ Defines:
                                    many calls that asked for cuDNN fell back
   attention_forward_cudnn          1 if cuDNN ran the forward, 0 if the caller must run its own kernels
   attention_backward_cudnn         the same for the backward (dq, dk, dv)
-  cudnn_att_runs, cudnn_att_fallbacks, att_graphs, ATT_MAX_GRAPHS   read by test_moe_cu's checks
+  cudnn_att_runs, cudnn_att_fallbacks, att_graphs, att_max_graphs   read by test_moe_cu's checks
 
-The graph cache holds ATT_MAX_GRAPHS graphs and evicts the least recently used one, so the shapes of
+The graph cache holds att_max_graphs graphs and evicts the least recently used one, so the shapes of
 training always get one; decoding's forwards (prefill, sampling: Model.decoding) do not ask for cuDNN,
 so their many shapes never enter it.
 
@@ -45,7 +45,7 @@ typedef struct {
 } AttGraph;
 static std::map<std::tuple<int, int, int, int, int, int>, AttGraph> att_graphs; // (backward?, B, T, H, Hkv, D)
 static unsigned long long att_clock = 0;
-#define ATT_MAX_GRAPHS 8
+static size_t att_max_graphs = 8; // (test_moe_cu lowers it, to see evictions with few graph builds)
 
 static int fe_ok(fe::error_t err, std::string* msg) {
     if (err.is_good()) return 1;
@@ -63,7 +63,7 @@ static AttGraph* att_graph(int backward, int B, int T, int H, int Hkv, int D) {
         it->second.used = ++att_clock;
         return it->second.ok ? &it->second : NULL;
     }
-    if (att_graphs.size() >= ATT_MAX_GRAPHS) { // full: the least recently used graph goes
+    while (att_graphs.size() >= att_max_graphs && !att_graphs.empty()) { // full: the least recently used goes
         auto lru = att_graphs.begin();
         for (auto g = att_graphs.begin(); g != att_graphs.end(); ++g)
             if (g->second.used < lru->second.used) lru = g;
