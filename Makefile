@@ -76,8 +76,8 @@ train_moe_blas: $(MOE_SRC)
 test_moe_blas: test_moe.c $(MOE_SRC)
 	$(CC) $(CFLAGS) $(BLAS_FLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
 
-# USE_MPI: train_moe_mpi, training across processes (mpirun -np R ./train_moe_mpi ..., README "Beyond one
-# process"). MPICC: an MPI compiler wrapper on PATH, else MPICH's from PyPI in .venv (make venv installs it)
+# USE_MPI: train_moe_mpi, training across processes (mpirun -np R ./train_moe_mpi ..., dev/DISTRIBUTED.md).
+# MPICC: an MPI compiler wrapper on PATH, else MPICH's from PyPI in .venv (make venv installs it)
 MPICC ?= $(or $(shell command -v mpicc 2>/dev/null),$(wildcard $(VENV)/bin/mpicc))
 MPIEXEC ?= $(or $(wildcard $(dir $(MPICC))mpiexec),mpiexec)
 train_moe_mpi: $(MOE_SRC)

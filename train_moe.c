@@ -20,15 +20,15 @@ Reading map (line ranges of this file):
    184-372   layers: embedding, RMSNorm, RoPE, causal attention (forward, backward)
    373-615   the MoE layer: router -> topk -> permute -> experts -> unpermute, aux and z losses
    616-674   classifier: softmax cross-entropy
-   675-1196  the model: parameters, activations, forward, backward (processes: dev/moe/dist.h)
-  1197-1260  optimizer: global-norm clipping, AdamW, the lr schedule
-  1261-1422  checkpoints: save, check, load
-  1423-1596  data loader: token shards, shuffled or in order, exact position
-  1597-1693  tokenizer (decode only) and sampler
-  1694-1823  the eval loop: val loss, router diagnostics, task loss and accuracy (dev/moe/tasks.h)
-  1824-2053  flags
-  2054-2283  main's helpers: start, log, checkpoints, evals, one training step; GRPO (dev/moe/grpo.h)
-  2284-2407  main: the training loop
+   675-1189  the model: parameters, activations, forward, backward (processes: dev/moe/dist.h)
+  1190-1257  optimizer: global-norm clipping, AdamW, the lr schedule
+  1258-1419  checkpoints: save, check, load
+  1420-1593  data loader: token shards, shuffled or in order, exact position
+  1594-1690  tokenizer (decode only) and sampler
+  1691-1820  the eval loop: val loss, router diagnostics, task loss and accuracy (dev/moe/tasks.h)
+  1821-2050  flags
+  2051-2280  main's helpers: start, log, checkpoints, evals, one training step; GRPO (dev/moe/grpo.h)
+  2281-2405  main: the training loop
 */
 #include <limits.h>
 #include <stdio.h>
@@ -961,30 +961,23 @@ void router_check(const Model* model, int layer, int nonfinite, int N) {
 // the attention block of layer l on the N = B*T tokens in resid[l]: resid_mid[l] = resid[l] + attention
 static void attention_block_forward(Model* model, int l) {
     const MoEConfig* c = &model->config;
-    int B = model->B, T = model->T, N = B * T, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H,
-        HD = H * D, KD = Hkv * D;
+    int B = model->B, T = model->T, N = B * T, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
+    int HD = H * D, KD = Hkv * D;
     ParamTensors p = model->params;
     ActTensors a = model->acts;
-    // seek to layer l's weights and activations
-    const float* wq = p.wq + (size_t)l * HD * C;
-    const float* wk = p.wk + (size_t)l * KD * C;
-    const float* wv = p.wv + (size_t)l * KD * C;
-    const float* wo = p.wo + (size_t)l * C * HD;
-    float* res = a.resid + (size_t)l * N * C;
-    float* res_mid = a.resid_mid + (size_t)l * N * C;
+    // seek to layer l's activations (and below, its weights)
+    float *res = a.resid + (size_t)l * N * C, *res_mid = a.resid_mid + (size_t)l * N * C;
+    float *q = a.q + (size_t)l * N * HD, *k = a.k + (size_t)l * N * KD, *v = a.v + (size_t)l * N * KD;
     float* an = a.a + (size_t)l * N * C;
-    float* q = a.q + (size_t)l * N * HD;
-    float* k = a.k + (size_t)l * N * KD;
-    float* v = a.v + (size_t)l * N * KD;
     float* atty = a.atty + (size_t)l * N * HD;
     rmsnorm_forward(an, a.a_rstd + (size_t)l * N, res, p.attn_norm + (size_t)l * C, N, C, c->eps);
-    matmul_forward(q, an, wq, N, C, HD);
-    matmul_forward(k, an, wk, N, C, KD);
-    matmul_forward(v, an, wv, N, C, KD);
+    matmul_forward(q, an, p.wq + (size_t)l * HD * C, N, C, HD);
+    matmul_forward(k, an, p.wk + (size_t)l * KD * C, N, C, KD);
+    matmul_forward(v, an, p.wv + (size_t)l * KD * C, N, C, KD);
     rope_apply(q, model->freqs_cos, model->freqs_sin, B, T, H, D, +1);
     rope_apply(k, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, +1);
     attention_forward(atty, a.att + (size_t)l * B * H * T * T, q, k, v, B, T, H, Hkv, D);
-    matmul_forward(res_mid, atty, wo, N, HD, C);
+    matmul_forward(res_mid, atty, p.wo + (size_t)l * C * HD, N, HD, C);
     for (size_t i = 0; i < (size_t)N * C; i++) res_mid[i] += res[i];
 }
 
@@ -1257,6 +1250,10 @@ void model_update(Model* model, float lr, float beta1, float beta2, float eps, f
         off += n;
     }
 }
+
+// The kernel lab (dev/cuda) compiles this file up to here: the layers, the model and AdamW are the
+// CPU references its kernels are checked against.
+#ifndef MOE_LAYERS_ONLY
 
 // ----------------------------------------------------------------------------
 // checkpoints: header + parameters [+ AdamW m and v], written to NAME.tmp then renamed over NAME
@@ -1883,14 +1880,14 @@ void usage(void) {
 "  -nf F expert hidden (default 2C)  -ac aux coef (1e-2)  -zc z-loss coef (1e-3)  -th rope theta (1e4)\n"
 "forward only:\n"
 "  -fi FILE -fo FILE   read B*T int32 tokens from -fi, write B*T*V float32 logits to -fo, exit\n"
-"GRPO post-training (README \"GRPO post-training\"; -x counts RL steps, one rollout batch each):\n"
+"GRPO post-training (dev/GRPO.md; -x counts RL steps, one rollout batch each):\n"
 "  -rl FILE  RL prompts: an eval-format file (data/arith/arith_rl.bin); needs -e, the start and the reference\n"
 "  -rp P prompts per rollout batch (16)   -rg G samples per prompt (5)   -rr R max response tokens (64)\n"
 "  -rm M mini-batch updates per rollout batch, dividing P (4)   -rt sampling temperature (1.0)\n"
 "  -rc clip epsilon (0.2)   -rk k3 KL coefficient (0.001, 0 = no reference model)\n"
 "  -ra loss aggregation: 0 token mean (default), 1 per-sequence mean (DeepSeekMath), 2 token sum / R (Dr. GRPO)\n"
 "  with -rl the defaults of -l, -u, -q become 5e-6, 0, 1 (a constant lr without warm-up)\n"
-"across processes (make train_moe_mpi; mpirun -np R ./train_moe_mpi ...; README \"Beyond one process\"):\n"
+"across processes (make train_moe_mpi; mpirun -np R ./train_moe_mpi ...; dev/DISTRIBUTED.md):\n"
 "  -b is the global batch: each rank trains on B/R of its sequences (data parallel); rank 0 logs, evaluates\n"
 "  and writes checkpoints (the one-process format)\n"
 "  -ep P expert parallel: the experts of every layer sharded over groups of P ranks, tokens sent to them by\n"
@@ -2168,7 +2165,7 @@ void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokenizer* tk,
 // a barrier first spins 300,000 times before it sleeps. A step has over a thousand barriers, so on a
 // machine where another process wants the cores the spinning threads take the time the lagging one
 // needs, and a step can take 10x longer. A spin count of 3000 costs nothing measurable on a quiet
-// machine and degrades gently on a busy one (README, "Threads on a busy machine"). Since the
+// machine and degrades gently on a busy one (dev/SPEED.md, "Threads on a busy machine"). Since the
 // setting must be in the environment before libgomp starts, the trainer sets it and re-executes
 // itself, unless the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT).
 void gentle_omp_wait_policy(char** argv) {
@@ -2404,3 +2401,4 @@ int main(int argc, char** argv) {
     return rc;
 }
 #endif
+#endif // MOE_LAYERS_ONLY

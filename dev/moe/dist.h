@@ -1,7 +1,7 @@
 /*
-dev/moe/dist.h: training across processes, for train_moe.c (README "Beyond one process",
-dev/DISTRIBUTED.md). USE_MPI=1 builds (make train_moe_mpi) run under mpirun; every other build is
-one process, makes no MPI call, and keeps from this file only the one-process answers (dist.world 1).
+dev/moe/dist.h: training across processes, for train_moe.c (dev/DISTRIBUTED.md). USE_MPI=1 builds
+(make train_moe_mpi) run under mpirun; every other build is one process, makes no MPI call, and keeps
+from this file only the one-process answers (dist.world 1).
 
 R = world ranks: every rank trains on B/R sequences of each global batch (data parallel); the
 experts can be sharded over groups of ep consecutive ranks (expert parallel, -ep: ep_rank p holds

@@ -301,6 +301,9 @@ void grpo_report(FILE* logf, int step, int steps, const GrpoConfig* gc, const Ro
                 step, reward, sol, fl, loss, kl, clipf, len, ent, lr, norm, rollout_ms, update_ms);
 }
 
+// -rl: GRPO post-training of the loaded model (dev/GRPO.md). The reference model is
+// the -e checkpoint, re-read on resume; a checkpoint holds the policy, AdamW, the RL step, the
+// position in the prompt order and the sampler's RNG, so resuming continues bit for bit.
 int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer* tk, EvalSet* sets, int nsets,
                     DataLoader* val, FILE* logf) {
     const GrpoConfig* gc = &a->grpo;

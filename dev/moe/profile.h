@@ -40,7 +40,3 @@ static void print_phase_table(FILE* logf, int step, int n, double step_ms) {
     printf("  %-46s %9.2f\n", "step", step_ms / n);
     memset(phase_clock.ms, 0, sizeof phase_clock.ms);
 }
-
-// -rl: GRPO post-training of the loaded model (README "GRPO post-training"). The reference model is
-// the -e checkpoint, re-read on resume; a checkpoint holds the policy, AdamW, the RL step, the
-// position in the prompt order and the sampler's RNG, so resuming continues bit for bit.
