@@ -108,6 +108,7 @@ study: train_moe venv
 # a short run of every fuzz harness
 test: venv test_moe train_moe ref
 	$(MAKE) --no-print-directory cuda-check
+	$(PY) scripts/test_gpu_check.py
 	$(MAKE) --no-print-directory test-hf
 	$(if $(filter yes,$(HAVE_BLAS)),$(MAKE) --no-print-directory train_moe_blas)
 	$(PY) scripts/test_sweep.py --require-all

@@ -13,11 +13,16 @@
 #   make cuda-ci               what `make test` wants: the compile check wherever nvcc exists, and the
 #                              GPU test too wherever a GPU answers nvidia-smi
 #   make gpu-check-build       every binary dev/gpu_check.sh runs, into GPU_BIN (default out/gpu_bin), for
-#                              sm_$(GPU_ARCH), and dev/ref where torch is installed: built here, carried to a GPU
-#                              (with an MPI compiler: train_moe_cu_mpi and the MPI runtime it needs there)
-#   make gpu-check             dev/gpu_check.sh (see its header): the one run that says whether the GPU side
-#                              works, in under 10 minutes; GPU_BIN=dir runs the binaries there as they are,
-#                              else they are built into out/gpu_bin first. GPU_CHECK_DRY=1: no GPU parts
+#                              sm_$(GPU_ARCH) (with an MPI compiler: train_moe_cu_mpi and the MPI runtime it needs
+#                              there), packed into one archive GPU_BIN.tar.xz with a MANIFEST (file, bytes, sha256,
+#                              build info; also beside it as GPU_BIN.manifest.txt); prints the size that travels to
+#                              a GPU machine (the files git sees + the archive) and fails above 56 MiB
+#   make gpu-check-size        that size check alone, on the archive as it is
+#   make gpu-check             dev/gpu_check.sh (see its header), on the GPU machine: unpacks the archive,
+#                              rebuilds data/arith and dev/ref there, then the parts, in 6 minutes on one H100;
+#                              PARTS=fp32,bf16 (names or numbers) reruns only some. GPU_CHECK_DRY=1: no GPU parts.
+#                              Back: $OUT (else out/gpu_check)/summary.txt and gpu_check.tgz (the logs)
+#   make gpu-bench             the benchmark against PyTorch (scripts/bench_gpu.py), a second command (~2.5 min)
 #   make cuda-clean
 # Variables: NVCC (default nvcc, else /usr/local/cuda/bin/nvcc), GPU_ARCH (the first GPU's compute
 # capability from nvidia-smi, else 90 = Hopper), PRECISION (BF16 | FP32), NO_OMP=1 (host code without
@@ -73,7 +78,7 @@ ifneq ($(NO_OMP),1)
 endif
 NVCC_WERROR = -Xcompiler -Werror -Werror all-warnings
 NVCC_LDLIBS = -lcublas -lcublasLt
-CUDA_DEPS = train_moe.cu train_moe.c dev/cuda_build.mk
+CUDA_DEPS = train_moe.cu train_moe.c dev/cuda_build.mk $(wildcard dev/moe/*.h dev/moe/*.cuh)
 CUDA_CHECK_DIR ?= $(or $(TMPDIR),/tmp)/moe-cuda-check
 
 MPICC ?= $(if $(shell command -v mpicc 2>/dev/null),mpicc,$(or $(wildcard .venv/bin/mpicc),mpicc))
@@ -87,7 +92,7 @@ MPI_NEEDED = @$(if $(MPI_FOUND),true,echo "Error: no MPI compiler: '$(MPICC) -sh
 
 .PHONY: cuda-compile-check cuda-check-train-bf16 cuda-check-train-fp32 cuda-check-test-bf16 cuda-check-test-fp32 cuda-check-train-cudnn \
         cuda-check-test-cudnn cuda-check-train-mpi cuda-check-train-mpi-fp32 cuda-test cuda-ci cuda-clean gpu-check gpu-check-build \
-        gpu-check-ref
+        gpu-check-size gpu-bench
 
 train_moe_cu: $(CUDA_DEPS)
 	$(NVCC) $(NVCC_FLAGS) $(PRECISION_FLAG) $(CUDNN_FLAGS) train_moe.cu $(NVCC_LDLIBS) $(CUDNN_LIBS) -o $@
@@ -156,18 +161,20 @@ cuda-ci:
 endif
 
 # ----------------------------------------------------------------------------------------------------
-# gpu-check: the binaries of dev/gpu_check.sh, built where there is no GPU and carried to one. Host code
-# without -march=native (the GPU machine's CPU may lack what this one has); device code for sm_$(GPU_ARCH)
-# with line info (compute-sanitizer names source lines). SOURCES.sha256 records what they were built
-# from: gpu_check.sh fails its binaries row when the sources have changed since (and runs them all the same).
+# gpu-check: the binaries of dev/gpu_check.sh, built where there is no GPU and carried to one as a single
+# archive (nothing compiles on the GPU machine's clock). Host code without -march=native (the GPU
+# machine's CPU may lack what this one has); device code for sm_$(GPU_ARCH) with line info
+# (compute-sanitizer names source lines). SOURCES.sha256 records what they were built from: gpu_check.sh
+# fails its binaries row when the sources there differ (and runs them all the same). dev/ref and
+# data/arith do not travel: gpu_check.sh rebuilds them there (torch's python, the standard library).
 GPU_BIN ?= out/gpu_bin
-GPU_CHECK_SOURCES = train_moe.c train_moe.cu test_moe_cu.cu $(sort $(wildcard dev/cuda/*.cu dev/cuda/*.h))
+GPU_BIN_ARCHIVE = $(GPU_BIN).tar.xz
+GPU_CHECK_SOURCES = train_moe.c train_moe.cu test_moe_cu.cu $(sort $(wildcard dev/moe/*.h dev/moe/*.cuh dev/cuda/*.cu dev/cuda/*.h))
 GPU_BIN_NVCC = $(NVCC) $(NVCC_FLAGS) -lineinfo
 GPU_BIN_PROGS = train_moe_cu train_moe_cu_fp32 test_moe_cu test_moe_cu_fp32 $(if $(CUDNN_FOUND),train_moe_cu_cudnn test_moe_cu_cudnn) train_moe \
                 $(if $(MPI_FOUND),train_moe_cu_mpi mpi_runtime.tar.xz)
-REF_PYTHON := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
-gpu-check-build: $(addprefix $(GPU_BIN)/,$(GPU_BIN_PROGS)) gpu-check-ref data/arith/arith_rl.bin
+gpu-check-build: $(addprefix $(GPU_BIN)/,$(GPU_BIN_PROGS))
 	$(MAKE) --no-print-directory -C dev/cuda NVCC=$(NVCC) GPU_ARCH=$(GPU_ARCH) BIN_DIR=$(abspath $(GPU_BIN))/lab bin
 	@$(if $(CUDNN_FOUND),true,rm -f $(GPU_BIN)/train_moe_cu_cudnn $(GPU_BIN)/test_moe_cu_cudnn; \
 	    echo "gpu-check-build: no cudnn_frontend.h: no cuDNN binaries (gpu_check.sh reports their parts as not run)")
@@ -178,7 +185,12 @@ gpu-check-build: $(addprefix $(GPU_BIN)/,$(GPU_BIN_PROGS)) gpu-check-ref data/ar
 	    "$(if $(CUDNN_FOUND),yes,no)" "$(if $(MPI_FOUND),yes,no)" "$$(date -u '+%Y-%m-%d %H:%M UTC')" \
 	    "$$(git rev-parse --short HEAD 2>/dev/null || echo '?')$$(git diff --quiet HEAD -- $(GPU_CHECK_SOURCES) 2>/dev/null || echo '+changes')" > $(GPU_BIN)/BUILD_INFO
 	@cat $(GPU_BIN)/BUILD_INFO
-	@echo "to carry to the GPU machine (with data/, which git tracks):"; du -sch $(GPU_BIN) dev/ref data 2>/dev/null
+	@bash dev/gpu_check.sh pack $(GPU_BIN) $(GPU_BIN_ARCHIVE)
+	@bash dev/gpu_check.sh travel-size $(GPU_BIN_ARCHIVE)
+	@echo "gpu-check-build: carry $(GPU_BIN_ARCHIVE) with the tree; there: make gpu-check (dev/cuda/README.md, \"Running the GPU check\")"
+
+gpu-check-size:
+	@bash dev/gpu_check.sh travel-size $(GPU_BIN_ARCHIVE)
 
 $(GPU_BIN)/train_moe_cu: $(CUDA_DEPS)
 	@mkdir -p $(@D)
@@ -213,26 +225,15 @@ $(GPU_BIN)/mpi_runtime.tar.xz: $(GPU_BIN)/train_moe_cu_mpi
 	ldd $< | awk -v d="$(MPI_LIBDIR)/" 'index($$3, d) == 1 { print substr($$3, length(d) + 1) }' | \
 	    (cd $(MPI_LIBDIR) && xargs cp --parents -t $(abspath $(@D))/mpi_runtime/lib)
 	tar -C $(@D) -cJf $@ mpi_runtime && rm -rf $(@D)/mpi_runtime
-$(GPU_BIN)/train_moe: train_moe.c
+$(GPU_BIN)/train_moe: train_moe.c $(wildcard dev/moe/*.h)
 	@mkdir -p $(@D)
 	$(CC) -O3 -Wall -Wno-unused-function -fopenmp -DOMP train_moe.c -lm -o $@
 
-# the PyTorch reference states test_moe_cu reads: made (or remade, when dev/moe_ref.py is newer) where
-# torch imports; else whatever dev/ref holds is kept
-gpu-check-ref:
-	@if $(REF_PYTHON) -c "import torch" 2>/dev/null; then \
-	    if [ ! -f dev/ref/manifest.txt ] || [ dev/moe_ref.py -nt dev/ref/manifest.txt ]; then \
-	        echo "$(REF_PYTHON) dev/moe_ref.py --outdir dev/ref"; $(REF_PYTHON) dev/moe_ref.py --outdir dev/ref > /dev/null || exit 1; fi; \
-	elif [ -f dev/ref/manifest.txt ]; then echo "gpu-check-build: no torch for $(REF_PYTHON): dev/ref kept as it is"; \
-	else echo "gpu-check-build: no torch for $(REF_PYTHON) and no dev/ref: the GPU tests will not run (python dev/moe_ref.py --outdir dev/ref)"; fi
-
-# the GRPO part's data (generated: data/build_arith.py)
-data/arith/arith_rl.bin: data/build_arith.py
-	python3 data/build_arith.py > /dev/null
-
+# on the GPU machine; PARTS (default all) as given on the command line or in the environment
 gpu-check:
-	@GPU_BIN=$(GPU_BIN) GPU_CHECK_PREBUILT=$(if $(filter command line environment,$(origin GPU_BIN)),1,0) \
-	    NVCC=$(NVCC) GPU_ARCH=$(GPU_ARCH) bash dev/gpu_check.sh
+	@GPU_BIN=$(GPU_BIN) PARTS=$(or $(PARTS),all) bash dev/gpu_check.sh
+gpu-bench:
+	@GPU_BIN=$(GPU_BIN) bash dev/gpu_check.sh bench
 
 cuda-clean:
 	rm -f train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-PyTorch reference of the model contract (dev/MODEL.md; file layouts in README "File formats").
+PyTorch reference of the model contract (dev/MODEL.md; file layouts in dev/FORMATS.md).
 
 For each small test configuration NAME it writes into OUTDIR (default dev/ref/):
 
@@ -29,7 +29,7 @@ Notes
   skipped (their gradient is zero).
 - aux_l = E * sum_e f_e * P_e with f_e = count_e/(N*K) a constant (no gradient); the gates
   (softmax over the K chosen logits) carry the gradient of the expert outputs into the router.
-- AdamW is written by hand with the README formula (decoupled weight decay, matrices only).
+- AdamW is written by hand with dev/MODEL.md's formula (decoupled weight decay, matrices only).
 
 CLI
     python dev/moe_ref.py [--outdir DIR] [--configs a,b,...] [--init_std 0.1] [--nsteps 10]
@@ -193,7 +193,7 @@ def _u64_read(h, i):
 
 
 def write_checkpoint(path, cfg, params, m=None, v=None, step=0, data_pos=(0, 0, 0), rng=0, seed=0):
-    """Write a checkpoint (README "Checkpoint"). params (and m, v if given) are dicts name -> tensor."""
+    """Write a checkpoint (dev/FORMATS.md, "Checkpoint"). params (and m, v if given): name -> tensor."""
     h = np.zeros(HEADER_INTS, dtype="<i4")
     h[0], h[1] = CKPT_MAGIC, VERSION
     for i, k in enumerate(INT_KEYS):
@@ -457,7 +457,8 @@ def global_norm(grads):
 
 
 def adamw_steps(cfg, params, x, y, opt, nsteps):
-    """nsteps AdamW steps on one batch (README formula). Returns losses, norms, min route margin."""
+    """nsteps AdamW steps on one batch (dev/MODEL.md, "Optimizer and schedule"). Returns losses, norms,
+    min route margin."""
     p = {k: t.detach().clone() for k, t in params.items()}
     m = {k: torch.zeros_like(t) for k, t in p.items()}
     v = {k: torch.zeros_like(t) for k, t in p.items()}
@@ -526,11 +527,12 @@ def generate(name, spec, index, outdir, init_std, nsteps, verbose=True):
 
 
 # --------------------------------------------------------------------------------------------------
-# GRPO (README "GRPO post-training"): group advantages, the PPO-clipped surrogate with the k3 KL to a
-# reference, the three loss aggregations, and M mini-batch AdamW updates on one rollout batch.
-# NAME_grpo.bin (next to NAME_model.bin, listed in grpo_manifest.txt) holds a rollout batch made up
-# here (random prompts and responses, rewards, the sampler's and the reference's log-probs) and,
-# per mini-batch update, the loss, the clipped token count, the grad norm and every gradient.
+# GRPO (dev/GRPO.md; the math in dev/MODEL.md, "GRPO post-training"): group advantages, the
+# PPO-clipped surrogate with the k3 KL to a reference, the three loss aggregations, and M mini-batch
+# AdamW updates on one rollout batch. NAME_grpo.bin (next to NAME_model.bin, listed in
+# grpo_manifest.txt) holds a rollout batch made up here (random prompts and responses, rewards, the
+# sampler's and the reference's log-probs) and, per mini-batch update, the loss, the clipped token
+# count, the grad norm and every gradient.
 
 GRPO_MAGIC = 20251127
 GRPO_KL_MAX = 10.0

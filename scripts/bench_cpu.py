@@ -3,9 +3,10 @@
 CPU benchmark: train_moe (C; the built-in GEMM, and the OpenBLAS build train_moe_blas where it
 exists) vs the PyTorch reference (dev/moe_ref.py) on the same configuration, the same thread count
 and the same kind of batches, in one command. Prints the processor, the machine's sgemm limit (a
-large fp32 matmul with the same threads, through PyTorch and through OpenBLAS), and per
-configuration each side's median step time, tokens/s, model FLOP/s and its share of that limit,
-the ratio to PyTorch, and peak memory (max RSS).
+large fp32 matmul with the same threads through every BLAS at hand: PyTorch's, numpy's own and the
+system's OpenBLAS; the best of them, named), and per configuration each side's median step time,
+tokens/s, model FLOP/s and its share of that limit, the ratio to PyTorch, and peak memory (max RSS).
+A share above 100% is flagged: it means the limit was measured too low, not that a side beat it.
 
     python3 scripts/bench_cpu.py                    # every configuration, 5 alternating repeats
     python3 scripts/bench_cpu.py --configs default --steps 12 --threads 2 --repeats 3
@@ -59,8 +60,35 @@ def cpu_model():
 SGEMM_N = 2048
 
 
+def numpy_blas(np, threads):
+    """numpy's own BLAS: its name and version, and for the OpenBLAS a numpy wheel bundles (symbols prefixed
+    scipy_openblas, 64-bit ints) the kernels it chose; its thread count is set here as well as by
+    OPENBLAS_NUM_THREADS in the environment."""
+    import ctypes
+    import glob
+    what = f"numpy {np.__version__}'s BLAS"
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        what = f"numpy {np.__version__}'s {blas['name']} {blas['version']}"
+    except Exception:  # noqa: BLE001  (older numpy: no dict mode; the name is cosmetic)
+        pass
+    for path in glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for suffix in ("64_", ""):
+            get = getattr(lib, f"scipy_openblas_get_corename{suffix}", None)
+            put = getattr(lib, f"scipy_openblas_set_num_threads{suffix}", None)
+            if get is not None:
+                get.restype = ctypes.c_char_p
+                if put is not None:
+                    put(ctypes.c_int(threads))
+                return f"{what}, {get().decode()} kernels"
+    return what
+
+
 def sgemm_child(backend, threads):
-    """Runs in a subprocess: GFLOP/s of the best of 8 fp32 C = A.B^T, N = SGEMM_N, on `threads` threads."""
+    """Runs in a subprocess: GFLOP/s of the best of 8 fp32 C = A.B^T, N = SGEMM_N, on `threads` threads,
+    through `backend`: torch (PyTorch's BLAS, MKL on x86), numpy (numpy's own, an OpenBLAS in PyPI's
+    wheels) or openblas (the system's libopenblas, through ctypes)."""
     n = SGEMM_N
     if backend == "torch":
         import torch
@@ -68,6 +96,13 @@ def sgemm_child(backend, threads):
         a, b = torch.randn(n, n), torch.randn(n, n)
         run = lambda: a @ b.T  # noqa: E731
         what = f"torch {torch.__version__}"
+    elif backend == "numpy":
+        import numpy as np
+        what = numpy_blas(np, threads)
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+        c = np.zeros((n, n), np.float32)
+        run = lambda: np.matmul(a, b.T, out=c)  # noqa: E731
     else:
         import ctypes
         import ctypes.util
@@ -84,7 +119,7 @@ def sgemm_child(backend, threads):
                                                          ctypes.c_void_p, ctypes.c_int]
         run = lambda: lib.cblas_sgemm(101, 111, 112, n, n, n, 1.0, a.ctypes.data, n, b.ctypes.data, n, 0.0,  # noqa: E731
                                       c.ctypes.data, n)
-        what = f"OpenBLAS {lib.openblas_get_corename().decode()} kernels"
+        what = f"the system's OpenBLAS ({lib.openblas_get_corename().decode()} kernels)"
     run()
     best = min(timed(run) for _ in range(8))
     print(json.dumps({"gflops": 2.0 * n ** 3 / best / 1e9, "what": what}))
@@ -96,21 +131,52 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
+# backend: what it is called when it cannot be measured
+SGEMM_BACKENDS = {"torch": "PyTorch's BLAS", "numpy": "numpy's BLAS", "openblas": "the system's OpenBLAS"}
+AVX512_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")  # OpenBLAS kernel sets with AVX-512
+
+
+def sgemm_run(backend, threads, python, extra=None):
+    """(GFLOP/s, which) of one sgemm_child in a subprocess; (0.0, why not) when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads), **(extra or {}))
+    out = subprocess.run([python, os.path.abspath(__file__), "--sgemm", backend, "--threads", str(threads)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        return 0.0, f"{SGEMM_BACKENDS[backend]}: not measured ({(out.stderr.strip().splitlines() or ['failed'])[-1]})"
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["gflops"], r["what"] + "".join(f" ({k}={v})" for k, v in (extra or {}).items())
+
+
 def sgemm_limit(threads, python, avx512):
-    """The best sgemm GFLOP/s measured through PyTorch and OpenBLAS (with its default kernels and, on an
-    AVX-512 machine, its SkylakeX ones: OpenBLAS 0.3.21 picks AVX2 kernels on AMD Zen 4/5)."""
+    """sgemm GFLOP/s through every BLAS at hand, a list of (GFLOP/s, which; 0 where it could not be
+    measured): PyTorch's, numpy's own and the system's OpenBLAS, each OpenBLAS with its default kernels
+    and, on an AVX-512 machine where it chose others, its SkylakeX ones (OpenBLAS 0.3.21 picks AVX2
+    kernels on AMD Zen 4/5). The limit is the best of them (best_limit): one BLAS alone can be far
+    below the machine's speed (PyTorch's MKL at 198 GFLOP/s where numpy's OpenBLAS does 433 on an AMD EPYC)."""
     found = []
-    tries = [("torch", {}), ("openblas", {})] + ([("openblas", {"OPENBLAS_CORETYPE": "SkylakeX"})] if avx512 else [])
-    for backend, extra in tries:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra)
-        out = subprocess.run([python, os.path.abspath(__file__), "--sgemm", backend, "--threads", str(threads)],
-                             env=env, capture_output=True, text=True)
-        if out.returncode == 0:
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            found.append((r["gflops"], r["what"] + (" (OPENBLAS_CORETYPE=SkylakeX)" if extra else "")))
-        else:
-            found.append((0.0, f"{backend}: not measured ({(out.stderr.strip().splitlines() or ['failed'])[-1]})"))
+    for backend in SGEMM_BACKENDS:
+        g, what = sgemm_run(backend, threads, python)
+        found.append((g, what))
+        if avx512 and backend != "torch" and g > 0 and not any(c in what for c in AVX512_CORES):
+            found.append(sgemm_run(backend, threads, python, {"OPENBLAS_CORETYPE": "SkylakeX"}))
     return found
+
+
+def best_limit(found):
+    """(GFLOP/s, which) of the fastest BLAS in sgemm_limit's list; (0.0, reason) when none was measured."""
+    best = max(found, key=lambda r: r[0], default=(0.0, "no BLAS"))
+    return best if best[0] > 0 else (0.0, "no BLAS could be measured")
+
+
+def fmt_share(gflops, limit):
+    """The 'of limit' cell (8 characters) and a note for the row's end: a share above 100% (as printed)
+    means the limit was measured too low, so it is never printed without saying so."""
+    if not limit or limit <= 0:
+        return f"{'?':>8}", "no sgemm limit measured"
+    pct = 100.0 * gflops / limit
+    cell = f"{pct:7.0f}%"
+    return cell, (">100%: limit underestimated" if round(pct) > 100 else "")
 
 
 def run_c(cfg, steps, threads, binary="train_moe"):
@@ -195,8 +261,9 @@ def main():
     limits = sgemm_limit(a.threads, a.python, "avx512f" in flags)
     for g, what in limits:
         print(f"sgemm {SGEMM_N}^3 fp32, {a.threads} threads: " + (f"{g:6.1f} GFLOP/s through {what}" if g else what))
-    limit = max(g for g, _ in limits)
-    print(f"sgemm limit (the best of those): {limit:.1f} GFLOP/s")
+    limit, limit_what = best_limit(limits)
+    print(f"sgemm limit (the best of those): {limit:.1f} GFLOP/s, through {limit_what}" if limit else
+          f"sgemm limit: not measured ({limit_what}); no share of it is printed")
     print(f"{a.steps} steps per run, median of steps {a.warmup + 1}..{a.steps}, median over {a.repeats} alternating "
           f"run(s) per side; GF/s = model FLOP/s (bench_gpu.flops_per_token x tokens / step time)")
     sides = builds + ["torch"]
@@ -227,8 +294,10 @@ def main():
             gf = fpt * B * T / (m / 1e3) / 1e9
             rows[(name, sd)] = (m, rss[sd])
             vs = "" if sd == "torch" else f"{tmed / m:7.2f}x"
-            print(f"{name:8} {sd:15} | {m:8.1f} {100 * spread:5.0f}% {B * T / m * 1e3:7.0f} {gf:6.1f} {100 * gf / limit:7.0f}% "
-                  f"{rss[sd] / 2**20:7.0f} | {vs:>8}" + ("   <- repeats spread widely: a noisy machine" if spread > 0.15 else ""))
+            share, flag = fmt_share(gf, limit)
+            notes = ([flag] if flag else []) + (["repeats spread widely: a noisy machine"] if spread > 0.15 else [])
+            print(f"{name:8} {sd:15} | {m:8.1f} {100 * spread:5.0f}% {B * T / m * 1e3:7.0f} {gf:6.1f} {share} "
+                  f"{rss[sd] / 2**20:7.0f} | {vs:>8}" + ("   <- " + "; ".join(notes) if notes else ""))
         sys.stdout.flush()
     print(f"(torch {t['torch']}; vs torch = PyTorch ms / this side's ms; spread = (max - min) / median of the repeats)")
     if all((n, b) in rows for n in ("E8", "E64") for b in builds[:1]):

@@ -10,8 +10,8 @@ Mixtral directory that transformers.MixtralForCausalLM.from_pretrained(OUTDIR) l
 
 Tensor names are those of the released Mixtral checkpoints (model.layers.l.block_sparse_moe.experts.e.w1.weight,
 ...), which every transformers version with Mixtral loads (recent versions fuse the experts internally
-while loading). The optimizer state of the checkpoint, if any, is ignored. Needs only numpy: the
-safetensors file is written by hand (8-byte little-endian header length, JSON header, raw data).
+while loading). The optimizer state of the checkpoint, if any, is ignored. Needs numpy and the
+`safetensors` package (pip install safetensors), which writes the files.
 
 usage: python scripts/export_hf.py CKPT OUTDIR [--dtype float32|bfloat16|float16] [--eot-id N] [--max-shard-mb MB]
 """
@@ -21,6 +21,12 @@ import os
 import sys
 
 import numpy as np
+
+try:
+    import safetensors
+    import safetensors.numpy
+except ImportError:  # an ExportError when the weights are written; --help and the reader work without it
+    safetensors = None
 
 CKPT_MAGIC = 20251123
 CKPT_VERSION = 1
@@ -138,7 +144,7 @@ def hf_tensor_list(cfg, params):
 
 
 # ---------------------------------------------------------------------------------------------
-# safetensors writer (numpy only)
+# safetensors writer: the safetensors package's numpy API
 
 ST_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 
@@ -154,8 +160,9 @@ def f32_to_bf16_bits(a):
 
 
 def encode(a, dtype):
+    """The stored array: float32 and float16 as themselves, bfloat16 as its uint16 bits."""
     if dtype == "float32":
-        return np.ascontiguousarray(a, dtype="<f4")
+        return np.ascontiguousarray(a, dtype="<f4")  # a view of the checkpoint's memmap, no copy
     if dtype == "float16":
         if a.size and float(np.max(np.abs(a))) > 65504.0:
             raise ExportError("a weight exceeds the float16 range (use --dtype bfloat16 or float32)")
@@ -165,28 +172,31 @@ def encode(a, dtype):
     raise ExportError(f"unknown dtype {dtype}")
 
 
+def bf16_spec(bits):
+    """A uint16 array of bfloat16 bits as a tensor safetensors stores as BF16 (numpy has no bfloat16)."""
+    if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.8 reads the bytes in place
+        return safetensors.TensorSpec(dtype="bfloat16", shape=list(bits.shape), data_ptr=bits.ctypes.data,
+                                      data_len=bits.nbytes)
+    return {"dtype": "bfloat16", "shape": list(bits.shape), "data": bits.tobytes()}
+
+
 def write_safetensors(path, tensors, dtype="float32", metadata=None):
-    """tensors: list of (name, array). Writes PATH.tmp then renames it over PATH."""
-    st_dtype, itemsize = ST_DTYPES[dtype]
-    header, off = {}, 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, a in tensors:
-        nbytes = int(np.prod(a.shape)) * itemsize
-        header[name] = {"dtype": st_dtype, "shape": [int(s) for s in a.shape], "data_offsets": [off, off + nbytes]}
-        off += nbytes
-    hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    hjson += b" " * (-len(hjson) % 8)  # the data section starts 8-byte aligned
+    """tensors: list of (name, array). Writes PATH.tmp with safetensors.numpy.save_file (bfloat16: with
+    safetensors.serialize_file, which save_file calls, given the dtype by name), then renames it over PATH.
+    The package orders the tensors itself (by dtype, then name); readers look them up by name."""
+    if safetensors is None:
+        raise ExportError("the safetensors package is needed to write the weights (pip install safetensors)")
+    arrays = {name: encode(a, dtype) for name, a in tensors}
+    meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(hjson).to_bytes(8, "little"))
-        f.write(hjson)
-        for _, a in tensors:
-            f.write(encode(a, dtype).tobytes())
-        f.flush()
+    if dtype == "bfloat16":
+        safetensors.serialize_file({name: bf16_spec(b) for name, b in arrays.items()}, tmp, metadata=meta)
+    else:
+        safetensors.numpy.save_file(arrays, tmp, metadata=meta)
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return off
+    return sum(a.nbytes for a in arrays.values())
 
 
 def hf_config(cfg, dtype="float32", eot_id=None):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GRPO in miniature (README "GRPO post-training"), on 2 CPU cores:
+# GRPO in miniature (dev/GRPO.md), on 2 CPU cores:
 #   1. data/arith (python3 data/build_arith.py, seconds) if it is missing
 #   2. pre-train the default MoE on the arithmetic problems: 4000 steps, a checkpoint every 250 and a
 #      held-out eval every 500 (about 7 minutes)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """
 Import a Hugging Face Mixtral directory (config.json + model.safetensors, or shards listed in
-model.safetensors.index.json) into our checkpoint format (README "File formats"): no optimizer
+model.safetensors.index.json) into our checkpoint format (dev/FORMATS.md, "Checkpoint"): no optimizer
 state (slot 15 = 0), step 0. Weights stored as bf16/fp16/fp64 are converted to float32.
 
 Accepted tensor names: those of released Mixtral checkpoints and of save_pretrained

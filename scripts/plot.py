@@ -17,7 +17,7 @@ Writes to --out:
                        (x = step) for one run, one panel per layer, from the "router layer" lines
                        of its log.txt (default: the run with the most experts; --heatmap-run NAME)
 
-GRPO post-training (train_moe -rl, README "GRPO post-training"):
+GRPO post-training (train_moe -rl, dev/GRPO.md):
 
     python3 scripts/plot.py --grpo out/grpo/log.txt --out out/grpo
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training across processes equals training in one (README "Beyond one process").
+"""Training across processes equals training in one (dev/DISTRIBUTED.md).
 
 Runs the one-process trainer and the MPI build under mpiexec on the same global batches, from the
 same init, and checks:

@@ -5,7 +5,8 @@ Quick test (< 1 minute) of the sweep planner and runner (scripts/sweep.py) and o
     python3 scripts/test_sweep.py                  # uses ./train_moe when it exists
     python3 scripts/test_sweep.py --trainer PATH   # another trainer binary
 
-Checks: parameter counts against the README's default model; every family of every config in
+Checks: parameter counts against the README's default model; bench_cpu.py's sgemm limit (the fastest
+BLAS) and its share formatter (a share above 100% is flagged); every family of every config in
 scripts/sweep_configs/ gets equal compute (6 N tokens within one step's rounding of the budget);
 bad configs (K > E, C % H, KF % K, an unknown field) are rejected with a message naming the run and
 the field and exit status 2, before anything runs; --dry-run plans the smoke sweep. With a trainer:
@@ -63,6 +64,19 @@ def test_counts():
     check(round(c["total_params"] / 1e6, 2) == 4.46 and round(c["active_params"] / 1e6, 2) == 2.10,
           "parameter counts match the README's default model (4.46M total, 2.10M active)", str(c))
     check(c["active_nonembed_params"] == c["active_params"] - 2 * 4096 * 128, "non-embedding = active - 2 V C")
+
+
+def test_bench_share():
+    """scripts/bench_cpu.py: the limit is the fastest BLAS, named; a share above 100% is never printed unflagged."""
+    import bench_cpu
+    found = [(198.0, "torch"), (433.0, "numpy's OpenBLAS"), (0.0, "the system's OpenBLAS: not measured")]
+    check(bench_cpu.best_limit(found) == (433.0, "numpy's OpenBLAS") and bench_cpu.best_limit(found[2:])[0] == 0.0,
+          "bench_cpu: the sgemm limit is the fastest BLAS measured, and none when none was", str(found))
+    cells = {gf: bench_cpu.fmt_share(gf, 200.0) for gf in (100.0, 200.0, 200.9, 202.0, 338.0)}
+    flagged = {gf for gf, (cell, note) in cells.items() if "limit underestimated" in note}
+    check(flagged == {202.0, 338.0} and cells[338.0][0].strip() == "169%" and cells[200.0][0].strip() == "100%"
+          and all(len(cell) == 8 for cell, _ in cells.values()) and bench_cpu.fmt_share(1.0, 0.0)[1],
+          "bench_cpu: a share above 100% of the sgemm limit is flagged '>100%: limit underestimated'", str(cells))
 
 
 def test_equal_compute():
@@ -338,6 +352,7 @@ def main():
     REQUIRE_ALL = args.require_all
     cfgpath = os.path.join(HERE, "sweep_configs", "smoke.json")
     test_counts()
+    test_bench_share()
     test_equal_compute()
     with tempfile.TemporaryDirectory(prefix="test_sweep_") as tmp:
         root = os.path.join(tmp, "sweeps")

@@ -7,6 +7,8 @@
 # Logs and the table go to $LOG_DIR (default: a fresh directory under /tmp, printed at the end).
 # LAB_BIN=dir: run the binaries prebuilt there (make bin BIN_DIR=dir) instead of building them here.
 # LAB_TIMEOUT=s: stop a file that runs longer than s seconds (it then counts as failed).
+# LAB_BUDGET=s: all the files together in s seconds: each gets at most what is left, and the files left
+# with under 2 s are not run ("not run K: out of time", counted as failed), so the table still comes out.
 set -u
 if [ -n "${LAB_BIN:-}" ]; then LAB_BIN=$(cd "$LAB_BIN" && pwd) || exit 1; fi
 cd "$(dirname "$0")"
@@ -30,16 +32,24 @@ else
         exit 1
     fi
 fi
-limit=()
-if [ -n "${LAB_TIMEOUT:-}" ]; then limit=(timeout --kill-after=10 "$LAB_TIMEOUT"); fi
+deadline=0
+if [ -n "${LAB_BUDGET:-}" ]; then deadline=$(( $(date +%s) + LAB_BUDGET )); fi
 
 fail=0
 : > "$LOG_DIR/results.txt"
 for k in "${kernels[@]}"; do
     start=$(date +%s)
+    secs=${LAB_TIMEOUT:-}
+    if [ $deadline -gt 0 ]; then
+        left=$(( deadline - start ))
+        if [ $left -lt 2 ]; then echo "not run $k: out of time (LAB_BUDGET=$LAB_BUDGET s)"; fail=1; continue; fi
+        if [ -z "$secs" ] || [ "$left" -lt "$secs" ]; then secs=$left; fi
+    fi
+    limit=()
+    if [ -n "$secs" ]; then limit=(timeout --kill-after=5 "$secs"); fi
     ${limit[@]+"${limit[@]}"} "$bin/$k" > "$LOG_DIR/$k.log" 2>&1
     rc=$?
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "  $k stopped after ${LAB_TIMEOUT:-?}s (LAB_TIMEOUT)" >> "$LOG_DIR/$k.log"; fi
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "  $k stopped after ${secs}s (LAB_TIMEOUT / LAB_BUDGET)" >> "$LOG_DIR/$k.log"; fi
     n=$(grep -c '^RESULT' "$LOG_DIR/$k.log")
     echo "ran $k: exit $rc, $n results, $(( $(date +%s) - start )) s"
     if [ $rc -ne 0 ]; then fail=1; echo "  $k FAILED (exit $rc); last lines of $LOG_DIR/$k.log:"; tail -n 15 "$LOG_DIR/$k.log" | sed 's/^/    /'; fi

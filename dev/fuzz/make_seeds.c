@@ -60,7 +60,7 @@ static void seed_evals(const char* dir) {
     path_of(p, sizeof p, dir, "seed_memorization"); write_eval(p, &es, 4096);
 }
 
-// the layout dev/moe_ref.py writes (README "File formats"), for fuzz_debug.c's model shape
+// the layout dev/moe_ref.py writes (dev/FORMATS.md, "Debug state"), for fuzz_debug.c's model shape
 static void seed_debug(const char* dir) {
     const MoEConfig c = {16, 8, 2, 8, 2, 1, 4, 2, 8, 10000.0f, 1e-5f, 0.01f, 0.001f};
     size_t sizes[NUM_PARAM_TENSORS], n = 0;
