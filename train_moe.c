@@ -9,26 +9,27 @@ The MoE layer reads as a pipeline:  router -> topk -> permute -> experts -> unpe
 Only the K chosen experts of a token are computed (dropless): every buffer of the expert path has
 N*K rows (N = B*T tokens), never N*E.
 
-Where things happen: a token is routed in moe_block_forward (router_forward, topk_forward,
-permute_plan); the experts' gradients are formed in experts_backward; AdamW runs in model_update,
-called from training_step; main is the training loop.
+Where things happen: a token is routed in moe_block_forward (line 987: router_forward, topk_forward,
+permute_plan); the experts' weight gradients are formed in experts_backward (line 510); AdamW runs
+in model_update (line 1231), called from training_step (line 2245); main (line 2286) is the training
+loop.
 
 Build: make train_moe          Run: ./train_moe -h
 Reading map (line ranges of this file):
-    50-150   utilities: checked I/O (dev/moe/utils.h), RNG, clock, vector helpers
-   151-183   matmul: the reference loop, the fast GEMM (dev/moe/gemm.h)
-   184-372   layers: embedding, RMSNorm, RoPE, causal attention (forward, backward)
-   373-615   the MoE layer: router -> topk -> permute -> experts -> unpermute, aux and z losses
-   616-674   classifier: softmax cross-entropy
-   675-1189  the model: parameters, activations, forward, backward (processes: dev/moe/dist.h)
-  1190-1257  optimizer: global-norm clipping, AdamW, the lr schedule
-  1258-1419  checkpoints: save, check, load
-  1420-1593  data loader: token shards, shuffled or in order, exact position
-  1594-1690  tokenizer (decode only) and sampler
-  1691-1820  the eval loop: val loss, router diagnostics, task loss and accuracy (dev/moe/tasks.h)
-  1821-2050  flags
-  2051-2280  main's helpers: start, log, checkpoints, evals, one training step; GRPO (dev/moe/grpo.h)
-  2281-2405  main: the training loop
+    51-151   utilities: checked I/O (dev/moe/utils.h), RNG, clock, vector helpers
+   152-184   matmul: the reference loop, the fast GEMM (dev/moe/gemm.h)
+   185-373   layers: embedding, RMSNorm, RoPE, causal attention (forward, backward)
+   374-616   the MoE layer: router -> topk -> permute -> experts -> unpermute, aux and z losses
+   617-675   classifier: softmax cross-entropy
+   676-1190  the model: parameters, activations, forward and backward by blocks (attention, MoE)
+  1191-1258  optimizer: global-norm clipping, AdamW, the lr schedule
+  1259-1420  checkpoints: save, check, load
+  1421-1594  data loader: token shards, shuffled or in order, exact position
+  1595-1691  tokenizer (decode only) and sampler
+  1692-1821  the eval loop: val loss, router diagnostics, task loss and accuracy (dev/moe/tasks.h)
+  1822-2051  flags
+  2052-2281  main's helpers: start, log, checkpoints, evals, one training step; GRPO (dev/moe/grpo.h)
+  2282-2405  main: the training loop
 */
 #include <limits.h>
 #include <stdio.h>
