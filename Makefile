@@ -34,26 +34,53 @@ BLAS_LIBS = $(if $(wildcard $(BLAS_OMP_DIR)/libopenblas.so.0),-L$(BLAS_OMP_DIR) 
 comma := ,
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train arith grpo-demo study test-data test venv test-hf test-blas test-dist bench-dist bench-gemm ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
+.PHONY: all train help train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32 arith grpo-demo study test-data test venv test-hf test-blas test-dist bench-dist bench-gemm ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
-train_moe: train_moe.c
+help:
+	@echo "moe.c: mixture-of-experts training in C and CUDA (README.md)"
+	@echo "  make train          the default run: a small MoE on the bundled data (out/default, ~7 min on 2 cores)"
+	@echo "  make test           everything CI runs (first time: the Python environment .venv from PyPI)"
+	@echo "  make train_moe      the CPU trainer (./train_moe -h lists its flags)"
+	@echo "  make train_moe_blas the CPU trainer with OpenBLAS's sgemm (Debian: libopenblas-dev)"
+	@echo "  make train_moe_mpi  the CPU trainer across processes (mpirun -np R ./train_moe_mpi ...)"
+	@echo "  make train_moe_cu   the CUDA trainer (PRECISION=FP32 for fp32, USE_CUDNN=1 for cuDNN attention)"
+	@echo "  make grpo-demo      pre-train on arithmetic, then GRPO (~20 min on 2 cores)"
+	@echo "  make study          the sparsity study in miniature, in resumable chunks (HOURS=2.5)"
+	@echo "  make gpu-check-build / gpu-check   build here every GPU binary / run them all on a GPU machine"
+	@echo "developer targets:"
+	@echo "  make test-hf test-dist test-blas test-sanitize fuzz-smoke test-data   parts of make test"
+	@echo "  make ref            the PyTorch reference states in dev/ref (dev/moe_ref.py)"
+	@echo "  make cuda-check     compile every CUDA file, warnings as errors (and run the GPU tests on a GPU)"
+	@echo "  make bench-gemm bench-dist   benchmarks: the GEMM against cblas, processes R = 1, 2"
+	@echo "  make fuzz           long fuzzing of every file reader (FUZZ_SECONDS=600)"
+	@echo "  make -C dev/cuda    the kernel lab (dev/cuda/README.md)"
+	@echo "  make clean"
+
+# the CUDA trainer and its GPU test, built by dev/cuda_build.mk (its header lists the options)
+train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32:
+	$(MAKE) --no-print-directory -f dev/cuda_build.mk $@
+
+# the trainer is train_moe.c and the headers it includes from dev/moe/
+MOE_SRC = train_moe.c $(wildcard dev/moe/*.h)
+
+train_moe: $(MOE_SRC)
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
-test_moe: test_moe.c train_moe.c
+test_moe: test_moe.c $(MOE_SRC)
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
-train_moe_blas: train_moe.c
+train_moe_blas: $(MOE_SRC)
 	$(CC) $(CFLAGS) $(BLAS_FLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
-test_moe_blas: test_moe.c train_moe.c
+test_moe_blas: test_moe.c $(MOE_SRC)
 	$(CC) $(CFLAGS) $(BLAS_FLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
 
-# USE_MPI: train_moe_mpi, training across processes (mpirun -np R ./train_moe_mpi ..., README "Beyond one
-# process"). MPICC: an MPI compiler wrapper on PATH, else MPICH's from PyPI in .venv (make venv installs it)
+# USE_MPI: train_moe_mpi, training across processes (mpirun -np R ./train_moe_mpi ..., dev/DISTRIBUTED.md).
+# MPICC: an MPI compiler wrapper on PATH, else MPICH's from PyPI in .venv (make venv installs it)
 MPICC ?= $(or $(shell command -v mpicc 2>/dev/null),$(wildcard $(VENV)/bin/mpicc))
 MPIEXEC ?= $(or $(wildcard $(dir $(MPICC))mpiexec),mpiexec)
-train_moe_mpi: train_moe.c
+train_moe_mpi: $(MOE_SRC)
 	@if [ -z "$(MPICC)" ]; then echo "train_moe_mpi: no MPI compiler (mpicc): make venv installs MPICH into $(VENV)"; exit 1; fi
 	$(MPICC) $(CFLAGS) -DUSE_MPI $< $(LDLIBS) -o $@
 
@@ -115,7 +142,7 @@ bench-dist: train_moe train_moe_mpi
 # OpenBLAS's AVX-512 kernels on AVX-512 machines, as scripts/bench_cpu.py runs the BLAS build). BENCH_GEMM_ARGS:
 # L C E K F B T [repeats], default E8's
 BENCH_GEMM_ARGS ?=
-dev/bench_gemm: dev/bench_gemm.c train_moe.c
+dev/bench_gemm: dev/bench_gemm.c $(MOE_SRC)
 	$(CC) $(CFLAGS) $< $(BLAS_LIBS) $(LDLIBS) -o $@
 bench-gemm: dev/bench_gemm
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(if $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo y),OPENBLAS_CORETYPE=$${OPENBLAS_CORETYPE:-SkylakeX}) dev/bench_gemm $(BENCH_GEMM_ARGS)
@@ -148,9 +175,9 @@ test-hf: venv train_moe
 # the suite (run_cmd in train_moe.c)
 SAN_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 SAN_ENV = ASAN_OPTIONS=detect_leaks=1:exitcode=86 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=87
-train_moe_san: train_moe.c
+train_moe_san: $(MOE_SRC)
 	$(CC) $(CFLAGS) $(SAN_FLAGS) $< $(LDLIBS) -o $@
-test_moe_san: test_moe.c train_moe.c
+test_moe_san: test_moe.c $(MOE_SRC)
 	$(CC) $(CFLAGS) $(SAN_FLAGS) $< $(LDLIBS) -o $@
 test-sanitize: test_moe_san train_moe_san dev/ref/manifest.txt
 	$(SAN_ENV) ./test_moe_san dev/ref ./train_moe_san

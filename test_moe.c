@@ -8,6 +8,7 @@ Like llm.c's test_gpt2.c it reuses the program itself: nothing of the trainer is
 */
 #define TESTING
 #include "train_moe.c"
+#include "dev/moe/testing.h"
 
 static int n_pass = 0, n_fail = 0;
 static const char* trainer = "./train_moe"; // the binary the trainer tests drive (argv[2])
@@ -118,21 +119,22 @@ static void test_reference(const char* dir, const char* name) {
 // 2. top-k ties: random references never tie, so hand-made logits check the rule
 //    (largest first; equal logits: the lower expert index first)
 
-// gemm and gemm_grouped against a double-precision sum over k, on shapes that take every path of
+// gemm and gemm_grouped against matmul_reference (a double-precision sum over k), on shapes that take every path of
 // gemm_batch: ragged tiles and blocks, several KC slices of k with a ragged last one, A read in
 // place or packed, the swapped (transposed) problem, accumulation, an empty sum, and block sizes
 // shrunk for a batch with few tiles. Each entry within 1e-5 of the largest |entry| of its product.
 static double gemm_worst(const GemmProblem* p, const float* c0, int accumulate,
                          size_t sai, size_t sak, size_t sbk, size_t sbj) {
     double worst = 0, scale = 1e-30;
-    for (int i = 0; i < p->M; i++)
-        for (int j = 0; j < p->N; j++) {
-            double ref = accumulate ? c0[(size_t)i * p->N + j] : 0.0;
-            for (int k = 0; k < p->K; k++) ref += (double)p->a[i * sai + k * sak] * p->b[k * sbk + j * sbj];
-            double d = fabs(ref - p->c[(size_t)i * p->N + j]);
-            if (d > worst) worst = d;
-            if (fabs(ref) > scale) scale = fabs(ref);
-        }
+    double* ref = (double*)mallocCheck(((size_t)p->M * p->N + 1) * sizeof(double));
+    for (size_t i = 0; i < (size_t)p->M * p->N; i++) ref[i] = c0 ? c0[i] : 0.0;
+    matmul_reference(ref, p->a, p->b, p->M, p->N, p->K, sai, sak, sbk, sbj, accumulate);
+    for (size_t i = 0; i < (size_t)p->M * p->N; i++) {
+        double d = fabs(ref[i] - p->c[i]);
+        if (d > worst) worst = d;
+        if (fabs(ref[i]) > scale) scale = fabs(ref[i]);
+    }
+    free(ref);
     return worst / scale;
 }
 

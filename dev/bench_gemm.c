@@ -19,6 +19,7 @@ repeats 0 stops after the check (`make test-blas` runs it so).
 The first line is the 2048^3 product, through both, the same way.
 */
 #define TESTING
+#define MOE_LAYERS_ONLY // the layers, the model and AdamW of train_moe.c: nothing after them
 #include "../train_moe.c"
 #include <cblas.h>
 

@@ -3,6 +3,7 @@ common.h: what every kernel-lab file (the .cu files of dev/cuda) shares. Modelle
 
 A lab file looks like:
     #define TESTING
+    #define MOE_LAYERS_ONLY
     #include "../../train_moe.c"     // the CPU references: the trainer's own layer functions
     #include "common.h"
 

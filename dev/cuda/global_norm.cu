@@ -22,6 +22,7 @@ LAB_VALIDATE_ONLY=1 in the environment skips the benchmarks (for compute-sanitiz
 */
 #pragma GCC diagnostic ignored "-Wunused-function" // train_moe.c's static helpers that this file does not call
 #define TESTING
+#define MOE_LAYERS_ONLY // the layers, the model and AdamW of train_moe.c: nothing after them
 #include "../../train_moe.c"
 #include "common.h"
 

@@ -38,6 +38,7 @@ read: relative RMS error <= 1e-4, which fp32 accumulation meets (~1e-6) and a gr
 on its way (~1e-3) does not.
 */
 #define TESTING
+#define MOE_LAYERS_ONLY // the layers, the model and AdamW of train_moe.c: nothing after them
 #include "../../train_moe.c"
 #include "common.h"
 #include <mma.h>

@@ -23,6 +23,7 @@ forward 2*NK*C*4, backward (2N + NK)*C*4.
 Tolerances: the plan and xe exact; dm 1e-6 (the same additions in the same order as the CPU).
 */
 #define TESTING
+#define MOE_LAYERS_ONLY // the layers, the model and AdamW of train_moe.c: nothing after them
 #include "../../train_moe.c"
 #include "common.h"
 

@@ -24,6 +24,7 @@ and both losses together (daux 1e-2, dzl 1e-3, random dgate), and the two losses
 (dgate = 0, daux = dzl = 1) so their small terms are not hidden by the gate term.
 */
 #define TESTING
+#define MOE_LAYERS_ONLY // the layers, the model and AdamW of train_moe.c: nothing after them
 #include "../../train_moe.c"
 #include "common.h"
 

@@ -20,6 +20,7 @@ picks and the count of non-finite tokens must be the CPU's exactly.
 Tolerances: z 1e-4 (fp32 GEMM, summation order differs), lse and gates 1e-5, topi and the count exact.
 */
 #define TESTING
+#define MOE_LAYERS_ONLY // the layers, the model and AdamW of train_moe.c: nothing after them
 #include "../../train_moe.c"
 #include "common.h"
 

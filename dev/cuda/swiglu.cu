@@ -24,6 +24,7 @@ Tolerances: fp32 1e-5 (expf differs from the CPU's in the last bit); bf16 1e-2 o
 to bf16 (the output is rounded to bf16: relative 2^-8 = 0.4%).
 */
 #define TESTING
+#define MOE_LAYERS_ONLY // the layers, the model and AdamW of train_moe.c: nothing after them
 #include "../../train_moe.c"
 #include "common.h"
 

@@ -20,6 +20,7 @@ Tolerances: fp32 out, dye 1e-5 (the GPU fuses multiply-adds); dgate 1e-4 (a dot 
 different order). bf16 (on inputs rounded to bf16): out, dye 1e-2 (bf16 output), dgate 1e-4.
 */
 #define TESTING
+#define MOE_LAYERS_ONLY // the layers, the model and AdamW of train_moe.c: nothing after them
 #include "../../train_moe.c"
 #include "common.h"
 

@@ -1,9 +1,10 @@
-// Shared by the fuzz harnesses of dev/fuzz: each includes train_moe.c (its test section too, for
+// Shared by the fuzz harnesses of dev/fuzz: each includes train_moe.c and dev/moe/testing.h (for
 // the debug-state reader and the seed writers) and hands the fuzzer's bytes to one reader as a file.
 // The readers take paths, so the bytes go into a memory file (memfd) named /proc/self/fd/N.
 #define TESTING
 #define _GNU_SOURCE
 #include "../../train_moe.c"
+#include "../moe/testing.h"
 #include <sys/mman.h>
 
 // the fuzzer's bytes as a file; returns its path (valid until the next call)
