@@ -26,6 +26,9 @@ routing agrees (a flipped expert legitimately moves them), and the number of fli
 */
 #define TESTING
 #include "train_moe.cu"
+namespace cpu {
+#include "dev/moe/testing.h" // the readers of the reference states, and the file and process helpers
+}
 #include <sys/wait.h>
 #include <float.h>
 

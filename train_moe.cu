@@ -35,9 +35,9 @@ Beside this file, as llm.c keeps llmc/zero.cuh and llmc/cudnn_att.cpp: dev/moe/d
 MPI and NCCL, the dist_* functions, named as train_moe.c's) and dev/moe/cudnn_att.cuh (USE_CUDNN=1:
 attention through cuDNN), each #included at a marked point below.
 
-Build: make -f dev/cuda_build.mk train_moe_cu       (PRECISION=FP32: the fp32 build; USE_CUDNN=1: cuDNN attention)
+Build: make train_moe_cu       (PRECISION=FP32: the fp32 build; USE_CUDNN=1: cuDNN attention)
    or: nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp -DOMP [-DPRECISION_FP32] train_moe.cu -lcublas -lcublasLt -o train_moe_cu
-       make -f dev/cuda_build.mk train_moe_cu_mpi   (data parallel; needs MPI and NCCL)
+       make train_moe_cu_mpi   (data parallel; needs MPI and NCCL)
 Run:   ./train_moe_cu -h        mpirun -n 8 ./train_moe_cu_mpi -b 64 ...
 */
 #include <stdio.h>
@@ -52,7 +52,7 @@ Run:   ./train_moe_cu -h        mpirun -n 8 ./train_moe_cu_mpi -b 64 ...
 #include <sys/stat.h>
 #include <dirent.h>
 #ifdef TESTING
-#include <sys/wait.h> // train_moe.c's test helpers (included below inside namespace cpu)
+#include <sys/wait.h> // dev/moe/testing.h's (test_moe_cu.cu includes it inside namespace cpu)
 #endif
 #ifdef OMP
 #include <omp.h>
@@ -60,8 +60,8 @@ Run:   ./train_moe_cu -h        mpirun -n 8 ./train_moe_cu_mpi -b 64 ...
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublas_v2.h>
-#ifdef USE_MPI // dev/moe/dist_nccl.cuh's headers, here before train_moe.c: its own #include <mpi.h>
-#include <mpi.h>  // (inside namespace cpu) then adds nothing
+#ifdef USE_MPI // dev/moe/dist_nccl.cuh's headers (train_moe.c's dev/moe/dist.h is one process here)
+#include <mpi.h>
 #include <nccl.h>
 #endif
 #ifdef USE_CUDNN // dev/moe/cudnn_att.cuh's headers, here before train_moe.c's namespace cpu (see that file)
@@ -74,7 +74,7 @@ Run:   ./train_moe_cu -h        mpirun -n 8 ./train_moe_cu_mpi -b 64 ...
 #endif
 
 // the CPU trainer, whole: its host code is ours, and its model is the reference the GPU test diffs against.
-// (With TESTING defined, as by test_moe_cu.cu, train_moe.c leaves out its main() and flags, and so do we.)
+// (With TESTING defined, as by test_moe_cu.cu, train_moe.c leaves out its main(), and so do we.)
 namespace cpu {
 #include "train_moe.c"
 }
@@ -2098,10 +2098,9 @@ float grpo_backward(Model* model, const int* x, const int* y, const float* adv, 
     return (float)loss;
 }
 
-// row r's sampler stream in a rollout batch drawn with seed: train_moe.c's grpo_rollouts gives every row
-// its own, hash3(seed, r, 0x7011), so a row's tokens depend on the seed and r alone (any thread count
-// there, any batching here)
-static uint64_t grpo_row_stream(uint64_t seed, int r) { return hash3(seed, (uint64_t)r, 0x7011); }
+// row r's sampler stream in a rollout batch: dev/moe/grpo.h's grpo_row_stream, the CPU's own, so a row's
+// tokens depend on the step's seed and r alone (any thread count there, any batching here)
+using cpu::grpo_row_stream;
 
 // G responses to each of the P items, a prompt's G rows decoded together, row r = p*G + g sampling
 // from grpo_row_stream(seed, r) as on the CPU: the same checkpoint and seed give the CPU's rollouts

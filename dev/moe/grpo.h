@@ -198,9 +198,12 @@ void decoders_free(Decoders* d) {
     free(d->m);
 }
 
+// the random stream row r of a rollout batch samples from, given the step's seed: the same rollouts
+// for any number of threads, and on the GPU (train_moe.cu) as on the CPU
+uint64_t grpo_row_stream(uint64_t seed, int r) { return hash3(seed, (uint64_t)r, 0x7011); }
+
 // G responses to each of the P items of es listed in items[], rewards from the answer check. Row r
-// samples with its own stream, hash3(seed, r): the same rollouts for any number of threads. Returns
-// how many rows earned reward 1.
+// samples with its own stream, grpo_row_stream(seed, r). Returns how many rows earned reward 1.
 int grpo_rollouts(Decoders* dec, const EvalSet* es, const int* items, const GrpoConfig* gc, const Tokenizer* tk,
                   int eot, uint64_t seed, Rollouts* ro) {
     int rows = gc->P * gc->G, right = 0;
@@ -215,7 +218,7 @@ int grpo_rollouts(Decoders* dec, const EvalSet* es, const int* items, const Grpo
         float* logp = (float*)mallocCheck((size_t)gc->R * sizeof(float));
         size_t cap = 256;
         char* text = (char*)mallocCheck(cap);
-        uint64_t rng = hash3(seed, (uint64_t)r, 0x7011);
+        uint64_t rng = grpo_row_stream(seed, r);
         int n = sample_response(&dec->m[tid], es->toks[i], es->plen[i], gc->R, eot, es->kind == TASK_MEMORIZATION, tk,
                                 resp, logp, 1, gc->temp, &rng);
         rollouts_set_row(ro, r, es->toks[i], es->plen[i], resp, n, logp, eot);
