@@ -34,7 +34,7 @@ BLAS_LIBS = $(if $(wildcard $(BLAS_OMP_DIR)/libopenblas.so.0),-L$(BLAS_OMP_DIR) 
 comma := ,
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train help train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32 arith grpo-demo study test-data test venv test-hf test-blas test-dist bench-dist bench-gemm ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
+.PHONY: all train help train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32 gpu-bench arith grpo-demo study test-data test venv test-hf test-blas test-dist bench-dist bench-gemm ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
@@ -59,7 +59,7 @@ help:
 	@echo "  make clean"
 
 # the CUDA trainer and its GPU test, built by dev/cuda_build.mk (its header lists the options)
-train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32:
+train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32 gpu-bench:
 	$(MAKE) --no-print-directory -f dev/cuda_build.mk $@
 
 # the trainer is train_moe.c and the headers it includes from dev/moe/

@@ -2142,7 +2142,7 @@ int run_forward_only(Model* model, const Args* a) {
 // every -ev file: task loss (bits/token, bits/byte) and greedy accuracy, then (-tn) test-time compute,
 // on the console and in the log
 void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokenizer* tk, int eot, const Args* a,
-                           FILE* logf, int step) {
+                    FILE* logf, int step) {
     for (int i = 0; i < nsets; i++) {
         double bpt, bpb;
         int trunc, scored;
@@ -2243,7 +2243,7 @@ void evaluate(Model* model, DataLoader* val, EvalSet* sets, int nsets, const Tok
 // gradients summed over the ranks, clipping by the global norm, AdamW. Returns the step's mean loss
 // terms in terms[4] (loss, ce, aux, z), its lr and grad norm.
 void training_step(Model* model, DataLoader* train, const Args* a, int step, double* terms, float* lr,
-                float* norm) {
+                   float* norm) {
     const MoEConfig* c = &model->config;
     // this rank's sequences of each global batch (all of them in one process)
     int B_rank = a->B / dist.world;

@@ -154,7 +154,7 @@ void ep_free(EpBuffers* b) {
 // the experts of layer l across the group: permute -> dispatch -> experts -> combine -> unpermute.
 // xe: this rank's rows in permute order; ye: their outputs, back in the same order
 void ep_experts_forward(Model* model, int l, float* ye, float* h1, float* h3, float* act, const float* xe,
-                               const float* w1, const float* w3, const float* w2) {
+                        const float* w1, const float* w3, const float* w2) {
     const MoEConfig* c = &model->config;
     int E_local = model->E_local, C = c->C, NK_exp = model->B * model->T * c->K * dist.ep;
     EpBuffers* b = model->ep;

@@ -308,7 +308,7 @@ void grpo_report(FILE* logf, int step, int steps, const GrpoConfig* gc, const Ro
 // the -e checkpoint, re-read on resume; a checkpoint holds the policy, AdamW, the RL step, the
 // position in the prompt order and the sampler's RNG, so resuming continues bit for bit.
 int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer* tk, EvalSet* sets, int nsets,
-                    DataLoader* val, FILE* logf) {
+             DataLoader* val, FILE* logf) {
     const GrpoConfig* gc = &a->grpo;
     const MoEConfig* c = &model->config;
     int T = a->T, eot = tk->ok ? tk->eot : 0, rows = gc->P * gc->G, mb = rows / gc->M;
