@@ -1411,9 +1411,85 @@ static void router_check_counts(const Model* model, int N) {
 
 // forward pass on inputs[B,T] (host); with targets (host, may be NULL) it computes ce, aux, zl and loss.
 // Buffers are laid out for (B,T) of this call, so any B*T <= maxB*maxT with T <= maxT works.
+// Each layer is an attention block and an MoE block, both residual: h += attn(h); h += moe(h).
+
+// the attention block of layer l on the N = B*T tokens in resid[l]: resid_mid[l] = resid[l] + attention
+static void attention_block_forward(Model* model, int l) {
+    const MoEConfig* c = &model->config;
+    int B = model->B, T = model->T, N = B * T, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
+    int HD = H * D, KD = Hkv * D;
+    ParamTensors p = model->params;
+    ActTensors a = model->acts;
+    // seek to layer l's parameters and activations
+    const floatX* wq = p.wq + (size_t)l * HD * C;
+    const floatX* wk = p.wk + (size_t)l * KD * C;
+    const floatX* wv = p.wv + (size_t)l * KD * C;
+    const floatX* wo = p.wo + (size_t)l * C * HD;
+    floatX* res = a.resid + (size_t)l * N * C;
+    floatX* res_mid = a.resid_mid + (size_t)l * N * C;
+    floatX* an = a.a + (size_t)l * N * C;
+    floatX* q = a.q + (size_t)l * N * HD;
+    floatX* k = a.k + (size_t)l * N * KD;
+    floatX* v = a.v + (size_t)l * N * KD;
+    float* att_lse = a.att_lse + (size_t)l * N * H;
+    floatX* atty = a.atty + (size_t)l * N * HD;
+    rmsnorm_forward(an, a.a_rstd + (size_t)l * N, res, p.attn_norm + (size_t)l * C, N, C, c->eps);
+    matmul_forward(q, an, wq, N, C, HD);
+    matmul_forward(k, an, wk, N, C, KD);
+    matmul_forward(v, an, wv, N, C, KD);
+    rope_apply(q, model->freqs_cos, model->freqs_sin, B, T, H, D, +1);
+    rope_apply(k, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, +1);
+    attention_forward(atty, att_lse, q, k, v, B, T, H, Hkv, D, !model->decoding);
+    matmul_forward(res_mid, atty, wo, N, HD, C);
+    residual_forward(res_mid, res_mid, res, (size_t)N * C);
+}
+
+// the MoE block of layer l: router -> topk -> permute -> experts -> unpermute,
+// resid[l+1] = resid_mid[l] + sum over the K chosen experts of gate * expert(rmsnorm(resid_mid[l]))
+static void moe_block_forward(Model* model, int l) {
+    const MoEConfig* c = &model->config;
+    int N = model->B * model->T, L = c->L, C = c->C, E = c->E, K = c->K, F = c->F, NK = N * K;
+    ParamTensors p = model->params;
+    ActTensors a = model->acts;
+    // seek to layer l's parameters, activations and routing
+    const floatX* wr = p.wr + (size_t)l * E * C;
+    const floatX* w1 = p.w1 + (size_t)l * E * F * C;
+    const floatX* w3 = p.w3 + (size_t)l * E * F * C;
+    const floatX* w2 = p.w2 + (size_t)l * E * C * F;
+    floatX* res = a.resid + (size_t)l * N * C;
+    floatX* res_mid = a.resid_mid + (size_t)l * N * C;
+    floatX* m = a.m + (size_t)l * N * C;
+    float* z = a.z + (size_t)l * N * E;
+    float* lse = a.lse + (size_t)l * N;
+    float* gate = a.gate + (size_t)l * NK;
+    int* topi = model->topi + (size_t)l * NK;
+    int* counts = model->counts + (size_t)l * E;
+    int* offs = model->offs + (size_t)l * (E + 1);
+    int* offs_h = model->offs_h + (size_t)l * (E + 1);
+    int* row_of = model->row_of + (size_t)l * NK;
+    int* tok_of = model->tok_of + (size_t)l * NK;
+    floatX* xe = a.xe + (size_t)l * NK * C;
+    floatX* h1 = a.h1 + (size_t)l * NK * F;
+    floatX* h3 = a.h3 + (size_t)l * NK * F;
+    floatX* act = a.act + (size_t)l * NK * F;
+    floatX* ye = a.ye + (size_t)l * NK * C;
+    rmsnorm_forward(m, a.m_rstd + (size_t)l * N, res_mid, p.moe_norm + (size_t)l * C, N, C, c->eps);
+    router_forward(z, lse, m, wr, N, C, E);
+    topk_forward(topi, gate, model->nonfinite_d + l, z, N, E, K);
+    permute_plan(counts, offs, row_of, tok_of, model->plan_hist, offs_h, topi, N, E, K);
+    permute_forward(xe, m, tok_of, NK, C);
+    experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs_h, E, C, F, &model->group);
+    unpermute_forward(res + (size_t)N * C, res_mid, ye, gate, row_of, N, K, C);
+    // the load-balancing counts: this batch's, or in a step of every rank, their sum (in place: the
+    // plan above is done with them; the backward reads the sum)
+    if (model->collective) dist_sum_counts(counts, E);
+    router_losses(model->loss_terms_d + 1 + l, model->loss_terms_d + 1 + L + l, z, lse, counts,
+                  N * model->counts_ranks, N, E, K, model->reduce_scratch);
+}
+
 void model_forward(Model* model, const int* inputs, const int* targets, int B, int T) {
     const MoEConfig* c = &model->config;
-    int L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H, E = c->E, K = c->K, F = c->F, V = c->V;
+    int L = c->L, C = c->C, V = c->V;
     if (model->acts_memory == NULL) model_alloc_acts(model, B, T);
     if ((size_t)B * T > (size_t)model->maxB * model->maxT || T > model->maxT) {
         fprintf(stderr, "Error: forward with B=%d T=%d exceeds the allocated B=%d T=%d\n", B, T, model->maxB, model->maxT);
@@ -1424,7 +1500,7 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
             fprintf(stderr, "Error: input token %d at position %d is outside [0, V=%d)\n", inputs[i], i, V);
             exit(EXIT_FAILURE);
         }
-    int N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    int N = B * T;
     model->B = B; model->T = T; model->inputs = inputs; model->targets = targets;
     model->counts_ranks = model->collective ? dist.world : 1;
     cudaCheck(cudaMemcpy(model->inputs_d, inputs, N * sizeof(int), cudaMemcpyHostToDevice));
@@ -1433,61 +1509,8 @@ void model_forward(Model* model, const int* inputs, const int* targets, int B, i
     ActTensors a = model->acts;
     encoder_forward(a.resid, model->inputs_d, p.wte, N, C);
     for (int l = 0; l < L; l++) {
-        // seek to layer l's parameters and activations
-        const floatX* wq = p.wq + (size_t)l * HD * C;
-        const floatX* wk = p.wk + (size_t)l * KD * C;
-        const floatX* wv = p.wv + (size_t)l * KD * C;
-        const floatX* wo = p.wo + (size_t)l * C * HD;
-        const floatX* wr = p.wr + (size_t)l * E * C;
-        const floatX* w1 = p.w1 + (size_t)l * E * F * C;
-        const floatX* w3 = p.w3 + (size_t)l * E * F * C;
-        const floatX* w2 = p.w2 + (size_t)l * E * C * F;
-        floatX* res = a.resid + (size_t)l * N * C;
-        floatX* res_mid = a.resid_mid + (size_t)l * N * C;
-        floatX* an = a.a + (size_t)l * N * C;
-        floatX* q = a.q + (size_t)l * N * HD;
-        floatX* k = a.k + (size_t)l * N * KD;
-        floatX* v = a.v + (size_t)l * N * KD;
-        float* att_lse = a.att_lse + (size_t)l * N * H;
-        floatX* atty = a.atty + (size_t)l * N * HD;
-        floatX* m = a.m + (size_t)l * N * C;
-        float* z = a.z + (size_t)l * N * E;
-        float* lse = a.lse + (size_t)l * N;
-        float* gate = a.gate + (size_t)l * NK;
-        int* topi = model->topi + (size_t)l * NK;
-        int* counts = model->counts + (size_t)l * E;
-        int* offs = model->offs + (size_t)l * (E + 1);
-        int* offs_h = model->offs_h + (size_t)l * (E + 1);
-        int* row_of = model->row_of + (size_t)l * NK;
-        int* tok_of = model->tok_of + (size_t)l * NK;
-        floatX* xe = a.xe + (size_t)l * NK * C;
-        floatX* h1 = a.h1 + (size_t)l * NK * F;
-        floatX* h3 = a.h3 + (size_t)l * NK * F;
-        floatX* act = a.act + (size_t)l * NK * F;
-        floatX* ye = a.ye + (size_t)l * NK * C;
-        // attention block
-        rmsnorm_forward(an, a.a_rstd + (size_t)l * N, res, p.attn_norm + (size_t)l * C, N, C, c->eps);
-        matmul_forward(q, an, wq, N, C, HD);
-        matmul_forward(k, an, wk, N, C, KD);
-        matmul_forward(v, an, wv, N, C, KD);
-        rope_apply(q, model->freqs_cos, model->freqs_sin, B, T, H, D, +1);
-        rope_apply(k, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, +1);
-        attention_forward(atty, att_lse, q, k, v, B, T, H, Hkv, D, !model->decoding);
-        matmul_forward(res_mid, atty, wo, N, HD, C);
-        residual_forward(res_mid, res_mid, res, (size_t)N * C);
-        // MoE block: router -> topk -> permute -> experts -> unpermute
-        rmsnorm_forward(m, a.m_rstd + (size_t)l * N, res_mid, p.moe_norm + (size_t)l * C, N, C, c->eps);
-        router_forward(z, lse, m, wr, N, C, E);
-        topk_forward(topi, gate, model->nonfinite_d + l, z, N, E, K);
-        permute_plan(counts, offs, row_of, tok_of, model->plan_hist, offs_h, topi, N, E, K);
-        permute_forward(xe, m, tok_of, NK, C);
-        experts_forward(ye, h1, h3, act, xe, w1, w3, w2, offs_h, E, C, F, &model->group);
-        unpermute_forward(res + (size_t)N * C, res_mid, ye, gate, row_of, N, K, C);
-        // the load-balancing counts: this batch's, or in a step of every rank, their sum (in place: the
-        // plan above is done with them; the backward reads the sum)
-        if (model->collective) dist_sum_counts(counts, E);
-        router_losses(model->loss_terms_d + 1 + l, model->loss_terms_d + 1 + L + l, z, lse, counts,
-                      N * model->counts_ranks, N, E, K, model->reduce_scratch);
+        attention_block_forward(model, l);
+        moe_block_forward(model, l);
     }
     rmsnorm_forward(a.xf, model->f_rstd, a.resid + (size_t)L * N * C, p.final_norm, N, C, c->eps);
     classifier_forward(model->logits, a.xf, p.lm_head, N, C, V);
@@ -1523,13 +1546,84 @@ void model_zero_grad(Model* model) {
     cudaCheck(cudaMemset(model->grads_memory, 0, model->num_params * sizeof(float)));
 }
 
+// the MoE block of layer l in reverse: unpermute -> experts -> permute -> topk/router. dres holds the
+// gradient of resid[l+1] and, through the residual connection, becomes that of resid_mid[l]
+static void moe_block_backward(Model* model, int l, floatX* dres, float dloss) {
+    const MoEConfig* c = &model->config;
+    int N = model->B * model->T, C = c->C, E = c->E, K = c->K, F = c->F, NK = N * K;
+    ParamTensors p = model->params;
+    ParamTensorsF32 g = model->grads;
+    ActTensors a = model->acts;
+    size_t X = sizeof(floatX);
+    // seek to layer l's parameters, activations and routing
+    const floatX* wr = p.wr + (size_t)l * E * C;
+    size_t eo1 = (size_t)l * E * F * C, eo2 = (size_t)l * E * C * F;
+    const floatX* res_mid = a.resid_mid + (size_t)l * N * C;
+    const floatX* m = a.m + (size_t)l * N * C;
+    const float* z = a.z + (size_t)l * N * E;
+    const float* lse = a.lse + (size_t)l * N;
+    const float* gate = a.gate + (size_t)l * NK;
+    const int* topi = model->topi + (size_t)l * NK;
+    const int* counts = model->counts + (size_t)l * E;
+    const int* offs_h = model->offs_h + (size_t)l * (E + 1);
+    const int* row_of = model->row_of + (size_t)l * NK;
+    const floatX* xe = a.xe + (size_t)l * NK * C;
+    unpermute_backward(model->dye, model->dgate, dres, a.ye + (size_t)l * NK * C, gate, row_of, N, K, C);
+    experts_backward(model->dxe, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
+                     model->dye, xe, a.h1 + (size_t)l * NK * F, a.h3 + (size_t)l * NK * F,
+                     a.act + (size_t)l * NK * F, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs_h, E, C, F,
+                     &model->group);
+    floatX* dm = model->dbuf;
+    cudaCheck(cudaMemset(dm, 0, (size_t)N * C * X));
+    permute_backward(dm, model->dxe, row_of, N, K, C);
+    router_backward(model->dz, model->dgate, z, lse, topi, gate, counts, N * model->counts_ranks,
+                    dloss * c->aux_coef, dloss * c->z_coef, N, E, K);
+    cast_to_floatX(model->dzx, model->dz, (size_t)N * E); // bf16 builds: the router gradient enters the GEMMs as bf16
+    matmul_backward(dm, g.wr + (size_t)l * E * C, model->dzx, m, wr, N, C, E);
+    // dres already holds the gradient through the MoE residual connection
+    rmsnorm_backward(dres, g.moe_norm + (size_t)l * C, dm, res_mid, p.moe_norm + (size_t)l * C,
+                     a.m_rstd + (size_t)l * N, N, C, model->norm_partial);
+}
+
+// the attention block of layer l in reverse: dres, the gradient of resid_mid[l], becomes that of
+// resid[l]
+static void attention_block_backward(Model* model, int l, floatX* dres) {
+    const MoEConfig* c = &model->config;
+    int B = model->B, T = model->T, N = B * T, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
+    int HD = H * D, KD = Hkv * D;
+    ParamTensors p = model->params;
+    ParamTensorsF32 g = model->grads;
+    ActTensors a = model->acts;
+    size_t X = sizeof(floatX);
+    // seek to layer l's parameters and activations
+    const floatX* wq = p.wq + (size_t)l * HD * C;
+    const floatX* wk = p.wk + (size_t)l * KD * C;
+    const floatX* wv = p.wv + (size_t)l * KD * C;
+    const floatX* wo = p.wo + (size_t)l * C * HD;
+    const floatX* res = a.resid + (size_t)l * N * C;
+    cudaCheck(cudaMemset(model->datty, 0, (size_t)N * HD * X));
+    matmul_backward(model->datty, g.wo + (size_t)l * C * HD, dres, a.atty + (size_t)l * N * HD, wo, N, HD, C);
+    attention_backward(model->dq, model->dk, model->dv, model->att_dsum, model->datty, a.atty + (size_t)l * N * HD,
+                       a.att_lse + (size_t)l * N * H, a.q + (size_t)l * N * HD, a.k + (size_t)l * N * KD,
+                       a.v + (size_t)l * N * KD, B, T, H, Hkv, D);
+    rope_apply(model->dq, model->freqs_cos, model->freqs_sin, B, T, H, D, -1);
+    rope_apply(model->dk, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, -1);
+    floatX* da = model->dbuf;
+    cudaCheck(cudaMemset(da, 0, (size_t)N * C * X));
+    const floatX* an = a.a + (size_t)l * N * C;
+    matmul_backward(da, g.wq + (size_t)l * HD * C, model->dq, an, wq, N, C, HD);
+    matmul_backward(da, g.wk + (size_t)l * KD * C, model->dk, an, wk, N, C, KD);
+    matmul_backward(da, g.wv + (size_t)l * KD * C, model->dv, an, wv, N, C, KD);
+    rmsnorm_backward(dres, g.attn_norm + (size_t)l * C, da, res, p.attn_norm + (size_t)l * C,
+                     a.a_rstd + (size_t)l * N, N, C, model->norm_partial);
+}
+
 // backward of the last forward (which must have had targets); gradients of dloss * loss are ADDED into
 // model->grads (dloss = 1/grad_accum_steps averages the micro-batches; data parallel, 1/(grad_accum_steps*R):
 // the sum over the ranks is then the gradient of the global mean). The logits become their gradient.
 void model_backward(Model* model, float dloss) {
     const MoEConfig* c = &model->config;
-    int B = model->B, T = model->T, L = c->L, C = c->C, H = c->H, Hkv = c->Hkv, D = C / H;
-    int E = c->E, K = c->K, F = c->F, V = c->V, N = B * T, NK = N * K, HD = H * D, KD = Hkv * D;
+    int B = model->B, T = model->T, L = c->L, C = c->C, V = c->V, N = B * T;
     model_trainable_check(model, "model_backward");
     if (!model->targets) { fprintf(stderr, "Error: model_backward needs a forward with targets\n"); exit(EXIT_FAILURE); }
     ParamTensors p = model->params;
@@ -1549,55 +1643,8 @@ void model_backward(Model* model, float dloss) {
                      model->f_rstd, N, C, model->norm_partial);
     floatX* dres = model->dres; // gradient of the residual stream, flowing down
     for (int l = L - 1; l >= 0; l--) {
-        const floatX* wq = p.wq + (size_t)l * HD * C;
-        const floatX* wk = p.wk + (size_t)l * KD * C;
-        const floatX* wv = p.wv + (size_t)l * KD * C;
-        const floatX* wo = p.wo + (size_t)l * C * HD;
-        const floatX* wr = p.wr + (size_t)l * E * C;
-        size_t eo1 = (size_t)l * E * F * C, eo2 = (size_t)l * E * C * F;
-        const floatX* res = a.resid + (size_t)l * N * C;
-        const floatX* res_mid = a.resid_mid + (size_t)l * N * C;
-        const floatX* m = a.m + (size_t)l * N * C;
-        const float* z = a.z + (size_t)l * N * E;
-        const float* lse = a.lse + (size_t)l * N;
-        const float* gate = a.gate + (size_t)l * NK;
-        const int* topi = model->topi + (size_t)l * NK;
-        const int* counts = model->counts + (size_t)l * E;
-        const int* offs_h = model->offs_h + (size_t)l * (E + 1);
-        const int* row_of = model->row_of + (size_t)l * NK;
-        const floatX* xe = a.xe + (size_t)l * NK * C;
-        // MoE block, in reverse: unpermute -> experts -> permute -> topk/router
-        unpermute_backward(model->dye, model->dgate, dres, a.ye + (size_t)l * NK * C, gate, row_of, N, K, C);
-        experts_backward(model->dxe, g.w1 + eo1, g.w3 + eo1, g.w2 + eo2, model->dact, model->dh1, model->dh3,
-                         model->dye, xe, a.h1 + (size_t)l * NK * F, a.h3 + (size_t)l * NK * F,
-                         a.act + (size_t)l * NK * F, p.w1 + eo1, p.w3 + eo1, p.w2 + eo2, offs_h, E, C, F,
-                         &model->group);
-        floatX* dm = model->dbuf;
-        cudaCheck(cudaMemset(dm, 0, (size_t)N * C * X));
-        permute_backward(dm, model->dxe, row_of, N, K, C);
-        router_backward(model->dz, model->dgate, z, lse, topi, gate, counts, N * model->counts_ranks,
-                        dloss * c->aux_coef, dloss * c->z_coef, N, E, K);
-        cast_to_floatX(model->dzx, model->dz, (size_t)N * E); // bf16 builds: the router gradient enters the GEMMs as bf16
-        matmul_backward(dm, g.wr + (size_t)l * E * C, model->dzx, m, wr, N, C, E);
-        // dres already holds the gradient through the MoE residual connection
-        rmsnorm_backward(dres, g.moe_norm + (size_t)l * C, dm, res_mid, p.moe_norm + (size_t)l * C,
-                         a.m_rstd + (size_t)l * N, N, C, model->norm_partial);
-        // attention block
-        cudaCheck(cudaMemset(model->datty, 0, (size_t)N * HD * X));
-        matmul_backward(model->datty, g.wo + (size_t)l * C * HD, dres, a.atty + (size_t)l * N * HD, wo, N, HD, C);
-        attention_backward(model->dq, model->dk, model->dv, model->att_dsum, model->datty, a.atty + (size_t)l * N * HD,
-                           a.att_lse + (size_t)l * N * H, a.q + (size_t)l * N * HD, a.k + (size_t)l * N * KD,
-                           a.v + (size_t)l * N * KD, B, T, H, Hkv, D);
-        rope_apply(model->dq, model->freqs_cos, model->freqs_sin, B, T, H, D, -1);
-        rope_apply(model->dk, model->freqs_cos, model->freqs_sin, B, T, Hkv, D, -1);
-        floatX* da = model->dbuf;
-        cudaCheck(cudaMemset(da, 0, (size_t)N * C * X));
-        const floatX* an = a.a + (size_t)l * N * C;
-        matmul_backward(da, g.wq + (size_t)l * HD * C, model->dq, an, wq, N, C, HD);
-        matmul_backward(da, g.wk + (size_t)l * KD * C, model->dk, an, wk, N, C, KD);
-        matmul_backward(da, g.wv + (size_t)l * KD * C, model->dv, an, wv, N, C, KD);
-        rmsnorm_backward(dres, g.attn_norm + (size_t)l * C, da, res, p.attn_norm + (size_t)l * C,
-                         a.a_rstd + (size_t)l * N, N, C, model->norm_partial);
+        moe_block_backward(model, l, dres, dloss);
+        attention_block_backward(model, l, dres);
     }
     encoder_backward(g.wte, dres, model->inputs, N, C, V, model->enc_work, model->enc_work_d);
 }
@@ -2204,7 +2251,8 @@ void gpu_free(void) {
 }
 
 // ----------------------------------------------------------------------------
-// main: flags (train_moe.c's, parsed by its parse_args), training loop
+// main's helpers: the flags against the ranks, the model to start from, the log, checkpoints and evals
+// during training, one step; GRPO
 
 #ifndef TESTING
 
@@ -2270,6 +2318,91 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
     }
 }
 
+// the model to train: from a checkpoint (-e, or the newest in -o with -y: weights, AdamW, step, data
+// position and RNG) or a random init. Returns the checkpoint resumed from (malloc'd), or NULL.
+static char* model_start(Model* model, TrainState* st, const Args* a, const Tokenizer* tk) {
+    *st = (TrainState){0, {0, 0, 0}, 0, a->seed};
+    char* resume_path = a->resume ? cpu::resume_checkpoint(a->out_dir) : NULL;
+    const char* ckpt = resume_path ? resume_path : a->init_ckpt;
+    if (a->resume && !resume_path) printf("resume: no checkpoint in '%s' yet, starting fresh\n", a->out_dir);
+    if (ckpt) {
+        if (checkpoint_load(model, ckpt, st, resume_path != NULL) != 0) exit(EXIT_FAILURE);
+        cpu::check_shape_flags(&model->config, a, ckpt);
+        if (!resume_path) { st->step = 0; st->pos = (DataPos){0, 0, 0}; st->rng = 0; st->seed = a->seed; }
+        printf("loaded %s%s (step %d)\n", ckpt, resume_path ? " with optimizer state" : "", st->step);
+    } else {
+        MoEConfig c = a->model;
+        if (c.V == 0) c.V = tk->ok ? tk->V : 4096;
+        c.T = a->T;
+        model_config_check(&c, "model flags");
+        model_build(model, &c);
+        model_init_random(model, a->seed, a->init_std);
+    }
+    if (st->rng == 0) st->rng = hash3(st->seed, 0x5A3, 0);
+    return resume_path;
+}
+
+// OUT_DIR/log.txt, appended to (an earlier run's log is never lost); NULL without -o, and on every rank but 0
+static FILE* open_log(const char* out_dir) {
+    FILE* logf = NULL;
+    if (out_dir && dist.rank == 0) {
+        cpu::mkdir_p(out_dir);
+        char* lp = (char*)mallocCheck(strlen(out_dir) + 16);
+        sprintf(lp, "%s/log.txt", out_dir);
+        logf = fopenCheck(lp, "a"); // appends: an earlier run's log is never lost
+        free(lp);
+    }
+    return logf;
+}
+
+// OUT_DIR/model_STEP.bin with the AdamW state and where training is (now)
+static void save_checkpoint(const Model* model, const char* out_dir, TrainState now) {
+    char* path = (char*)mallocCheck(strlen(out_dir) + 32);
+    sprintf(path, "%s/model_%08d.bin", out_dir, now.step);
+    checkpoint_save(model, path, 1, &now);
+    printf("saved %s\n", path);
+    free(path);
+}
+
+// the val loss and every -ev file's task loss and accuracy, on the console and in the log
+static void evaluate(Model* model, DataLoader* val, EvalSet* sets, int nsets, const Tokenizer* tk,
+                     const Args* a, FILE* logf, int step) {
+    float vl = eval_val_loss(model, val, a->val_batches);
+    printf("val loss %.4f\n", vl);
+    if (logf) fprintf(logf, "step %d val %.6f\n", step, vl);
+    run_task_evals(model, sets, nsets, tk, tk->ok ? tk->eot : 0, a, logf, step);
+}
+
+// one optimizer step: grad_accum micro-batches of this rank's B/R sequences of each batch, the gradients
+// summed over the ranks, clipping by the global norm, AdamW. Returns the step's mean loss terms in
+// terms[4] (loss, ce, aux, z; their means over the ranks), its lr and grad norm.
+static void training_step(Model* model, DataLoader* train, const Args* a, int step, double* terms, float* lr,
+                          float* norm) {
+    const MoEConfig* c = &model->config;
+    int Bl = a->B / dist.world; // the sequences of each global batch this rank trains on
+    size_t shard = (size_t)dist.rank * Bl * a->T; // where this rank's sequences start in each global batch
+    model->step = step + 1; // as the step line counts
+    model_zero_grad(model);
+    double loss = 0, ce = 0, aux = 0, zl = 0;
+    model->collective = 1;
+    for (int micro = 0; micro < a->grad_accum; micro++) {
+        loader_next_batch(train); // the global batch: every rank reads it, and trains on its B/R sequences
+        model_forward(model, train->inputs + shard, train->targets + shard, Bl, a->T);
+        model_backward(model, 1.0f / (a->grad_accum * dist.world));
+        loss += model->loss; ce += model->ce;
+        for (int l = 0; l < c->L; l++) { aux += model->aux[l] / c->L; zl += model->zl[l] / c->L; }
+    }
+    model->collective = 0; // the evals after the step are rank 0's alone
+    dist_allreduce_grads(model->grads_memory, model->num_params); // every rank: the gradient of the whole batch
+    loss /= a->grad_accum; ce /= a->grad_accum; aux /= a->grad_accum; zl /= a->grad_accum;
+    terms[0] = loss; terms[1] = ce; terms[2] = aux; terms[3] = zl;
+    dist_mean(terms, 4); // what is logged: the means over the ranks
+    *norm = global_grad_norm(model);
+    float scale = (a->grad_clip > 0 && *norm > a->grad_clip) ? a->grad_clip / *norm : 1.0f;
+    *lr = lr_schedule(step, a->steps, a->warmup, a->lr, a->lr * a->min_lr_frac);
+    model_update(model, *lr, a->beta1, a->beta2, 1e-8f, a->weight_decay, step + 1, scale);
+}
+
 // -rl: GRPO post-training, as train_moe.c's run_grpo
 static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer* tk, EvalSet* sets, int nsets,
                     DataLoader* val, FILE* logf) {
@@ -2302,12 +2435,7 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
     int* items = (int*)mallocCheck((size_t)gc->P * sizeof(int));
     int perm_epoch = -1;
     DataPos pos = st->pos;
-    if (a->val_every > 0 && st->step == 0) { // where GRPO starts from, as "step 0"
-        float vl = eval_val_loss(model, val, a->val_batches);
-        printf("val loss %.4f\n", vl);
-        if (logf) fprintf(logf, "step 0 val %.6f\n", vl);
-        run_task_evals(model, sets, nsets, tk, eot, a, logf, 0);
-    }
+    if (a->val_every > 0 && st->step == 0) evaluate(model, val, sets, nsets, tk, a, logf, 0); // the start, as step 0
     for (int step = st->step; step < a->steps; step++) {
         cudaCheck(cudaDeviceSynchronize());
         double t0 = now_ms();
@@ -2331,19 +2459,11 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
         cudaCheck(cudaDeviceSynchronize());
         cpu::grpo_report(logf, step + 1, a->steps, gc, &ro, flat, &gs, lr, norm, t1 - t0, now_ms() - t1);
         int last = step + 1 == a->steps;
-        if (a->val_every > 0 && ((step + 1) % a->val_every == 0 || last)) {
-            float vl = eval_val_loss(model, val, a->val_batches);
-            printf("val loss %.4f\n", vl);
-            if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
-            run_task_evals(model, sets, nsets, tk, eot, a, logf, step + 1);
-        }
+        if (a->val_every > 0 && ((step + 1) % a->val_every == 0 || last))
+            evaluate(model, val, sets, nsets, tk, a, logf, step + 1);
         if (a->out_dir && ((a->ckpt_every > 0 && (step + 1) % a->ckpt_every == 0) || last)) {
-            char* path = (char*)mallocCheck(strlen(a->out_dir) + 32);
-            sprintf(path, "%s/model_%08d.bin", a->out_dir, step + 1);
             TrainState now = {step + 1, pos, st->rng, st->seed};
-            checkpoint_save(model, path, 1, &now);
-            printf("saved %s\n", path);
-            free(path);
+            save_checkpoint(model, a->out_dir, now);
         }
         if (logf) fflush(logf);
     }
@@ -2353,6 +2473,9 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
     cpu::evalset_free(&es);
     return 0;
 }
+
+// ----------------------------------------------------------------------------
+// main: flags (train_moe.c's, parsed by its parse_args), the training loop
 
 int main(int argc, char** argv) {
     dist_init(&argc, &argv);
@@ -2364,26 +2487,9 @@ int main(int argc, char** argv) {
     if (dist.rank == 0 && a.profile_every > 0) fprintf(stderr, "note: -pf (the per-phase time table) is train_moe.c's: train_moe_cu ignores it\n");
     Tokenizer tk;
     if (tokenizer_init(&tk, a.tokenizer) != 0) exit(EXIT_FAILURE);
-    // the model: from a checkpoint (-e or -y) or a random init
     Model model;
-    TrainState st = {0, {0, 0, 0}, 0, a.seed};
-    char* resume_path = a.resume ? cpu::resume_checkpoint(a.out_dir) : NULL;
-    const char* ckpt = resume_path ? resume_path : a.init_ckpt;
-    if (a.resume && !resume_path) printf("resume: no checkpoint in '%s' yet, starting fresh\n", a.out_dir);
-    if (ckpt) {
-        if (checkpoint_load(&model, ckpt, &st, resume_path != NULL) != 0) exit(EXIT_FAILURE);
-        cpu::check_shape_flags(&model.config, &a, ckpt);
-        if (!resume_path) { st.step = 0; st.pos = (DataPos){0, 0, 0}; st.rng = 0; st.seed = a.seed; }
-        printf("loaded %s%s (step %d)\n", ckpt, resume_path ? " with optimizer state" : "", st.step);
-    } else {
-        MoEConfig c = a.model;
-        if (c.V == 0) c.V = tk.ok ? tk.V : 4096;
-        c.T = a.T;
-        model_config_check(&c, "model flags");
-        model_build(&model, &c);
-        model_init_random(&model, a.seed, a.init_std);
-    }
-    if (st.rng == 0) st.rng = hash3(st.seed, 0x5A3, 0);
+    TrainState st;
+    char* resume_path = model_start(&model, &st, &a, &tk);
     MoEConfig* c = &model.config;
     if (dist.rank == 0 && tk.ok && tk.V != c->V)
         fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer, tk.V, c->V);
@@ -2412,14 +2518,7 @@ int main(int argc, char** argv) {
     model_alloc_acts(&model, Bl > rl_rows ? Bl : rl_rows, a.T);
     printf("gpu memory: %.1f MiB allocated by the trainer, %.1f MiB in use on the device\n",
            gpu_bytes_allocated / (1024.0 * 1024.0), gpu_mem_sample());
-    FILE* logf = NULL;
-    if (a.out_dir && dist.rank == 0) {
-        cpu::mkdir_p(a.out_dir);
-        char* lp = (char*)mallocCheck(strlen(a.out_dir) + 16);
-        sprintf(lp, "%s/log.txt", a.out_dir);
-        logf = fopenCheck(lp, "a"); // appends: an earlier run's log is never lost
-        free(lp);
-    }
+    FILE* logf = open_log(a.out_dir);
     int eot = tk.ok ? tk.eot : 0;
     if (a.eval_only) {
         printf("val loss %.4f\n", eval_val_loss(&model, &val, a.val_batches));
@@ -2443,40 +2542,21 @@ int main(int argc, char** argv) {
     }
     double tokens_per_step = (double)a.B * a.T * a.grad_accum; // of every rank
     double flops_per_step = tokens_per_step * flops_per_token(c, a.T), peak = peak_flops() * dist.world;
-    size_t shard = (size_t)dist.rank * Bl * a.T; // where this rank's sequences start in each global batch
     for (int step = st.step; step < a.steps; step++) {
         cudaCheck(cudaDeviceSynchronize());
-        double t0 = now_ms();
-        model.step = step + 1; // as the step line counts
-        model_zero_grad(&model);
-        double loss = 0, ce = 0, aux = 0, zl = 0;
-        model.collective = 1;
-        for (int micro = 0; micro < a.grad_accum; micro++) {
-            loader_next_batch(&train); // the global batch: every rank reads it, and trains on its B/R sequences
-            model_forward(&model, train.inputs + shard, train.targets + shard, Bl, a.T);
-            model_backward(&model, 1.0f / (a.grad_accum * dist.world));
-            loss += model.loss; ce += model.ce;
-            for (int l = 0; l < c->L; l++) { aux += model.aux[l] / c->L; zl += model.zl[l] / c->L; }
-        }
-        model.collective = 0; // the evals below are rank 0's alone
-        dist_allreduce_grads(model.grads_memory, model.num_params); // every rank: the gradient of the whole batch
-        loss /= a.grad_accum; ce /= a.grad_accum; aux /= a.grad_accum; zl /= a.grad_accum;
-        double terms[4] = {loss, ce, aux, zl};
-        dist_mean(terms, 4); // what is logged: the means over the ranks
-        loss = terms[0]; ce = terms[1]; aux = terms[2]; zl = terms[3];
-        float norm = global_grad_norm(&model);
-        float scale = (a.grad_clip > 0 && norm > a.grad_clip) ? a.grad_clip / norm : 1.0f;
-        float lr = lr_schedule(step, a.steps, a.warmup, a.lr, a.lr * a.min_lr_frac);
-        model_update(&model, lr, a.beta1, a.beta2, 1e-8f, a.weight_decay, step + 1, scale);
+        double t0 = now_ms(), terms[4];
+        float lr, norm;
+        training_step(&model, &train, &a, step, terms, &lr, &norm);
         cudaCheck(cudaDeviceSynchronize());
         double ms = now_ms() - t0;
         double mfu = flops_per_step / (ms / 1e3) / peak;
         gpu_mem_sample();
         printf("step %5d/%d | loss %.6f (ce %.4f aux %.4f z %.4f) | lr %.2e | norm %.4f | %.1f ms | %.0f tok/s | MFU %.1f%% | mem %.0f MiB\n",
-               step + 1, a.steps, loss, ce, aux, zl, lr, norm, ms, tokens_per_step / (ms / 1e3), 100.0 * mfu, gpu_mem_peak_mib);
+               step + 1, a.steps, terms[0], terms[1], terms[2], terms[3], lr, norm, ms, tokens_per_step / (ms / 1e3), 100.0 * mfu,
+               gpu_mem_peak_mib);
         fflush(stdout);
         if (logf) fprintf(logf, "step %d loss %.6f ce %.6f aux %.6f z %.6f lr %.6e norm %.6f ms %.3f mfu %.5f mem_mib %.1f\n",
-                          step + 1, loss, ce, aux, zl, lr, norm, ms, mfu, gpu_mem_peak_mib);
+                          step + 1, terms[0], terms[1], terms[2], terms[3], lr, norm, ms, mfu, gpu_mem_peak_mib);
         int last = step + 1 == a.steps;
         int evals = a.val_every > 0 && ((step + 1) % a.val_every == 0 || last);
         int sample = a.sample_every > 0 && ((step + 1) % a.sample_every == 0 || last);
@@ -2490,10 +2570,7 @@ int main(int argc, char** argv) {
         }
         if (evals && dist.rank == 0) { // rank 0 evaluates alone, on its whole copy of the model
             print_router_stats(&model, logf, step + 1); // routing of the last training micro-batch
-            float vl = eval_val_loss(&model, &val, a.val_batches);
-            printf("val loss %.4f\n", vl);
-            if (logf) fprintf(logf, "step %d val %.6f\n", step + 1, vl);
-            run_task_evals(&model, sets, nsets, &tk, eot, &a, logf, step + 1);
+            evaluate(&model, &val, sets, nsets, &tk, &a, logf, step + 1);
         }
         if (sample && dist.rank == 0) {
             printf("--- sample ---\n");
@@ -2502,12 +2579,8 @@ int main(int argc, char** argv) {
         }
         if (save) dist_check_replicas(model.master_memory, model.num_params);
         if (save && dist.rank == 0) {
-            char* path = (char*)mallocCheck(strlen(a.out_dir) + 32);
-            sprintf(path, "%s/model_%08d.bin", a.out_dir, step + 1);
             TrainState now = {step + 1, train.pos, st.rng, st.seed};
-            checkpoint_save(&model, path, 1, &now);
-            printf("saved %s\n", path);
-            free(path);
+            save_checkpoint(&model, a.out_dir, now);
         }
         if (evals || sample || save) dist_wait_all(); // the other ranks wait for rank 0
         if (logf) fflush(logf);
