@@ -23,7 +23,7 @@ Memorization: --people invented people, each with --attributes attributes (city,
          pet zorb
          job kelp
     that is [eot, first, surname] + [attribute, value] per fact: 3.5 tokens per fact mention.
-  * Every fact is stated exactly --mentions times: in each of --mentions rounds a person's shuffled
+  * Every fact is stated exactly --mentions (80) times: in each of --mentions rounds a person's shuffled
     attributes are cut into documents of 1 to --max-chunk (3) facts. The validation documents are further mentions
     of training facts, drawn the same way.
   * The first half of the people of a build with --people 2N are the people of a build with
@@ -64,7 +64,7 @@ Bad input is refused before anything is built: more people than distinct names (
 --surnames), more values than value words, a vocabulary that does not fit uint16 shards, a fact set
 whose mentions alone exceed --total-tokens.
 
-    python3 data/build_study3.py                      # data/study3 (~2 minutes, standard library)
+    python3 data/build_study3.py                      # data/study3 (~3 minutes, standard library)
     python3 data/build_study3.py --people 6000 --out data/study3_half   # the gate's half fact set
     python3 data/build_study3.py --check [--out DIR]  # rebuild with DIR's manifest, compare bytes
 
@@ -626,7 +626,7 @@ def parser():
     ap.add_argument("--values", type=int, default=256, help="value words, shared by the attributes")
     ap.add_argument("--first-names", type=int, default=128, help="first-name tokens")
     ap.add_argument("--surnames", type=int, default=128, help="surname tokens")
-    ap.add_argument("--mentions", type=int, default=50, help="statements of each fact in train")
+    ap.add_argument("--mentions", type=int, default=80, help="statements of each fact in train")
     ap.add_argument("--max-chunk", type=int, default=3,
                     help="most facts per training document (a round's facts are cut into 1..N)")
     ap.add_argument("--fact-eval", type=int, default=2000, help="facts in facts_eval.bin")
