@@ -139,9 +139,10 @@ ATTRIBUTES = [
 ]
 
 
-def invented_word(rng, syllables, coda_p):
+def invented(rng, syllables, coda_p):
+    """An invented word: `syllables` onset-vowel pairs, then a coda with probability coda_p."""
     w = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables))
-    return (w + rng.choice(CODAS) if rng.random() < coda_p else w).capitalize()
+    return w + rng.choice(CODAS) if rng.random() < coda_p else w
 
 
 def make_towns(n):
@@ -149,7 +150,7 @@ def make_towns(n):
     rng = random.Random(stable_hash("towns"))
     towns, seen = [], set()
     while len(towns) < n:
-        t = invented_word(rng, rng.choice([1, 2]), 0.5) + rng.choice(TOWN_SUFFIXES)
+        t = invented(rng, rng.choice([1, 2]), 0.5).capitalize() + rng.choice(TOWN_SUFFIXES)
         if t not in seen and len(encode(" " + t)) <= TOWN_MAX_TOKENS:
             seen.add(t)
             towns.append(t)
@@ -171,7 +172,7 @@ def make_entities(rng, n, table):
     (at most NAME_MAX_TOKENS tokens), all names unique."""
     entities, seen = [], set()
     while len(entities) < n:
-        name = "%s %s" % (invented_word(rng, 2, 0.4), invented_word(rng, 2, 0.6))
+        name = "%s %s" % (invented(rng, 2, 0.4).capitalize(), invented(rng, 2, 0.6).capitalize())
         if name in seen or len(encode(name)) > NAME_MAX_TOKENS:
             continue
         seen.add(name)
@@ -195,11 +196,11 @@ def recall_item(e, attr, tpl):
     return make_item(prompt, answer, answer.strip().rstrip("."))
 
 
-def chunks(rng, items):
-    """items cut into consecutive pieces of 1-3."""
+def chunks(rng, items, most=3):
+    """items cut into consecutive pieces of 1 to `most`."""
     out, i = [], 0
     while i < len(items):
-        k = rng.randint(1, 3)
+        k = rng.randint(1, most)
         out.append(items[i:i + k])
         i += k
     return out
@@ -225,16 +226,16 @@ def memorization_train(rng, entities, table, mentions):
     return docs
 
 
-def memorization_val(rng, entities, table, target_tokens):
-    """More mentions of training facts, 1-3 per document, until target_tokens."""
-    attrs = [a for a, _, _ in table]
+def memorization_val(rng, entities, attrs, target_tokens, doc):
+    """More mentions of training facts, until the documents hold target_tokens: each is
+    doc(entity, attributes), 1-3 of a random entity's attributes in a random order, as tokens."""
     docs, tok = [], 0
     while tok < target_tokens:
-        order = attrs[:]
+        order = list(attrs)
         rng.shuffle(order)
-        d = paragraph(rng, rng.choice(entities), order[:rng.randint(1, min(3, len(attrs)))], table)
+        d = doc(rng.choice(entities), order[:rng.randint(1, min(3, len(order)))])
         docs.append(d)
-        tok += 1 + len(encode(d))
+        tok += len(d)
     return docs
 
 # ----------------------------------------------------------------------------------------
@@ -409,10 +410,21 @@ def render(rng, structure, wi, tv, column, distractor=False):
     return question, solution, str(v["ans"])
 
 
-def new_problem(rng, source, pool, a, seen):
+class Bad(ValueError):
+    """Arguments that cannot give the data asked for."""
+
+
+def problem_doc(question, solution):
+    """A problem's training document: EOT and the tokens of its text."""
+    return [EOT] + encode("".join(qa_text(question, solution)))
+
+
+def new_problem(rng, source, pool, a, seen, doc=problem_doc):
     """A problem of one source (structure, wording indices) whose tuple is in `pool` (None: any)
-    and whose question is not in `seen` (then added), at most --max-problem-tokens long; None if
-    MAX_FAILS draws give none (too few tuples in the pool, or only long problems)."""
+    and whose question is not in `seen` (then added), at most --max-problem-tokens long (its
+    document doc(question, solution), less the eot); None if MAX_FAILS draws give none (too few
+    tuples in the pool, or only long problems). Returns (structure name, tuple, question, solution,
+    answer, document)."""
     structure, wordings = source[:2]
     distractor = len(source) > 2 and source[2]
     for _ in range(MAX_FAILS):
@@ -420,20 +432,20 @@ def new_problem(rng, source, pool, a, seen):
         if pool is not None and pool_of((structure[0], tv[0]), a.seed) != pool:
             continue
         q, sol, ans = render(rng, structure, rng.choice(wordings), tv, a.column_steps, distractor)
-        toks = [EOT] + encode("".join(qa_text(q, sol)))
+        toks = doc(q, sol)
         if q not in seen and len(toks) - 1 <= a.max_problem_tokens:
             seen.add(q)
             return structure[0], tv[0], q, sol, ans, toks
     return None
 
 
-def problem_stream(rng, sources, pool, a, seen):
+def problem_stream(rng, sources, pool, a, seen, doc=problem_doc):
     """Yields new problems (see new_problem) of sources chosen uniformly; a source that gives none
     is dropped and the others fill its share; the stream ends with the last source."""
     active = list(sources)
     while active:
         source = rng.choice(active)
-        p = new_problem(rng, source, pool, a, seen)
+        p = new_problem(rng, source, pool, a, seen, doc)
         if p is None:
             active.remove(source)
         else:
@@ -450,8 +462,14 @@ def take(stream, n=None, tokens=None):
         tok += len(p[5])
         if (n is not None and len(out) == n) or (tokens is not None and tok >= tokens):
             return out
-    raise ValueError("the structures ran out of new problems after %d (the flags ask for more)"
-                     % len(out))
+    raise Bad("the reasoning structures ran out of new problems after %d (the flags ask for more)"
+              % len(out))
+
+
+def draw(a, name, sources, pool, n, doc=problem_doc):
+    """n new problems of a stream of its own, seeded by name (see problem_stream)."""
+    return take(problem_stream(random.Random(stable_hash(name, a.seed)), sources, pool, a, set(), doc),
+                n=n)
 
 
 def items_of(problems):
@@ -529,20 +547,17 @@ def reasoning_sets(a, val_tokens):
                             TRAIN_POOL, a, set())
     sets = {"val": take(stream, tokens=val_tokens),
             "train": take(stream, tokens=a.reason_tokens)}
-
-    def draw(name, sources, pool, n):
-        return take(problem_stream(random.Random(stable_hash(name, a.seed)), sources, pool, a,
-                                   set()), n=n)
-    sets["id"] = draw("reason-id", training_sources(), EVAL_POOL, a.reason_eval)
-    sets["rl"] = draw("reason-rl", training_sources(), RL_POOL, a.reason_rl)
+    sets["id"] = draw(a, "reason-id", training_sources(), EVAL_POOL, a.reason_eval)
+    sets["rl"] = draw(a, "reason-rl", training_sources(), RL_POOL, a.reason_rl)
     n_new = round(a.reason_eval * a.shift_new_share)
     if a.shift == "distractor":
-        near = draw("reason-shift-distractor", [s + (True,) for s in training_sources()], EVAL_POOL,
+        near = draw(a, "reason-shift-distractor", [s + (True,) for s in training_sources()], EVAL_POOL,
                     a.reason_eval - n_new)
     else:
-        near = draw("reason-shift-wording", training_sources(held_out=True), EVAL_POOL, a.reason_eval - n_new)
+        near = draw(a, "reason-shift-wording", training_sources(held_out=True), EVAL_POOL,
+                    a.reason_eval - n_new)
     shift = (near +
-             draw("reason-shift-structure", [(s, list(range(len(s[2])))) for s in NEW_STRUCTURES],
+             draw(a, "reason-shift-structure", [(s, list(range(len(s[2])))) for s in NEW_STRUCTURES],
                   None, n_new))
     random.Random(stable_hash("reason-shift", a.seed)).shuffle(shift)
     sets["shift"] = shift
@@ -610,8 +625,9 @@ def build(a, out):
         random.Random(stable_hash("mem", a.seed)), entities, table, a.mentions)]
     mem_tok = sum(map(len, mem_train))
     mem_share = mem_tok / (mem_tok + a.reason_tokens)
-    mem_val = [[EOT] + encode(d) for d in memorization_val(
-        random.Random(stable_hash("mem-val", a.seed)), entities, table, a.val_tokens * mem_share)]
+    vrng = random.Random(stable_hash("mem-val", a.seed))
+    mem_val = memorization_val(vrng, entities, [x for x, _, _ in table], a.val_tokens * mem_share,
+                               lambda e, attrs: [EOT] + encode(paragraph(vrng, e, attrs, table)))
     r = reasoning_sets(a, a.val_tokens * (1 - mem_share))
 
     # facts eval: training facts asked by the canonical template's prefix
@@ -667,11 +683,16 @@ def build(a, out):
 
 
 def write_manifest(a, out, stats):
+    """out/manifest.json: the statistics, the arguments (but --out and --check) and the size and
+    sha256 of every .bin file in out; returns it."""
     files = {}
     for f in sorted(os.listdir(out)):
         if f.endswith(".bin"):
-            b = open(os.path.join(out, f), "rb").read()
-            files[f] = {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+            h = hashlib.sha256()
+            with open(os.path.join(out, f), "rb") as fh:
+                for blk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(blk)
+            files[f] = {"bytes": os.path.getsize(os.path.join(out, f)), "sha256": h.hexdigest()}
     args = {k: v for k, v in sorted(vars(a).items()) if k not in ("out", "check")}
     manifest = dict(stats, args=args, files=files)
     with open(os.path.join(out, "manifest.json"), "w") as f:
@@ -685,14 +706,15 @@ def read_or_none(d, f):
     return open(p, "rb").read() if os.path.exists(p) else None
 
 
-def rebuild_and_compare(a):
-    """--check: rebuild with the manifest's arguments in a temporary directory; 0 if every file
-    (the manifest too) is byte-identical."""
+def rebuild_and_compare(a, builder=build):
+    """--check: rebuild with the manifest's arguments in a temporary directory (builder(a, dir)
+    writes the files and returns the manifest's statistics); 0 if every file (the manifest too) is
+    byte-identical."""
     with open(os.path.join(a.out, "manifest.json")) as f:
         for k, v in json.load(f)["args"].items():
             setattr(a, k, v)
     with tempfile.TemporaryDirectory() as tmp:
-        write_manifest(a, tmp, build(a, tmp))
+        write_manifest(a, tmp, builder(a, tmp))
         names = sorted(set(os.listdir(tmp)) | {f for f in os.listdir(a.out) if f.endswith(".bin")})
         bad = [f for f in names if read_or_none(tmp, f) != read_or_none(a.out, f)]
     print("check: %s" % ("DIFFERENT: " + ", ".join(bad) if bad else

@@ -71,8 +71,6 @@ whose mentions alone exceed --total-tokens.
 Deterministic: the same arguments give byte-identical files.
 """
 import argparse
-import hashlib
-import io
 import json
 import math
 import os
@@ -80,30 +78,26 @@ import random
 import re
 import struct
 import sys
-import tempfile
 from array import array
 from collections import Counter
 
 sys.dont_write_bytecode = True
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from build_tasks import (KIND_SHORT, KIND_NUMBER, EVAL_MAGIC, EVAL_VERSION, FEMALE, MALE,  # noqa: E402
-                         qa_text, read_eval, stable_hash)
+import build_tasks  # noqa: E402
+from build_tasks import KIND_SHORT, KIND_NUMBER, FEMALE, MALE, qa_text, read_eval, stable_hash  # noqa: E402
 from build_study import (render, training_sources, TRAIN_POOL, RL_POOL, EVAL_POOL,  # noqa: E402
-                         MAX_FAILS, ONSETS, VOWELS, CODAS)
-from build_arith import pool_of  # noqa: E402
+                         ONSETS, VOWELS, CODAS, Bad, chunks, cut, draw, invented, memorization_val,
+                         problem_stream, rebuild_and_compare, take, write_manifest)
 
 OUT = os.path.join(HERE, "study3")
 TOKENIZER_MAGIC = 20240328
 SHARD_MAGIC = 20240520
 EOT_BYTES = b"<|endoftext|>"
+EOT_PIECE = EOT_BYTES.decode()  # eot in a document of pieces
 # one token per word (a value word with its line's newline), per digit, per punctuation mark
 PIECE = re.compile(r" ?[A-Za-z]+\n?| ?[0-9]| ?[^A-Za-z0-9\s]|\n|\s")
 ATTRIBUTES = [" city", " job", " pet", " sport", " drink", " tool"]
-
-
-class Bad(Exception):
-    """Arguments that cannot give the data asked for (reported before anything is built)."""
 
 
 def pieces(text):
@@ -122,8 +116,12 @@ class Vocab:
         self.id = {p: i for i, p in enumerate(self.pieces)}
 
     def encode(self, text):
+        return self.ids(pieces(text))
+
+    def ids(self, piece_list):
+        """The ids of a list of pieces; ValueError for a piece not in the vocabulary."""
         try:
-            return [self.id[p] for p in pieces(text)]
+            return [self.id[p] for p in piece_list]
         except KeyError as e:
             raise ValueError("piece %r is not in the study's vocabulary" % e.args[0])
 
@@ -194,11 +192,6 @@ def split_docs(tokens, eot):
 # Memorization
 
 
-def invented(rng, syllables, coda_p):
-    w = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables))
-    return w + rng.choice(CODAS) if rng.random() < coda_p else w
-
-
 def word_list(rng, n, make, taken):
     out = []
     while len(out) < n:
@@ -246,15 +239,6 @@ def fact_doc(ids, person, attrs):
                                                           (ids["attr"][at], ids["value"][vals[at]])]
 
 
-def chunks(rng, items, most=3):
-    out, i = [], 0
-    while i < len(items):
-        k = rng.randint(1, most)
-        out.append(items[i:i + k])
-        i += k
-    return out
-
-
 def memorization_schedule(rng, n_people, n_attrs, mentions, most=3):
     """[(person, attributes)] of every training document: see the docstring's rounds."""
     docs = []
@@ -265,73 +249,30 @@ def memorization_schedule(rng, n_people, n_attrs, mentions, most=3):
             docs += [(k, tuple(part)) for part in chunks(rng, order, most)]
     return docs
 
-
-def memorization_val(rng, people, n_attrs, target, ids):
-    docs, tok = [], 0
-    while tok < target:
-        order = list(range(n_attrs))
-        rng.shuffle(order)
-        d = fact_doc(ids, rng.choice(people), order[:rng.randint(1, min(3, n_attrs))])
-        docs.append(d)
-        tok += len(d)
-    return docs
-
 # ----------------------------------------------------------------------------------------
 # Reasoning (build_study's problems, counted in this vocabulary's tokens)
 
 
-def new_problem(rng, source, pool, a, seen):
-    structure, wordings = source[:2]
-    distractor = len(source) > 2 and source[2]
-    for _ in range(MAX_FAILS):
-        tv = structure[1](rng)
-        if pool is not None and pool_of((structure[0], tv[0]), a.seed) != pool:
-            continue
-        q, sol, ans = render(rng, structure, rng.choice(wordings), tv, a.column_steps, distractor)
-        prompt, answer = qa_text(q, sol)
-        n = len(pieces(prompt)) + len(pieces(answer))
-        if q not in seen and n <= a.max_problem_tokens:
-            seen.add(q)
-            return structure[0], tv[0], q, prompt, answer, ans, n + 1
-    return None
-
-
-def problem_stream(rng, sources, pool, a, seen):
-    active = list(sources)
-    while active:
-        source = rng.choice(active)
-        p = new_problem(rng, source, pool, a, seen)
-        if p is None:
-            active.remove(source)
-        else:
-            yield p
-
-
-def take(stream, n=None, tokens=None):
-    out, tok = [], 0
-    if n == 0 or (tokens is not None and tokens <= 0):
-        return out
-    for p in stream:
-        out.append(p)
-        tok += p[6]
-        if (n is not None and len(out) == n) or (tokens is not None and tok >= tokens):
-            return out
-    raise Bad("the reasoning structures ran out of new problems after %d (the flags ask for more)"
-              % len(out))
+def piece_doc(question, solution):
+    """A problem's training document as pieces, EOT_PIECE first: the vocabulary is made of the
+    training problems' pieces, after they are drawn. The prompt's pieces then the answer's are the
+    text's (the prompt ends in a lone ":"); interned, as the train set holds millions."""
+    prompt, answer = qa_text(question, solution)
+    return [EOT_PIECE] + [sys.intern(p) for p in pieces(prompt) + pieces(answer)]
 
 
 def reasoning_sets(a, train_tokens, val_tokens):
+    """build_study's problems (build_study.new_problem's tuples, documents as pieces): validation
+    and train from one stream, so they never share a question (no problem for no tokens); id and
+    shift (a distractor sentence) from the eval pool; rl from the RL pool."""
     stream = problem_stream(random.Random(stable_hash("study3-reason", a.seed)), training_sources(),
-                            TRAIN_POOL, a, set())
-    sets = {"val": take(stream, tokens=val_tokens), "train": take(stream, tokens=train_tokens)}
-
-    def draw(name, sources, pool, n):
-        return take(problem_stream(random.Random(stable_hash(name, a.seed)), sources, pool, a,
-                                   set()), n=n)
-    sets["id"] = draw("study3-reason-id", training_sources(), EVAL_POOL, a.reason_eval)
-    sets["shift"] = draw("study3-reason-shift", [s + (True,) for s in training_sources()],
-                         EVAL_POOL, a.reason_eval)
-    sets["rl"] = draw("study3-reason-rl", training_sources(), RL_POOL, a.reason_rl)
+                            TRAIN_POOL, a, set(), piece_doc)
+    sets = {k: take(stream, tokens=t) if t > 0 else []
+            for k, t in (("val", val_tokens), ("train", train_tokens))}
+    sets["id"] = draw(a, "study3-reason-id", training_sources(), EVAL_POOL, a.reason_eval, piece_doc)
+    sets["shift"] = draw(a, "study3-reason-shift", [s + (True,) for s in training_sources()],
+                         EVAL_POOL, a.reason_eval, piece_doc)
+    sets["rl"] = draw(a, "study3-reason-rl", training_sources(), RL_POOL, a.reason_rl, piece_doc)
     tuples = {k: {(p[0], p[1]) for p in v} for k, v in sets.items()}
     assert not tuples["train"] & (tuples["id"] | tuples["rl"] | tuples["shift"])
     assert not tuples["rl"] & (tuples["id"] | tuples["shift"])
@@ -342,26 +283,10 @@ def reasoning_sets(a, train_tokens, val_tokens):
 
 
 def write_eval(path, name, kind, items, seed, vocab):
-    """data/tasks/README.md's layout with this vocabulary's V and eot; items (prompt ids, answer
-    ids, ref)."""
-    refs = [r.encode("utf-8") for _p, _a, r in items]
-    h = [0] * 256
-    h[0:13] = [EVAL_MAGIC, EVAL_VERSION, len(items), max(len(p) for p, _, _ in items),
-               max(len(x) for _, x, _ in items), max(len(r) for r in refs), vocab.V, vocab.eot,
-               kind, sum(len(p) for p, _, _ in items), sum(len(x) for _, x, _ in items),
-               sum(len(r) for r in refs), seed]
-    nb = name.encode("ascii")
-    assert len(nb) < 64
-    out = io.BytesIO()
-    out.write(struct.pack("<16i", *h[:16]))
-    out.write(nb + b"\0" * (64 - len(nb)))
-    out.write(struct.pack("<224i", *h[32:]))
-    for (p, x, _r), r in zip(items, refs):
-        out.write(struct.pack("<2i", len(p), len(x)))
-        out.write(struct.pack("<%di" % (len(p) + len(x)), *(p + x)))
-        out.write(struct.pack("<i", len(r)) + r)
-    with open(path, "wb") as f:
-        f.write(out.getvalue())
+    """build_tasks.write_eval (data/tasks/README.md's layout) with this vocabulary's V and eot;
+    items (prompt ids, answer ids, ref); read back to check."""
+    build_tasks.write_eval(path, name, kind, [{"prompt": p, "answer": x, "ref": r} for p, x, r in items],
+                           seed, vocab=vocab.V, eot=vocab.eot)
     hd, back = read_eval(path)
     assert back == [(list(p), list(x), r) for p, x, r in items] and hd["vocab"] == vocab.V
     assert hd["eot"] == vocab.eot and hd["kind"] == kind
@@ -405,19 +330,6 @@ def check_args(a):
                                                        a.mentions, mem))
     if a.fact_eval > a.people * a.attributes:
         raise Bad("--fact-eval %d is more than the %d facts" % (a.fact_eval, a.people * a.attributes))
-
-
-def cut(docs, max_tokens):
-    total = sum(map(len, docs))
-    n = max(1, math.ceil(total / max_tokens))
-    parts, cur, acc = [], [], 0
-    for d in docs:
-        cur.append(d)
-        acc += len(d)
-        if len(parts) < n - 1 and acc >= total * (len(parts) + 1) / n:
-            parts.append(cur)
-            cur = []
-    return parts + [cur]
 
 
 def check_shards(out, names, vocab, ids, people, a, sets):
@@ -483,7 +395,7 @@ def build(a, out):
     sets = reasoning_sets(a, a.total_tokens - mem_tok, a.val_tokens * (1 - frac_mem))
     train_pieces = Counter()
     for p in sets["train"]:
-        train_pieces.update(pieces(p[3] + p[4]))
+        train_pieces.update(p[5][1:])
     assert not any(x.endswith("\n") and x != "\n" for x in train_pieces)
     reserved = reserved_words()
     missing = {x.strip() for x in train_pieces if x.strip().isalpha()} - reserved
@@ -506,11 +418,12 @@ def build(a, out):
     mem_train = [fact_doc(ids, people[k], at) for k, at in schedule]
     del schedule
     assert sum(map(len, mem_train)) == mem_tok
-    reason_train = [[vocab.eot] + vocab.encode(p[3] + p[4]) for p in sets["train"]]
+    reason_train = [[vocab.eot] + vocab.ids(p[5][1:]) for p in sets["train"]]
     reason_tok = sum(map(len, reason_train))
     mem_val = memorization_val(random.Random(stable_hash("study3-mem-val", a.seed)), people,
-                               a.attributes, a.val_tokens * frac_mem, ids)
-    reason_val = [[vocab.eot] + vocab.encode(p[3] + p[4]) for p in sets["val"]]
+                               range(a.attributes), a.val_tokens * frac_mem,
+                               lambda person, attrs: fact_doc(ids, person, attrs))
+    reason_val = [[vocab.eot] + vocab.ids(p[5][1:]) for p in sets["val"]]
 
     # the facts evals: every fact in one seeded order; facts_eval is its prefix
     order = [(k, at) for k in range(len(people)) for at in range(a.attributes)]
@@ -522,12 +435,12 @@ def build(a, out):
         fact_items.append(qa_item(vocab, prompt, " %s\n" % values[vals[at]], values[vals[at]],
                                   KIND_SHORT))
     # every eval/RL token occurs in training (the facts' tokens all do: every fact is stated)
-    unseen = {x for k in ("id", "shift", "rl") for p in sets[k] for x in pieces(p[3] + p[4])}
+    unseen = {x for k in ("id", "shift", "rl") for p in sets[k] for x in p[5][1:]}
     unseen -= set(train_pieces)
     if unseen:
         raise Bad("the eval or RL problems use words that no training problem has (%s): the reasoning "
                   "part is too small; raise --total-tokens" % ", ".join(sorted(map(repr, unseen))[:8]))
-    reason_items = {k: [qa_item(vocab, p[3], p[4], p[5], KIND_NUMBER) for p in sets[k]]
+    reason_items = {k: [qa_item(vocab, *qa_text(p[2], p[3]), p[4], KIND_NUMBER) for p in sets[k]]
                     for k in ("id", "shift", "rl")}
 
     for f in os.listdir(out):
@@ -584,63 +497,36 @@ def build(a, out):
     }
 
 
-def write_manifest(a, out, stats):
-    files = {}
-    for f in sorted(os.listdir(out)):
-        if f.endswith(".bin"):
-            h = hashlib.sha256()
-            with open(os.path.join(out, f), "rb") as fh:
-                for blk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(blk)
-            files[f] = {"bytes": os.path.getsize(os.path.join(out, f)), "sha256": h.hexdigest()}
-    args = {k: v for k, v in sorted(vars(a).items()) if k not in ("out", "check")}
-    manifest = dict(stats, args=args, files=files)
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.write("\n")
-    return manifest
-
-
-def rebuild_and_compare(a):
-    with open(os.path.join(a.out, "manifest.json")) as f:
-        for k, v in json.load(f)["args"].items():
-            setattr(a, k, v)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_manifest(a, tmp, build(a, tmp))
-        names = sorted(set(os.listdir(tmp)) | {f for f in os.listdir(a.out) if f.endswith(".bin")})
-
-        def read(d, f):
-            p = os.path.join(d, f)
-            return open(p, "rb").read() if os.path.exists(p) else None
-        bad = [f for f in names if read(tmp, f) != read(a.out, f)]
-    print("check: %s" % ("DIFFERENT: " + ", ".join(bad) if bad else "%d files identical" % len(names)))
-    return 1 if bad else 0
+# every flag but --out and --check is a whole number: (flag, default, help), in --help's order;
+# the fact set's flags
+FACT_FLAGS = [
+    ("--seed", 20260301, None),
+    ("--people", 12000, "invented people"),
+    ("--attributes", 6, "attributes per person, 1-%d" % len(ATTRIBUTES)),
+    ("--values", 256, "value words, shared by the attributes"),
+    ("--first-names", 128, "first-name tokens"),
+    ("--surnames", 128, "surname tokens"),
+    ("--mentions", 80, "statements of each fact in train"),
+    ("--max-chunk", 3, "most facts per training document (a round's facts are cut into 1..N)"),
+]
+# the sizes of the eval files and of the mixture, the reasoning problems' form, the shards
+DATA_FLAGS = [
+    ("--fact-eval", 2000, "facts in facts_eval.bin"),
+    ("--total-tokens", 30_200_000, "train tokens: the facts' mentions, and reasoning problems up to this"),
+    ("--reason-eval", 1000, "items in reason_id_eval.bin and in reason_shift_eval.bin"),
+    ("--reason-rl", 4000, "RL prompts in reason_rl.bin"),
+    ("--max-problem-tokens", 128, "longest reasoning problem, prompt + answer - 1 tokens"),
+    ("--column-steps", 10, "N: column steps in brackets for +/- results >= N (0: none)"),
+    ("--val-tokens", 200_000, "validation shard tokens"),
+    ("--shard-tokens", 10_000_000, "most tokens per train shard"),
+]
 
 
 def parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=OUT)
-    ap.add_argument("--seed", type=int, default=20260301)
-    ap.add_argument("--people", type=int, default=12000, help="invented people")
-    ap.add_argument("--attributes", type=int, default=6, help="attributes per person, 1-%d" % len(ATTRIBUTES))
-    ap.add_argument("--values", type=int, default=256, help="value words, shared by the attributes")
-    ap.add_argument("--first-names", type=int, default=128, help="first-name tokens")
-    ap.add_argument("--surnames", type=int, default=128, help="surname tokens")
-    ap.add_argument("--mentions", type=int, default=80, help="statements of each fact in train")
-    ap.add_argument("--max-chunk", type=int, default=3,
-                    help="most facts per training document (a round's facts are cut into 1..N)")
-    ap.add_argument("--fact-eval", type=int, default=2000, help="facts in facts_eval.bin")
-    ap.add_argument("--total-tokens", type=int, default=30_200_000,
-                    help="train tokens: the facts' mentions, and reasoning problems up to this")
-    ap.add_argument("--reason-eval", type=int, default=1000,
-                    help="items in reason_id_eval.bin and in reason_shift_eval.bin")
-    ap.add_argument("--reason-rl", type=int, default=4000, help="RL prompts in reason_rl.bin")
-    ap.add_argument("--max-problem-tokens", type=int, default=128,
-                    help="longest reasoning problem, prompt + answer - 1 tokens")
-    ap.add_argument("--column-steps", type=int, default=10,
-                    help="N: column steps in brackets for +/- results >= N (0: none)")
-    ap.add_argument("--val-tokens", type=int, default=200_000, help="validation shard tokens")
-    ap.add_argument("--shard-tokens", type=int, default=10_000_000, help="most tokens per train shard")
+    for flag, default, what in FACT_FLAGS + DATA_FLAGS:
+        ap.add_argument(flag, type=int, default=default, help=what)
     ap.add_argument("--check", action="store_true",
                     help="rebuild with --out's manifest arguments and compare byte for byte")
     return ap
@@ -650,7 +536,7 @@ def main(argv=None):
     a = parser().parse_args(argv)
     try:
         if a.check:
-            return rebuild_and_compare(a)
+            return rebuild_and_compare(a, build)
         manifest = write_manifest(a, a.out, build(a, a.out))
     except Bad as e:
         print("build_study3: error: %s" % e, file=sys.stderr)

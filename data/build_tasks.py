@@ -652,12 +652,14 @@ def make_item(prompt_text, answer_text, ref):
             "prompt_text": prompt_text, "answer_text": answer_text}
 
 
-def write_eval(path, name, kind, items, seed):
+def write_eval(path, name, kind, items, seed, vocab=VOCAB, eot=EOT):
+    """An eval file (README.md's layout) of items {"prompt": ids, "answer": ids, "ref": str}; vocab
+    and eot: the vocabulary's size and eot token (header slots 6 and 7)."""
     refs = [it["ref"].encode("utf-8") for it in items]
     h = [0] * 256
     h[0:13] = [EVAL_MAGIC, EVAL_VERSION, len(items),
                max(len(it["prompt"]) for it in items), max(len(it["answer"]) for it in items),
-               max(len(r) for r in refs), VOCAB, EOT, kind,
+               max(len(r) for r in refs), vocab, eot, kind,
                sum(len(it["prompt"]) for it in items), sum(len(it["answer"]) for it in items),
                sum(len(r) for r in refs), seed]
     nb = name.encode("ascii")
