@@ -53,11 +53,14 @@ Writes verdict.md, stats.json and figures (matplotlib) to --out.
 """
 import argparse
 import csv
-import gzip
 import json
 import math
 import os
 import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from sweep import read_fact_items  # noqa: E402
 
 # declared before any v3 run: the equivalence margins and the gate's thresholds
 MARGINS = {"acc": 0.03, "val_loss": 0.02, "bits_per_fact": 0.25}
@@ -94,18 +97,6 @@ def read_rows(path):
         return [r for r in csv.DictReader(f)]
 
 
-def read_items(path):
-    """fact_items.txt.gz -> ([bits saved per fact], [greedy right 0/1])."""
-    bits, right = [], []
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            if not line.startswith("#"):
-                b, c = line.split()
-                bits.append(float(b))
-                right.append(int(c))
-    return bits, right
-
-
 def group_models(rows, items_dir=None):
     """{model: {"E", "K", "F", "total", "tpp", "families", "seeds": [row], "items": {seed: (bits,
     right)}}} over the finished rows."""
@@ -122,7 +113,7 @@ def group_models(rows, items_dir=None):
         if items_dir:
             p = os.path.join(items_dir, r["name"], "fact_items.txt.gz")
             if os.path.exists(p):
-                m["items"][r.get("seed", "")] = read_items(p)
+                m["items"][r.get("seed", "")] = read_fact_items(p)
     return models
 
 
@@ -255,6 +246,19 @@ def finding(fid, claim, verdict, why, stats):
     return {"id": fid, "claim": claim, "verdict": verdict, "why": why, "stats": stats}
 
 
+def trend_finding(fid, claim, stats, tr, eq, outcomes, otherwise, **fields):
+    """F1's and F2's decision on a Kendall trend tr and a TOST equivalence eq: outcomes are (test,
+    verdict, why) in order, test "increasing" or "decreasing" (the trend's one-sided p < ALPHA) or
+    "equivalent"; the first that holds gives the finding, none the verdict inconclusive, why
+    `otherwise`. A why is a str.format template of tau, p_increasing, p_decreasing, p_tost and fields."""
+    holds = {"increasing": tr["p_increasing"] < ALPHA, "decreasing": tr["p_decreasing"] < ALPHA,
+             "equivalent": eq["equivalent"]}
+    verdict, why = next(((v, w) for t, v, w in outcomes if holds[t]), ("inconclusive", otherwise))
+    return finding(fid, claim, verdict, why.format(tau=tr["tau"], p_increasing=tr["p_increasing"],
+                                                   p_decreasing=tr["p_decreasing"], p_tost=eq["p_tost"], **fields),
+                   stats)
+
+
 def f1_memorization(models, gate_res):
     claim = "memorization improves with total parameters"
     ms = fam(models, MAIN)
@@ -272,17 +276,15 @@ def f1_memorization(models, gate_res):
     eq = tost(bits_per_fact(top), bits_per_fact(dense), MARGINS["bits_per_fact"])
     paired = [p for p in (paired_items(m, dense) for m in ms[1:]) if p]
     st = {"trend_bits": tr, "trend_acc": acc, "largest_vs_dense": eq, "paired_vs_dense": paired}
-    if tr["p_increasing"] < ALPHA:
-        return finding("F1", claim, "reproduced", f"stored bits per fact rise with total params (Kendall tau "
-                       f"{tr['tau']:.2f}, one-sided p = {tr['p_increasing']:.3g})", st)
-    if tr["p_decreasing"] < ALPHA:
-        return finding("F1", claim, "not reproduced", f"stored bits per fact fall with total params (tau "
-                       f"{tr['tau']:.2f}, p = {tr['p_decreasing']:.3g})", st)
-    if eq["equivalent"]:
-        return finding("F1", claim, "not reproduced", f"{top['model']} stores the same as dense within "
-                       f"{MARGINS['bits_per_fact']} bits per fact (TOST p = {eq['p_tost']:.3g})", st)
-    return finding("F1", claim, "inconclusive", f"no monotone trend (tau {tr['tau']:.2f}, p = "
-                   f"{tr['p_increasing']:.3g}) and no equivalence (TOST p = {eq['p_tost']:.3g})", st)
+    return trend_finding("F1", claim, st, tr, eq, [
+        ("increasing", "reproduced", "stored bits per fact rise with total params (Kendall tau {tau:.2f}, one-sided "
+         "p = {p_increasing:.3g})"),
+        ("decreasing", "not reproduced", "stored bits per fact fall with total params (tau {tau:.2f}, p = "
+         "{p_decreasing:.3g})"),
+        ("equivalent", "not reproduced", "{top} stores the same as dense within {margin} bits per fact (TOST p = "
+         "{p_tost:.3g})")],
+        "no monotone trend (tau {tau:.2f}, p = {p_increasing:.3g}) and no equivalence (TOST p = {p_tost:.3g})",
+        top=top["model"], margin=MARGINS["bits_per_fact"])
 
 
 def f2_reasoning(models, metric="reason_id_acc"):
@@ -309,17 +311,14 @@ def f2_reasoning(models, metric="reason_id_acc"):
     eq = tost(vals(top, metric), vals(e8, metric), MARGINS["acc"])
     st = {"trend": tr, "trend_val_loss": vl, "largest_vs_E8": eq,
           "per_item": "not available: train_moe logs one accuracy per eval file, not per item"}
-    if tr["p_decreasing"] < ALPHA:
-        return finding("F2", claim, "reproduced", f"regresses: {metric} falls with total params over E >= 8 "
-                       f"(tau {tr['tau']:.2f}, p = {tr['p_decreasing']:.3g}) while val loss does not rise", st)
-    if eq["equivalent"]:
-        return finding("F2", claim, "reproduced", f"saturates: {top['model']} is within {MARGINS['acc']:.2f} of "
-                       f"E=8 (TOST p = {eq['p_tost']:.3g})", st)
-    if tr["p_increasing"] < ALPHA:
-        return finding("F2", claim, "not reproduced", f"{metric} rises with total params over E >= 8 (tau "
-                       f"{tr['tau']:.2f}, p = {tr['p_increasing']:.3g}) and is not equivalent at the ends", st)
-    return finding("F2", claim, "inconclusive", f"no trend (p = {tr['p_decreasing']:.3g} falling, "
-                   f"{tr['p_increasing']:.3g} rising) and no equivalence (TOST p = {eq['p_tost']:.3g})", st)
+    return trend_finding("F2", claim, st, tr, eq, [
+        ("decreasing", "reproduced", "regresses: {metric} falls with total params over E >= 8 (tau {tau:.2f}, p = "
+         "{p_decreasing:.3g}) while val loss does not rise"),
+        ("equivalent", "reproduced", "saturates: {top} is within {margin:.2f} of E=8 (TOST p = {p_tost:.3g})"),
+        ("increasing", "not reproduced", "{metric} rises with total params over E >= 8 (tau {tau:.2f}, p = "
+         "{p_increasing:.3g}) and is not equivalent at the ends")],
+        "no trend (p = {p_decreasing:.3g} falling, {p_increasing:.3g} rising) and no equivalence (TOST p = "
+        "{p_tost:.3g})", top=top["model"], margin=MARGINS["acc"], metric=metric)
 
 
 def f3_topk(models):
