@@ -12,15 +12,10 @@
 #   HOURS=1 JOBS=1 THREADS=2 TRAINER=./train_moe_blas bash scripts/study.sh   (TRAINER default: auto, the faster build)
 set -eu
 cd "$(dirname "$0")/.."
-HOURS=${HOURS:-2.5}
-JOBS=${JOBS:-2}         # two runs at a time on one thread each: more runs per hour on 2 cores than one on two
-THREADS=${THREADS:-1}
-TRAINER=${TRAINER:-auto}  # auto: the faster of ./train_moe and ./train_moe_blas on this machine (sweep.py --trainer auto)
+. scripts/study_common.sh   # HOURS, JOBS, THREADS, TRAINER, PY, build_auto_trainers
 OUT=${OUT:-scripts/sweep_results/study}
-PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 if [ "$TRAINER" = auto ]; then
-  make -s train_moe
-  make -s train_moe_blas > /dev/null 2>&1 || echo "study: no OpenBLAS (Debian: libopenblas-dev libopenblas0-openmp): ./train_moe only"
+  build_auto_trainers "study: no OpenBLAS (Debian: libopenblas-dev libopenblas0-openmp): ./train_moe only"
 else
   [ -x "$TRAINER" ] || make train_moe
 fi

@@ -14,16 +14,11 @@
 #   HOURS=1 JOBS=1 THREADS=2 TRAINER=/path/to/train_moe bash scripts/study3.sh   (TRAINER default: auto)
 set -eu
 cd "$(dirname "$0")/.."
-HOURS=${HOURS:-2.5}
-JOBS=${JOBS:-2}         # two runs at a time on one thread each
-THREADS=${THREADS:-1}
-TRAINER=${TRAINER:-auto}
+. scripts/study_common.sh   # HOURS, JOBS, THREADS, TRAINER, PY, build_auto_trainers
 GATE=${GATE:-check}
 OUT=${OUT:-scripts/sweep_results/study_v3}
-PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 if [ "$TRAINER" = auto ]; then
-  make -s train_moe
-  make -s train_moe_blas > /dev/null 2>&1 || echo "study3: no OpenBLAS: ./train_moe only"
+  build_auto_trainers "study3: no OpenBLAS: ./train_moe only"
 else
   [ -x "$TRAINER" ] || { echo "study3: trainer '$TRAINER' not found"; exit 2; }
 fi
