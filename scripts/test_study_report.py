@@ -29,19 +29,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import study_report as sr  # noqa: E402
-
-passed, failed = 0, 0
-
-
-def check(cond, what, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"ok   {what}")
-    else:
-        failed += 1
-        print(f"FAIL {what}" + (f"\n     {detail}" if detail else ""))
-    return cond
+from checks import check, summary  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,8 +532,7 @@ def main():
         test_v3_not_testable()
         test_v3_optimum()
         test_v3_main(tmp)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":

@@ -32,20 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import sweep  # noqa: E402
+from checks import check, summary  # noqa: E402
 
-passed, failed = 0, 0
 REQUIRE_ALL = False  # --require-all
-
-
-def check(cond, what, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"ok   {what}")
-    else:
-        failed += 1
-        print(f"FAIL {what}" + (f"\n     {detail}" if detail else ""))
-    return cond
 
 
 def run_sweep(*args, timeout=120):
@@ -522,8 +511,7 @@ def main():
             if REQUIRE_ALL:
                 check(False, f"--require-all: no trainer at {args.trainer} (make train_moe)")
             print(f"SKIP end-to-end: no trainer at {args.trainer} (make train_moe)")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":
