@@ -11,7 +11,9 @@ results of the fact_bits stage (DIR/<run>/fact_items.txt.gz: scripts/sweep.py's 
 for the gate the results.csv of the dense model trained on the half fact set (study3_half.json).
 
 The unit is the model: a model's value is the mean over its seeds, and a test between models uses
-its seeds as replicates (Welch). Item-level comparisons pair the same facts across models.
+its seeds as replicates (Welch). Item-level comparisons pair the same facts across models, and the
+same reasoning items (DIR/<run>/log.txt's "step S items TASK 0110..." lines of the final eval, which
+train_moe writes for every eval file it scores) beside F2 and F3.
 
 Margins and thresholds are declared here, before any v3 run (MARGINS, GATE): changing them after
 seeing results is visible in the history of this file.
@@ -64,6 +66,7 @@ from sweep import read_fact_items  # noqa: E402
 
 # declared before any v3 run: the equivalence margins and the gate's thresholds
 MARGINS = {"acc": 0.03, "val_loss": 0.02, "bits_per_fact": 0.25}
+REASON_TASKS = ("reason_id", "reason_shift")  # the eval files' names in the per-item lines
 GATE = {"storage_ratio": 1.25, "e8_ratio": 1.10, "reason_range": (0.15, 0.75)}
 ALPHA = 0.05
 MAIN, TOPK, K1 = "E", "topk", "k1"
@@ -110,11 +113,34 @@ def group_models(rows, items_dir=None):
                                            "items": {}})
         m["families"] |= set(r.get("families", "").split(";")) - {""}
         m["seeds"].append(r)
+        m.setdefault("reason_items", {})
         if items_dir:
             p = os.path.join(items_dir, r["name"], "fact_items.txt.gz")
             if os.path.exists(p):
                 m["items"][r.get("seed", "")] = read_fact_items(p)
+            lines = read_item_lines(os.path.join(items_dir, r["name"], "log.txt"))
+            if lines:
+                m["reason_items"][r.get("seed", "")] = lines
     return models
+
+
+def read_item_lines(path):
+    """{task: [0 or 1 per item]} from a log's per-item lines at its last step that has them ({} if
+    none): "step S items TASK 0110..." """
+    last, out = -1, {}
+    if not os.path.exists(path):
+        return out
+    with open(path, errors="replace") as f:
+        for line in f:
+            w = line.split()
+            if len(w) != 5 or w[0] != "step" or w[2] != "items" or not w[1].isdigit() or set(w[4]) - {"0", "1"}:
+                continue
+            s = int(w[1])
+            if s > last:
+                last, out = s, {}
+            if s == last:
+                out[w[3]] = [int(c) for c in w[4]]
+    return out
 
 
 def vals(m, metric):
@@ -186,22 +212,37 @@ def paired_items(ma, mb, which=0):
     """Per-fact paired comparison of two models (each fact's value averaged over the model's seeds):
     mean difference a - b with its 95% interval (paired t) and the Wilcoxon signed-rank p. which 0:
     bits saved, 1: greedy right. None without per-fact results for both."""
-    import numpy as np
-    from scipy.stats import ttest_rel, wilcoxon
     if not ma["items"] or not mb["items"]:
         return None
-    a = np.mean([np.asarray(v[which], float) for v in ma["items"].values()], axis=0)
-    b = np.mean([np.asarray(v[which], float) for v in mb["items"].values()], axis=0)
+    return paired_arrays(ma["model"], mb["model"], [v[which] for v in ma["items"].values()],
+                         [v[which] for v in mb["items"].values()])
+
+
+def paired_reasoning(ma, mb, task):
+    """Per-item paired comparison of two models' greedy results on a reasoning eval file (each item's
+    result averaged over the model's seeds), as paired_items. None without per-item lines for both."""
+    a = [v[task] for v in ma.get("reason_items", {}).values() if task in v]
+    b = [v[task] for v in mb.get("reason_items", {}).values() if task in v]
+    return paired_arrays(ma["model"], mb["model"], a, b) if a and b else None
+
+
+def paired_arrays(name_a, name_b, a_seeds, b_seeds):
+    """Mean difference a - b over items of the seed means, its 95% interval (paired t) and the
+    Wilcoxon signed-rank p; None if the item counts differ."""
+    import numpy as np
+    from scipy.stats import ttest_rel, wilcoxon
+    a = np.mean([np.asarray(v, float) for v in a_seeds], axis=0)
+    b = np.mean([np.asarray(v, float) for v in b_seeds], axis=0)
     if a.shape != b.shape:
         return None
     t = ttest_rel(a, b)
     ci = t.confidence_interval(0.95)
     d = a - b
     w = wilcoxon(d) if np.any(d != 0) else None
-    return {"a": ma["model"], "b": mb["model"], "n_items": int(a.size), "diff": float(d.mean()),
+    return {"a": name_a, "b": name_b, "n_items": int(a.size), "diff": float(d.mean()),
             "lo": float(ci.low), "hi": float(ci.high), "p_t": float(t.pvalue),
             "p_wilcoxon": float(w.pvalue) if w is not None else 1.0,
-            "seeds": [len(ma["items"]), len(mb["items"])]}
+            "seeds": [len(a_seeds), len(b_seeds)]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,8 +350,10 @@ def f2_reasoning(models, metric="reason_id_acc"):
     tr = trend(ms, metric)
     e8, top = ms[0], ms[-1]
     eq = tost(vals(top, metric), vals(e8, metric), MARGINS["acc"])
+    per_item = {t: paired_reasoning(top, e8, t) for t in REASON_TASKS}
     st = {"trend": tr, "trend_val_loss": vl, "largest_vs_E8": eq,
-          "per_item": "not available: train_moe logs one accuracy per eval file, not per item"}
+          "per_item": {t: v for t, v in per_item.items() if v} or
+          "not available: the runs' logs have no per-item lines (train_moe before they were logged)"}
     return trend_finding("F2", claim, st, tr, eq, [
         ("decreasing", "reproduced", "regresses: {metric} falls with total params over E >= 8 (tau {tau:.2f}, p = "
          "{p_decreasing:.3g}) while val loss does not rise"),
@@ -341,7 +384,9 @@ def f3_topk(models):
                 pairs[f"{mt} K={b['K']} - K={a['K']}"] = tost(vals(b, mt), vals(a, mt), mg)
     acc_pairs = {k: v for k, v in pairs.items() if not k.startswith("val_loss")}
     beyond = [k for k, v in acc_pairs.items() if v["lo"] > v["margin"] or v["hi"] < -v["margin"]]
-    st = {"pairs": pairs, "K": ks}
+    per_item = {f"reason_id K={b['K']} - K={a['K']}": paired_reasoning(b, a, "reason_id")
+                for i, a in enumerate(ms) for b in ms[i + 1:]}
+    st = {"pairs": pairs, "K": ks, "per_item": {k: v for k, v in per_item.items() if v} or "not available"}
     if beyond:
         return finding("F3", claim, "not reproduced", "outside the margin: " + "; ".join(
             f"{k} {acc_pairs[k]['diff']:+.3f} [{acc_pairs[k]['lo']:+.3f}, {acc_pairs[k]['hi']:+.3f}]" for k in beyond), st)

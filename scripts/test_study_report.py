@@ -470,6 +470,14 @@ def test_v3_rules():
     check(pi and abs(pi["diff"] - 0.1) < 1e-9 and pi["lo"] > 0 and pi["p_wilcoxon"] < 0.05,
           "v3 paired per fact: a small consistent gain is detected by the paired test", str(pi))
     check(s3.paired_items(a, {"model": "c", "items": {}}) is None, "v3 paired: no per-fact results -> none")
+    # reasoning items: b right on the same 300 of 1000 items as a, a also on 60 more (6 points)
+    ra = {"model": "a", "reason_items": {s_: {"reason_id": [1] * 360 + [0] * 640} for s_ in "12"}}
+    rb = {"model": "b", "reason_items": {s_: {"reason_id": [1] * 300 + [0] * 700} for s_ in "12"}}
+    pr = s3.paired_reasoning(ra, rb, "reason_id")
+    check(pr and abs(pr["diff"] - 0.06) < 1e-9 and pr["lo"] > 0 and pr["n_items"] == 1000 and pr["seeds"] == [2, 2],
+          "v3 paired per reasoning item: 6 points more on the same items is detected", str(pr))
+    check(s3.paired_reasoning(ra, {"model": "c", "reason_items": {}}, "reason_id") is None
+          and s3.paired_reasoning(ra, rb, "reason_shift") is None, "v3 paired reasoning: no per-item lines -> none")
 
 
 def test_v3_optimum():
@@ -503,6 +511,11 @@ def test_v3_main(tmp):
         os.makedirs(os.path.join(d, "runs", name), exist_ok=True)
         with gzip.open(os.path.join(d, "runs", name, "fact_items.txt.gz"), "wt") as f:
             f.write("# bits right\n" + "".join(f"{x:.1f} {y}\n" for x, y in zip(b, c)))
+        with open(os.path.join(d, "runs", name, "log.txt"), "w") as f:  # per-item lines, the last eval's count
+            irng = random.Random(name)
+            for step in (100, 200):
+                for task in ("reason_id", "reason_shift"):
+                    f.write(f"step {step} items {task} " + "".join(str(int(irng.random() < 0.4)) for _ in range(500)) + "\n")
     half = [dict(r, facts_all_bits=r["facts_all_bits"] / 1.1) for r in rows if r["E"] == 1]
     with open(os.path.join(d, "half.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -516,6 +529,10 @@ def test_v3_main(tmp):
     check(r.returncode == 0 and "Gate: passed" in md and "| F1 |" in md and "**reproduced**" in md
           and st.get("gate", {}).get("passed") is True and len(st.get("findings", [])) == 6,
           "v3 report: verdict.md (gate, findings, models) and stats.json from a planted sweep", (r.stdout + r.stderr)[-800:])
+    f2 = next((f for f in st.get("findings", []) if f["id"] == "F2"), {}).get("stats", {}).get("per_item", {})
+    check(isinstance(f2, dict) and set(f2) == {"reason_id", "reason_shift"} and f2["reason_id"]["n_items"] == 500
+          and f2["reason_id"]["seeds"] == [3, 3],
+          "v3 report: F2's paired per-item reasoning comparison read from the runs' log.txt items lines", str(f2)[:400])
 
 
 def main():
