@@ -126,7 +126,8 @@ def group_models(rows, items_dir=None):
 
 def read_item_lines(path):
     """{task: [0 or 1 per item]} from a log's per-item lines at its last step that has them ({} if
-    none): "step S items TASK 0110..." """
+    none): "step S items TASK 0110..."; of two lines for a task at that step (test-time compute's
+    eval on fewer items), the longer."""
     last, out = -1, {}
     if not os.path.exists(path):
         return out
@@ -138,7 +139,7 @@ def read_item_lines(path):
             s = int(w[1])
             if s > last:
                 last, out = s, {}
-            if s == last:
+            if s == last and len(w[4]) >= len(out.get(w[3], [])):
                 out[w[3]] = [int(c) for c in w[4]]
     return out
 

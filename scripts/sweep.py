@@ -51,7 +51,9 @@ finished, else from all; plus the measured seconds per eval point), before any h
 --bench figures if present, else from the running run.
 
 With `ttc_samples` in the config, each finished run's final checkpoint also gets test-time compute
-(`-y 1 -ex 1 -tn S -tt T`: majority vote and pass@n on acc_items items per eval file). With
+(`-y 1 -ex 1 -tn S -tt T`: majority vote and pass@n on acc_items items per eval file); `ttc_seeds`
+limits it to the runs of those seeds, `ttc_files` to those eval files and `ttc_items` to that many
+items per file. With
 `fact_bits`, the final checkpoint's stored bits on every fact of an eval file of one-token answers
 (fact_bits_eval: the trainer's -fi/-fo forward on the facts packed like training documents), with one
 line per fact in fact_items.txt.gz for paired comparisons.
@@ -89,7 +91,7 @@ TOP_KEYS = {
     "eval_files", "B", "T", "grad_accum", "lr", "warmup", "warmup_frac", "min_lr_frac", "weight_decay",
     "grad_clip", "seed", "evals", "val_batches", "acc_items", "checkpoints", "keep_checkpoints",
     "model", "families", "extra_args", "threads", "notes", "ttc_samples", "ttc_temp",
-    "seeds", "results_dir", "grpo", "fact_bits",
+    "ttc_seeds", "ttc_files", "ttc_items", "seeds", "results_dir", "grpo", "fact_bits",
 }
 GRPO_KEYS = {"rl_file", "steps", "eval_every", "eval_files", "args", "families", "seeds"}
 MODEL_KEYS = {"V", "L", "C", "H", "Hkv", "E", "K", "F", "aux_coef", "z_coef", "rope_theta"}
@@ -303,6 +305,14 @@ def plan_sweep(cfg, check_files=True):
         err("config", "ttc_temp", f"must be a positive temperature (got {cfg['ttc_temp']!r})")
     if cfg.get("ttc_samples") and not cfg.get("eval_files"):
         err("config", "ttc_samples", "test-time compute needs eval_files")
+    if "ttc_seeds" in cfg and (not isinstance(cfg["ttc_seeds"], list) or not cfg["ttc_seeds"]
+                               or not all(_is_int(x) and x >= 0 for x in cfg["ttc_seeds"])):
+        err("config", "ttc_seeds", f"must be a non-empty list of integers >= 0 (got {cfg['ttc_seeds']!r})")
+    if "ttc_files" in cfg and (not isinstance(cfg["ttc_files"], list) or not cfg["ttc_files"]
+                               or not all(isinstance(x, str) for x in cfg["ttc_files"])):
+        err("config", "ttc_files", f"must be a non-empty list of eval files (got {cfg['ttc_files']!r})")
+    if "ttc_items" in cfg and (not _is_int(cfg["ttc_items"]) or cfg["ttc_items"] < 0):
+        err("config", "ttc_items", f"must be an integer >= 0 (got {cfg['ttc_items']!r})")
     seeds_top = cfg.get("seeds")
     if seeds_top is not None and (not isinstance(seeds_top, list) or not seeds_top
                                   or not all(_is_int(x) and x >= 0 for x in seeds_top)
@@ -549,7 +559,8 @@ def plan_sweep(cfg, check_files=True):
                 "val_every": val_every, "ckpt_every": ckpt_every,
                 "n_evals": len(set(list(range(val_every, steps + 1, val_every)) + [steps])),
                 "extra": {k: r[k] for k in ("aux_coef", "z_coef", "rope_theta", "init_std") if k in r},
-                "where": rw, "seed": seed, "ttc_samples": fttc, "budget_flops": fbudget,
+                "where": rw, "seed": seed, "budget_flops": fbudget,
+                "ttc_samples": fttc if seed is None or seed in cfg.get("ttc_seeds", [seed]) else 0,
                 "own_lr": "lr" in r,
             }
             run["args"] = trainer_args(cfg, run)
@@ -643,9 +654,11 @@ def parse_log(path):
                     out["train"][s] = {k: float(v) for k, v in kv.items()}
                 elif w[2] == "val":
                     out["val"][s] = float(w[3])
-                elif w[2] == "task":
-                    kv = dict(zip(w[4::2], w[5::2]))
-                    out["task"].setdefault(s, {})[w[3]] = {k: float(v) for k, v in kv.items()}
+                elif w[2] == "task":  # at a step already logged, the line with fewer items (ttc_items) does not replace it
+                    kv = {k: float(v) for k, v in zip(w[4::2], w[5::2])}
+                    old = out["task"].setdefault(s, {}).get(w[3])
+                    if old is None or kv.get("n", 0.0) >= old.get("n", 0.0):
+                        out["task"][s][w[3]] = kv
                 elif w[2] == "ttc":  # step S ttc TASK n N maj X pass Y items I temp T
                     kv = dict(zip(w[4::2], w[5::2]))
                     out["ttc"].setdefault(s, {}).setdefault(w[3], {})[int(kv["n"])] = \
@@ -683,12 +696,25 @@ def run_to_file(cmd, path, env):
                 LIVE.discard(p)
 
 
+def ttc_cmd(cfg, run, run_dir, trainer):
+    """The run's command with -ex 1 -tn S -tt T, its eval files and items per file those of
+    ttc_files and ttc_items where the config names them."""
+    cmd = cmd_for(cfg, run, run_dir, trainer)
+    for key, flag, value in (("ttc_files", "-ev", lambda v: ",".join(v)), ("ttc_items", "-ea", str)):
+        if key in cfg:
+            if flag in cmd:
+                cmd[cmd.index(flag) + 1] = value(cfg[key])
+            else:
+                cmd += [flag, value(cfg[key])]
+    return cmd + ["-ex", "1", "-tn", str(run.get("ttc_samples", cfg.get("ttc_samples"))),
+                  "-tt", str(cfg.get("ttc_temp", 0.8))]
+
+
 def run_ttc(cfg, run, run_dir, trainer, env, tag):
     """Test-time compute on the final checkpoint: -y 1 -ex 1 -tn S -tt T (the trainer logs the
     "ttc" lines, and the task lines again, at the final step)."""
     n_samples = run.get("ttc_samples", cfg.get("ttc_samples"))
-    cmd = cmd_for(cfg, run, run_dir, trainer) + ["-ex", "1", "-tn", str(n_samples),
-                                                 "-tt", str(cfg.get("ttc_temp", 0.8))]
+    cmd = ttc_cmd(cfg, run, run_dir, trainer)
     log(f"{tag} {run['name']}: test-time compute, {n_samples} samples per item")
     t0 = time.time()
     rc = run_to_file(cmd, os.path.join(run_dir, "stdout.txt"), env)

@@ -516,6 +516,7 @@ def test_v3_main(tmp):
             for step in (100, 200):
                 for task in ("reason_id", "reason_shift"):
                     f.write(f"step {step} items {task} " + "".join(str(int(irng.random() < 0.4)) for _ in range(500)) + "\n")
+            f.write("step 200 items reason_id 0110\n")  # test-time compute's eval of fewer items, after the full one
     half = [dict(r, facts_all_bits=r["facts_all_bits"] / 1.1) for r in rows if r["E"] == 1]
     with open(os.path.join(d, "half.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

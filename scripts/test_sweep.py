@@ -241,6 +241,42 @@ def test_end_to_end(cfgpath, root, trainer, tmp):
               r.stderr[-500:])
 
 
+def test_ttc_options():
+    """ttc_seeds, ttc_files, ttc_items: test-time compute on some seeds, files and items only; bad values refused."""
+    cfg = sweep.load_config(os.path.join(HERE, "sweep_configs", "smoke.json"))
+    cfg.update(name="ttc", seeds=[1, 2], ttc_samples=4, ttc_seeds=[1], ttc_files=["data/tasks/reason_eval.bin"],
+               ttc_items=7, acc_items=0)
+    cfg["families"] = [{"name": "A", "K": 1, "F": 32, "E": [1, 2]}]
+    runs, _ = sweep.plan_sweep(cfg, check_files=False)
+    per_seed = sorted({(r["seed"], r["ttc_samples"]) for r in runs})
+    check(per_seed == [(1, 4), (2, 0)], "ttc_seeds: test-time compute on seed 1's runs only", str(per_seed))
+    r1 = next(r for r in runs if r["seed"] == 1)
+    cmd = sweep.ttc_cmd(cfg, r1, "RUN", "T")
+    ev, ea = cmd[cmd.index("-ev") + 1], cmd[cmd.index("-ea") + 1]
+    check(ev == "data/tasks/reason_eval.bin" and ea == "7" and cmd.count("-ev") == 1 and cmd.count("-ea") == 1
+          and cmd[-6:] == ["-ex", "1", "-tn", "4", "-tt", "0.8"],
+          "ttc_files and ttc_items replace -ev and -ea in the test-time compute command", " ".join(cmd))
+    train = sweep.cmd_for(cfg, r1, "RUN", "T")
+    check(train[train.index("-ev") + 1] != ev and train[train.index("-ea") + 1] == "0",
+          "training keeps the config's eval files and acc_items", " ".join(train))
+    with tempfile.TemporaryDirectory() as d:  # test-time compute's eval of fewer items logs task lines at the same step
+        p = os.path.join(d, "log.txt")
+        with open(p, "w") as f:
+            f.write("step 9 task reason bpt 1.0 bpb 0.5 acc 0.400000 n 1000\n"
+                    "step 9 task reason bpt 1.1 bpb 0.6 acc 0.300000 n 200\n")
+        got = sweep.parse_log(p)["task"][9]["reason"]
+        check(got["acc"] == 0.4 and got["n"] == 1000, "parse_log: a later task line with fewer items does not "
+              "replace the full eval's at the same step", str(got))
+    for key, bad in (("ttc_seeds", []), ("ttc_seeds", [-1]), ("ttc_files", "x.bin"), ("ttc_items", -2)):
+        c = dict(cfg, **{key: bad})
+        try:
+            sweep.plan_sweep(c, check_files=False)
+            refused = ""
+        except sweep.ConfigError as e:
+            refused = str(e)
+        check(key in refused, f"{key} = {bad!r} is refused, naming the key", refused[:200])
+
+
 def test_seeds_results_grpo(trainer, tmp):
     """seeds, results_dir (a fresh clone continues from the committed logs), the GRPO stage and --hours."""
     cfg = sweep.load_config(os.path.join(HERE, "sweep_configs", "smoke.json"))
@@ -494,6 +530,7 @@ def main():
     test_counts()
     test_bench_share()
     test_equal_compute()
+    test_ttc_options()
     with tempfile.TemporaryDirectory(prefix="test_sweep_") as tmp:
         root = os.path.join(tmp, "sweeps")
         test_bad_configs(tmp)
