@@ -44,7 +44,7 @@ verdict names it). A statistic needs >= 2 finished seeds in each model it compar
      entirely outside a margin -> not reproduced (named); else inconclusive.
   F4 GRPO does not rescue sparse models / F5 nor does test-time compute: precondition, the GRPO
      (grpo0_/grpo_ columns) or test-time compute (maj<n>) results on >= 2 models of each side. The
-     gain (after - before; maj@n - greedy) of the sparse side (E >= 16) minus the dense side (E <= 8),
+     gain (after - before; maj@N - maj@1 on the same items) of the sparse side (E >= 16) minus the dense side (E <= 8),
      model means, Welch 90% interval: its upper end below MARGINS["acc"] -> reproduced (no rescue);
      its lower end above MARGINS["acc"] -> not reproduced; else inconclusive.
   F6 the reasoning optimum is near 20 tokens per param: precondition, the family's tokens per total
@@ -424,10 +424,12 @@ def grpo_gain(r):
 
 
 def ttc_gain(r):
+    """maj@N (the most samples) minus maj@1: both on the items test-time compute scored (ttc_items may
+    be fewer than the greedy eval's), at the same temperature."""
     ns = sorted(int(k[len("reason_id_maj"):]) for k in r if k.startswith("reason_id_maj") and num(r[k]) is not None)
-    if not ns or num(r.get("reason_id_acc")) is None:
+    if len(ns) < 2 or ns[0] != 1:
         return None
-    return num(r[f"reason_id_maj{ns[-1]}"]) - num(r["reason_id_acc"])
+    return num(r[f"reason_id_maj{ns[-1]}"]) - num(r["reason_id_maj1"])
 
 
 def f6_optimum(models):

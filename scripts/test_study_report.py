@@ -329,6 +329,7 @@ def v3_rows(bits=lambda E: 2.0 + 0.5 * math.log2(E), reason=lambda E: 0.40, val=
                 row["grpo0_reason_id_acc"] = row["reason_id_acc"]
                 row["grpo_reason_id_acc"] = row["reason_id_acc"] + grpo(E) + rng.gauss(0, noise)
             if ttc:
+                row["reason_id_maj1"] = row["reason_id_acc"]  # one sample: the greedy accuracy, no draw (keeps rng's stream)
                 row["reason_id_maj32"] = row["reason_id_acc"] + ttc(E) + rng.gauss(0, noise)
             rows.append(row)
             irng = random.Random(hash((model, sd)) & 0xffffffff)
