@@ -118,21 +118,25 @@ static AttGraph* att_graph(int backward, int B, int T, int H, int Hkv, int D) {
     att_graphs[key] = ag;
     return ag.ok ? &att_graphs[key] : NULL;
 }
-static int attention_forward_cudnn(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
-                                   int B, int T, int H, int Hkv, int D) {
-    AttGraph* ag = att_graph(0, B, T, H, Hkv, D);
-    if (!ag) { cudnn_att_fallbacks++; return 0; }
-    std::unordered_map<FeTensor, void*> pack = {{ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v},
-                                                {ag->O, (void*)out}, {ag->stats, (void*)lse}};
+// run a graph on the tensors of pack; 0 (after a note, the graph marked unusable) if cuDNN refused it
+static int att_graph_run(AttGraph* ag, std::unordered_map<FeTensor, void*>& pack, const char* what) {
     std::string msg;
     if (!fe_ok(ag->graph->execute(cudnn_handle, pack, cudnn_workspace), &msg)) { // e.g. a misaligned pointer
-        fprintf(stderr, "note: cuDNN attention forward failed (%s): using the built-in kernels\n", msg.c_str());
+        fprintf(stderr, "note: cuDNN attention %s failed (%s): using the built-in kernels\n", what, msg.c_str());
         ag->ok = 0;
         cudnn_att_fallbacks++;
         return 0;
     }
     cudnn_att_runs++;
     return 1;
+}
+static int attention_forward_cudnn(floatX* out, float* lse, const floatX* q, const floatX* k, const floatX* v,
+                                   int B, int T, int H, int Hkv, int D) {
+    AttGraph* ag = att_graph(0, B, T, H, Hkv, D);
+    if (!ag) { cudnn_att_fallbacks++; return 0; }
+    std::unordered_map<FeTensor, void*> pack = {{ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v},
+                                                {ag->O, (void*)out}, {ag->stats, (void*)lse}};
+    return att_graph_run(ag, pack, "forward");
 }
 static int attention_backward_cudnn(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* out,
                                     const float* lse, const floatX* q, const floatX* k, const floatX* v,
@@ -142,15 +146,7 @@ static int attention_backward_cudnn(floatX* dq, floatX* dk, floatX* dv, const fl
     std::unordered_map<FeTensor, void*> pack = {
         {ag->Q, (void*)q}, {ag->K, (void*)k}, {ag->V, (void*)v}, {ag->O, (void*)out}, {ag->dO, (void*)dout},
         {ag->stats, (void*)lse}, {ag->dQ, (void*)dq}, {ag->dK, (void*)dk}, {ag->dV, (void*)dv}};
-    std::string msg;
-    if (!fe_ok(ag->graph->execute(cudnn_handle, pack, cudnn_workspace), &msg)) { // e.g. a misaligned pointer
-        fprintf(stderr, "note: cuDNN attention backward failed (%s): using the built-in kernels\n", msg.c_str());
-        ag->ok = 0;
-        cudnn_att_fallbacks++;
-        return 0;
-    }
-    cudnn_att_runs++;
-    return 1;
+    return att_graph_run(ag, pack, "backward");
 }
 
 // the handle, and the version in the device line

@@ -125,20 +125,16 @@ void dist_wait_all(void) {
 // counts[n] (device: one layer's expert counts) := their sum over the ranks, in place; and the same for
 // grads[n] (device: the gradients). NCCL adds in a fixed order for a given R and machine, and every rank
 // receives the same bits.
-void dist_sum_counts(int* counts, size_t n) {
 #ifdef USE_MPI
-    ncclCheck(ncclAllReduce(counts, counts, n, ncclInt32, ncclSum, nccl_comm, nccl_stream));
-#else
-    (void)counts; (void)n;
-#endif
+static void nccl_sum_in_place(void* x, size_t n, ncclDataType_t type) {
+    ncclCheck(ncclAllReduce(x, x, n, type, ncclSum, nccl_comm, nccl_stream));
 }
-void dist_allreduce_grads(float* grads, size_t n) {
-#ifdef USE_MPI
-    ncclCheck(ncclAllReduce(grads, grads, n, ncclFloat32, ncclSum, nccl_comm, nccl_stream));
+void dist_sum_counts(int* counts, size_t n) { nccl_sum_in_place(counts, n, ncclInt32); }
+void dist_allreduce_grads(float* grads, size_t n) { nccl_sum_in_place(grads, n, ncclFloat32); }
 #else
-    (void)grads; (void)n;
+void dist_sum_counts(int*, size_t) {}
+void dist_allreduce_grads(float*, size_t) {}
 #endif
-}
 
 // x[n] (host) := its mean over the ranks
 void dist_mean(double* x, int n) {
