@@ -116,6 +116,7 @@ test: venv test_moe train_moe ref
 	$(MAKE) --no-print-directory test-data
 	$(MAKE) --no-print-directory test-dist
 	./test_moe dev/ref
+	$(PY) dev/moe_ref.py --check-rollouts dev/ref/e6_rollouts.bin --outdir dev/ref
 	$(MAKE) --no-print-directory test-blas
 	$(MAKE) --no-print-directory test-sanitize
 	$(MAKE) --no-print-directory fuzz-smoke

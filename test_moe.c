@@ -336,11 +336,13 @@ static void test_grpo(const char* dir, const char* name) {
     for (int r = 0; r < rows; r++) adv_diff = fmaxf(adv_diff, fabsf(ro.adv[r] - adv_ref[r]));
     CHECK(adv_diff <= 1e-6f, "[%s grpo] advantages max|diff| %.3e > 1e-6", name, adv_diff);
     model_alloc_acts(&model, mb, T);
-    printf("[%s grpo] P=%d G=%d M=%d agg %d kl %g clip %g | zero-variance groups %d | advantages max|diff| %.1e\n", name,
-           P, G, M, gc.agg, gc.kl, gc.clip, flat, adv_diff);
+    CHECK(opt[3] == 1e-8f, "[%s grpo] the reference's AdamW eps %g is not the trainer's 1e-8", name, opt[3]);
+    printf("[%s grpo] P=%d G=%d M=%d agg %d kl %g clip %g temp %g router losses %s decay %s | zero-variance groups %d | "
+           "advantages max|diff| %.1e\n", name, P, G, M, gc.agg, gc.kl, gc.clip, gc.temp, gc.router_losses ? "in" : "out",
+           gc.decay_matrices_only ? "matrices" : "all", flat, adv_diff);
     for (int m = 0; m < M; m++) {
-        const float* ref3 = ref.updates + (size_t)m * (3 + np); // loss, clipped tokens, grad norm
-        const float* grads = ref3 + 3;
+        const float* ref3 = ref.updates + (size_t)m * (GRPO_REF_STATS + np); // loss, clipped, norm, clamped
+        const float* grads = ref3 + GRPO_REF_STATS;
         size_t o = (size_t)m * mb * T;
         GrpoStats gs = {0};
         model_zero_grad(&model);
@@ -350,22 +352,25 @@ static void test_grpo(const char* dir, const char* name) {
         snprintf(what, sizeof what, "%s grpo update %d/%d", name, m + 1, M);
         CHECK(fabsf(loss - ref3[0]) <= 1e-5f * fmaxf(1.0f, fabsf(ref3[0])), "[%s] loss %.7f vs %.7f", what, loss, ref3[0]);
         CHECK(gs.clipped == (long)ref3[1], "[%s] %ld clipped tokens, the reference %d", what, gs.clipped, (int)ref3[1]);
+        CHECK(gs.kl_clamped == (long)ref3[3], "[%s] %ld clamped KL tokens, the reference %d", what, gs.kl_clamped,
+              (int)ref3[3]);
         float worst = check_grads(what, &model, grads);
         float norm = global_grad_norm(&model);
         CHECK(fabsf(norm - ref3[2]) <= 1e-4f * ref3[2], "[%s] grad norm %.6f vs %.6f", what, norm, ref3[2]);
-        printf("  update %d/%d: loss %.6f (ref %.6f) | clipped tokens %ld (ref %d) of %ld | worst gradient relative error "
-               "%.2e | norm %.5f (ref %.5f)\n", m + 1, M, loss, ref3[0], gs.clipped, (int)ref3[1], gs.tokens, worst, norm,
-               ref3[2]);
+        printf("  update %d/%d: loss %.6f (ref %.6f) | clipped tokens %ld (ref %d), clamped KL %ld (ref %d) of %ld | worst "
+               "gradient relative error %.2e | norm %.5f (ref %.5f)\n", m + 1, M, loss, ref3[0], gs.clipped, (int)ref3[1],
+               gs.kl_clamped, (int)ref3[3], gs.tokens, worst, norm, ref3[2]);
         float scale = (opt[5] > 0 && norm > opt[5]) ? opt[5] / norm : 1.0f;
-        model_update(&model, opt[0], opt[1], opt[2], opt[3], opt[4], m + 1, scale);
+        grpo_adamw(&model, opt[0], opt[1], opt[2], opt[4], gc.decay_matrices_only, m + 1, scale);
     }
     grpo_ref_free(&ref);
     free(w);
     model_free(&model);
 }
 
-// the sampler's log-probs of its tokens (pi_old in GRPO) == the training forward's log-probs of them
-static void test_sampler_logp(const char* dir, const char* name) {
+// the sampler's log-probs of its tokens (pi_old in GRPO) == the training forward's log-probs of them, both
+// at the sampling temperature
+static void test_sampler_logp(const char* dir, const char* name, float temp) {
     Model model;
     DebugState d;
     load_reference(dir, name, &model, &d);
@@ -376,19 +381,21 @@ static void test_sampler_logp(const char* dir, const char* name) {
     int resp[64];
     float logp[64];
     uint64_t rng = 12345;
-    int n = sample_response(&model, d.x, plen, T - plen, -1, 0, &none, resp, logp, 1, 1.0f, &rng);
+    int n = sample_response(&model, d.x, plen, T - plen, -1, 0, &none, resp, logp, 1, temp, &rng);
     Rollouts ro;
     rollouts_alloc(&ro, 1, T);
     rollouts_set_row(&ro, 0, d.x, plen, resp, n, logp, V - 1);
     model_forward(&model, ro.x, ro.y, 1, T);
+    grpo_temper(&model, ro.y, T, temp);
     float worst = 0.0f;
     int counted = 0;
     for (int t = 0; t < T; t++)
         if (ro.y[t] >= 0) { worst = fmaxf(worst, fabsf(-model.losses[t] - ro.old_logp[t])); counted++; }
     CHECK(counted == n && n == T - plen, "[%s] %d response tokens laid out as %d targets (want %d)", name, n, counted, T - plen);
-    CHECK(worst <= 1e-5f, "[%s] sampler log-probs vs the training forward's: max|diff| %.3e > 1e-5", name, worst);
-    printf("[%s] sampled %d tokens at temperature 1: sampler log-probs == training forward's, max|diff| %.2e\n", name, n,
-           worst);
+    CHECK(worst <= 1e-5f, "[%s] sampler log-probs vs the training forward's at temperature %g: max|diff| %.3e > 1e-5",
+          name, temp, worst);
+    printf("[%s] sampled %d tokens at temperature %g: sampler log-probs == training forward's, max|diff| %.2e\n", name,
+           n, temp, worst);
     rollouts_free(&ro);
     debug_free(&d);
     model_free(&model);
@@ -717,6 +724,26 @@ static void write_prompts(const char* path, const char* ref, int kind) {
     write_eval(path, &es, 200);
 }
 
+// a log's per-item lines ("step S items NAME 0110...") against its task lines' accuracy and item count:
+// returns how many items lines agree (-1 if one disagrees or none is there)
+static int check_item_lines(const char* log_path) {
+    FILE* fp = fopen(log_path, "r");
+    if (!fp) return -1;
+    char line[8192], name[128], bits[4096];
+    int step, n = 0, ok = 1, agree = 0;
+    double acc = -1.0;
+    while (fgets(line, sizeof line, fp)) {
+        if (sscanf(line, "step %d task %127s %*s %*s %*s %*s acc %lf n %d", &step, name, &acc, &n) == 4) continue;
+        if (sscanf(line, "step %d items %127s %4095s", &step, name, bits) != 3) continue;
+        int ones = 0, len = (int)strlen(bits);
+        for (int i = 0; i < len; i++) ones += bits[i] == '1';
+        ok &= len == n && fabs((double)ones / len - acc) < 1e-6;
+        agree++;
+    }
+    fclose(fp);
+    return ok && agree ? agree : -1;
+}
+
 static void test_grpo_binary(const char* tmp) {
     char cmd[16384], start[1024], prompts[1024], blank[1024], a4[1024], b4[1024], b2[1024], args[12288], other[1024];
     char* out;
@@ -737,6 +764,13 @@ static void test_grpo_binary(const char* tmp) {
           "GRPO run: exit %d, %d 'rl step' lines (want 4), held-out eval line %s:\n%s", rc1, lines,
           strstr(out, "task rl_test") ? "present" : "missing", out);
     free(out);
+    char logp[1100];
+    snprintf(logp, sizeof logp, "%s/rl_straight/log.txt", tmp);
+    int items_lines = check_item_lines(logp);
+    CHECK(items_lines == 3, "[trainer] %s: %d per-item lines agreeing with the task lines' accuracy (want 3: steps 0, 2, 4)",
+          logp, items_lines);
+    printf("[trainer] per-item eval lines (step S items NAME 0110...): %d, each agreeing with its task line's accuracy\n",
+           items_lines);
     snprintf(cmd, sizeof cmd, "%s %s -n 2 -o %s/rl_resumed", trainer, common, tmp);
     int rc2 = run_cmd(cmd, &out); free(out);
     snprintf(b4, sizeof b4, "%s/rl_resumed/model_00000004.bin", tmp);
@@ -778,6 +812,21 @@ static void test_grpo_binary(const char* tmp) {
     expect_error("reference of another shape", args, "other/model_00000001.bin' (flag -e) has another shape", b2);
 }
 
+// an eval set of two prompts of plen tokens cut from the debug batch's tokens x (at offsets 0 and 1), a
+// reasoning task (no stop at newlines) with answers "1" and "2"; its arrays live in *two
+typedef struct { int pl[2], al[2]; int* toks[2]; char* refs[2]; } TwoPrompts;
+static EvalSet two_prompts(TwoPrompts* two, const char* name, int* x, int plen, int max_answer) {
+    EvalSet es;
+    memset(&es, 0, sizeof es);
+    snprintf(es.name, sizeof es.name, "%s", name);
+    for (int i = 0; i < 2; i++) { two->pl[i] = plen; two->al[i] = 1; two->toks[i] = x + i; }
+    two->refs[0] = (char*)"1";
+    two->refs[1] = (char*)"2";
+    es.n = 2; es.kind = TASK_REASONING; es.max_prompt = plen; es.max_answer = max_answer;
+    es.plen = two->pl; es.alen = two->al; es.toks = two->toks; es.ref = two->refs;
+    return es;
+}
+
 // GRPO's rollout streams, the scheme train_moe.cu's grpo_rollouts follows on the GPU so that the same
 // checkpoint and seed give the same rollouts there: row r of a rollout batch samples from its own
 // stream hash3(seed, r, 0x7011), so its tokens and log-probs are those of sample_response run alone on
@@ -787,16 +836,11 @@ static void test_rollout_streams(const char* dir, const char* name) {
     DebugState d;
     load_reference(dir, name, &model, &d);
     int T = d.T, V = model.config.V, eot = V - 1, plen = 2;
-    GrpoConfig gc = {2, 3, T - plen, 1, AGG_TOKEN_MEAN, 1.0f, 0.2f, 0.0f}; // P G R M agg temp clip kl
+    GrpoConfig gc = {2, 3, T - plen, 1, AGG_TOKEN_MEAN, 1.0f, 0.2f, 0.0f, 0, 0}; // P G R M agg temp clip kl ..
     int rows = gc.P * gc.G, items[2] = {0, 1};
-    EvalSet es; // two prompts cut from the debug batch; a reasoning task, so no stop at newlines
-    memset(&es, 0, sizeof es);
-    strcpy(es.name, "streams");
-    int pl[2] = {plen, plen}, al[2] = {1, 1};
-    int* toks[2] = {d.x, d.x + 1};
-    char* refs[2] = {(char*)"1", (char*)"2"};
-    es.n = 2; es.kind = TASK_REASONING; es.max_prompt = plen; es.max_answer = gc.R;
-    es.plen = pl; es.alen = al; es.toks = toks; es.ref = refs;
+    TwoPrompts two;
+    EvalSet es = two_prompts(&two, "streams", d.x, plen, gc.R);
+    int** toks = two.toks;
     Tokenizer tk; // no pieces: every answer reads empty (reward 0), which these checks do not need
     memset(&tk, 0, sizeof tk);
     const uint64_t seed = 0x5EED;
@@ -848,6 +892,58 @@ static void test_rollout_streams(const char* dir, const char* name) {
     model_free(&model);
 }
 
+// a real rollout batch for dev/moe_ref.py --check-rollouts: grpo_rollouts of the NAME_model.bin policy
+// at temperature 0.8 (the sampler's log-probs, pi_old) and grpo_ref_logp of NAME_grpo_reference.bin, a
+// model that differs from the policy. Written to DIR/NAME_rollouts.bin; the check in PyTorch (make test
+// runs it after test_moe) recomputes both log-probs from the two checkpoints, so a reference computed
+// with the policy, or log-probs at temperature 1, would fail it.
+#define ROLLOUTS_MAGIC 20251128
+static void test_rollouts_for_pytorch(const char* dir, const char* name) {
+    Model model, ref;
+    DebugState d;
+    TrainState st;
+    char path[1024];
+    load_reference(dir, name, &model, &d);
+    snprintf(path, sizeof path, "%s/%s_grpo_reference.bin", dir, name);
+    if (checkpoint_load(&ref, path, &st, 0) != 0) {
+        CHECK(0, "[%s] no GRPO reference model %s: the rollout check against PyTorch was not prepared", name, path);
+        debug_free(&d); model_free(&model);
+        return;
+    }
+    int T = d.T, V = model.config.V, eot = V - 1, plen = 2;
+    GrpoConfig gc = {2, 3, T - plen, 1, AGG_TOKEN_MEAN, 0.8f, 0.2f, 0.05f, 0, 0}; // P G R M agg temp clip kl ..
+    int rows = gc.P * gc.G, items[2] = {0, 1};
+    TwoPrompts two;
+    EvalSet es = two_prompts(&two, "rollouts", d.x, plen, gc.R);
+    Tokenizer tk;
+    memset(&tk, 0, sizeof tk);
+    Decoders dec = decoders_make(&model, T);
+    Rollouts ro;
+    rollouts_alloc(&ro, rows, T);
+    grpo_rollouts(&dec, &es, items, &gc, &tk, eot, 0xB0A7, &ro);
+    decoders_free(&dec);
+    model_alloc_acts(&ref, rows, T);
+    grpo_ref_logp(&ref, &ro, gc.M, gc.temp);
+    int ntok = 0;
+    for (int i = 0; i < rows * T; i++) ntok += ro.y[i] >= 0;
+    snprintf(path, sizeof path, "%s/%s_rollouts.bin", dir, name);
+    int h[256] = {ROLLOUTS_MAGIC, 1, rows, T};
+    memcpy(&h[4], &gc.temp, 4);
+    FILE* fp = fopenCheck(path, "wb");
+    size_t N = (size_t)rows * T;
+    int ok = fwrite(h, sizeof(int), 256, fp) == 256 && fwrite(ro.x, sizeof(int), N, fp) == N &&
+             fwrite(ro.y, sizeof(int), N, fp) == N && fwrite(ro.old_logp, sizeof(float), N, fp) == N &&
+             fwrite(ro.ref_logp, sizeof(float), N, fp) == N;
+    ok = (fclose(fp) == 0) && ok;
+    CHECK(ok && ntok > rows, "[%s] writing the rollout batch %s (%d response tokens in %d rows)", name, path, ntok, rows);
+    printf("[%s] a rollout batch of %d rows, %d response tokens, at temperature %g, with the reference's log-probs: %s "
+           "(make test checks it with dev/moe_ref.py --check-rollouts)\n", name, rows, ntok, gc.temp, path);
+    rollouts_free(&ro);
+    model_free(&ref);
+    debug_free(&d);
+    model_free(&model);
+}
+
 int main(int argc, char** argv) {
     const char* dir = argc > 1 ? argv[1] : "dev/ref";
     if (argc > 2) trainer = argv[2];
@@ -880,10 +976,13 @@ int main(int argc, char** argv) {
     int ngrpo = 0;
     while (fscanf(mf, "%255s", name) == 1) { test_grpo(dir, name); ngrpo++; }
     fclose(mf);
-    CHECK(ngrpo >= 4, "only %d GRPO reference cases in %s", ngrpo, path);
-    test_sampler_logp(dir, "e6");
-    test_sampler_logp(dir, "dense");
+    CHECK(ngrpo >= 5, "only %d GRPO reference cases in %s", ngrpo, path);
+    test_sampler_logp(dir, "e6", 1.0f);
+    test_sampler_logp(dir, "dense", 1.0f);
+    test_sampler_logp(dir, "e6", 0.7f);
+    test_sampler_logp(dir, "gqa", 1.3f);
     test_rollout_streams(dir, "e6");
+    test_rollouts_for_pytorch(dir, "e6");
     test_checkpoint_roundtrip(dir, first, tmp);
     test_trainer_binary(tmp);
     test_grpo_binary(tmp);

@@ -709,8 +709,8 @@ static void test_task_eval(const char* dir, const char* name) {
     CHECK(bad == 0, "[%s] GPU greedy decoding disagrees with the CPU beyond near-ties (or stops early) on %d items "
           "(largest margin %.2e)", name, bad, worst);
     int scored;
-    double gacc = eval_task_accuracy(&g, &es, &tk, -1, 0, &scored);
-    double cacc = cpu::eval_task_accuracy(&cm, &es, &tk, -1, 0, &scored);
+    double gacc = eval_task_accuracy(&g, &es, &tk, -1, 0, &scored, NULL);
+    double cacc = cpu::eval_task_accuracy(&cm, &es, &tk, -1, 0, &scored, NULL);
     CHECK(cacc == 1.0 && gacc == (double)exact / nitems, "[%s] accuracy: CPU %.3f (expected 1), GPU %.3f (expected %.3f)",
           name, cacc, gacc, (double)exact / nitems);
     printf("[%s] greedy KV-cached decoding: %d/%d items identical to the CPU, %d near-tie tokens (largest margin %.1e), "
@@ -986,8 +986,9 @@ static void test_grpo_update(const char* dir, const char* name) {
         off += g.param_sizes[t];
     }
     float gn = global_grad_norm(&g), cn = cpu::global_grad_norm(&cm);
-    model_update(&g, opt[0], opt[1], opt[2], opt[3], opt[4], 1, opt[5] > 0 && gn > opt[5] ? opt[5] / gn : 1.0f);
-    cpu::model_update(&cm, opt[0], opt[1], opt[2], opt[3], opt[4], 1, opt[5] > 0 && cn > opt[5] ? opt[5] / cn : 1.0f);
+    grpo_adamw(&g, opt[0], opt[1], opt[2], opt[4], gc.decay_matrices_only, 1, opt[5] > 0 && gn > opt[5] ? opt[5] / gn : 1.0f);
+    cpu::grpo_adamw(&cm, opt[0], opt[1], opt[2], opt[4], gc.decay_matrices_only, 1,
+                    opt[5] > 0 && cn > opt[5] ? opt[5] / cn : 1.0f);
     float* gp = (float*)mallocCheck(np * sizeof(float));
     model_download(&g, gp, NULL, NULL);
     float pmax = 0.0f;
@@ -1100,7 +1101,7 @@ static void test_grpo_old_logp(const char* dir, const char* name) {
     int mb = ro.rows / gc.M;
     float* w = (float*)mallocCheck((size_t)mb * ro.T * sizeof(float));
     model_alloc_acts(&g, mb, ro.T);
-    grpo_old_logp(&g, &ro, gc.M);
+    grpo_old_logp(&g, &ro, gc.M, gc.temp);
     long clipped;
     float worst = first_update_ratios(&g, &ro, &gc, w, &clipped);
     CHECK(worst <= RATIO_TOL && clipped == 0, "[%s grpo] first mini-batch after pi_old's recompute: max|ratio - 1| %.3e > %.0e "
@@ -1125,7 +1126,7 @@ static void test_grpo_rollouts(const char* dir, const char* name) {
     snprintf(path, sizeof path, "%s/%s_model.bin", dir, name);
     if (checkpoint_load(&g, path, &st, 0) != 0 || cpu::checkpoint_load(&cm, path, &st, 0) != 0) exit(EXIT_FAILURE);
     int T = g.config.T, V = g.config.V, eot = V - 1, plen = 2;
-    GrpoConfig gc = {2, 4, T - plen, 2, 0, 1.0f, 0.2f, 0.0f}; // P G R M agg temp clip kl
+    GrpoConfig gc = {2, 4, T - plen, 2, 0, 1.0f, 0.2f, 0.0f, 0, 0}; // P G R M agg temp clip kl ..
     int rows = gc.P * gc.G, mb = rows / gc.M, items[2] = {0, 1};
     int p0[2] = {1 % V, 5 % V}, p1[2] = {9 % V, 2 % V};
     EvalSet es; // two prompts; a reasoning task (no stop at newlines)
@@ -1163,7 +1164,7 @@ static void test_grpo_rollouts(const char* dir, const char* name) {
     size_t N = (size_t)rows * T;
     float* dec_logp = (float*)mallocCheck(N * sizeof(float));
     memcpy(dec_logp, gro.old_logp, N * sizeof(float));
-    grpo_old_logp(&g, &gro, gc.M);
+    grpo_old_logp(&g, &gro, gc.M, gc.temp);
     float gap = 0.0f, dec_ratio = 0.0f;
     for (size_t i = 0; i < N; i++)
         if (gro.y[i] >= 0) {

@@ -11,7 +11,7 @@ N*K rows (N = B*T tokens), never N*E.
 
 Where things happen: a token is routed in moe_block_forward (line 987: router_forward, topk_forward,
 permute_plan); the experts' weight gradients are formed in experts_backward (line 510); AdamW runs
-in model_update (line 1231), called from training_step (line 2245); main (line 2286) is the training
+in model_update (line 1231), called from training_step (line 2181); main (line 2222) is the training
 loop.
 
 Build: make train_moe          Run: ./train_moe -h
@@ -27,9 +27,9 @@ Reading map (line ranges of this file):
   1421-1594  data loader: token shards, shuffled or in order, exact position
   1595-1691  tokenizer (decode only) and sampler
   1692-1821  the eval loop: val loss, router diagnostics, task loss and accuracy (dev/moe/tasks.h)
-  1822-2051  flags
-  2052-2281  main's helpers: start, log, checkpoints, evals, one training step; GRPO (dev/moe/grpo.h)
-  2282-2405  main: the training loop
+  1822-2031  flags
+  2032-2217  main's helpers: start, log, checkpoints, evals, one training step; GRPO (dev/moe/grpo.h)
+  2218-2341  main: the training loop
 */
 #include <limits.h>
 #include <stdio.h>
@@ -1715,9 +1715,8 @@ float eval_val_loss(Model* model, DataLoader* val, int max_batches) {
 // one layer's router: the share of token slots each expert received (as a multiple of the uniform
 // share), empty experts, the mean router entropy (nats) from z[N,E] and lse[N], aux and z
 // counts over Nc tokens (N, or every rank's), the entropy over the N of z and lse
-void print_router_layer_of(FILE* logfile, int step, int l, const int* counts, int Nc,
-                           const float* z, const float* lse, int N, int E, int K, float aux,
-                           float zl) {
+void print_router_layer(FILE* logfile, int step, int l, const int* counts, int Nc, const float* z,
+                        const float* lse, int N, int E, int K, float aux, float zl) {
     int mn = counts[0], mx = counts[0], empty = 0;
     for (int e = 0; e < E; e++) {
         if (counts[e] < mn) mn = counts[e];
@@ -1745,18 +1744,13 @@ void print_router_layer_of(FILE* logfile, int step, int l, const int* counts, in
     }
 }
 
-void print_router_layer(FILE* logfile, int step, int l, const int* counts, const float* z,
-                        const float* lse, int N, int E, int K, float aux, float zl) {
-    print_router_layer_of(logfile, step, l, counts, N, z, lse, N, E, K, aux, zl);
-}
-
 // every layer's router after the last forward. After a step of every rank (model->gcounts) the loads
 // are over every rank's tokens and the entropy over this rank's
 void print_router_stats(const Model* model, FILE* logfile, int step) {
     const MoEConfig* c = &model->config;
     int N = model->B * model->T, E = c->E, all = model->gcounts != NULL;
     for (int l = 0; l < c->L; l++)
-        print_router_layer_of(
+        print_router_layer(
                 logfile, step, l, (all ? model->gcounts : model->counts) + (size_t)l * E,
                 all ? N * dist.world : N, model->acts.z + (size_t)l * N * E,
                 model->acts.lse + (size_t)l * N, N, E, c->K, model->aux[l], model->zl[l]);
@@ -1783,9 +1777,10 @@ void eval_task_loss(Model* model, const EvalSet* es, const Tokenizer* tk, int B,
     free(y);
 }
 
-// greedy accuracy over the first max_items items (all if max_items <= 0)
+// greedy accuracy over the first max_items items (all if max_items <= 0); right (if not NULL, room
+// for es->n + 1) gets each scored item's result, '1' or '0', as a string
 double eval_task_accuracy(Model* model, const EvalSet* es, const Tokenizer* tk, int eot,
-                          int max_items, int* scored) {
+                          int max_items, int* scored, char* right) {
     int n = (max_items > 0 && max_items < es->n) ? max_items : es->n, correct = 0;
     int* out = (int*)mallocCheck((size_t)(es->max_answer + 8) * sizeof(int));
     size_t cap = 1024;
@@ -1793,17 +1788,21 @@ double eval_task_accuracy(Model* model, const EvalSet* es, const Tokenizer* tk, 
     for (int i = 0; i < n; i++) {
         int k = generate_answer(model, es->toks[i], es->plen[i], es->max_answer + 8, eot,
                                 es->kind == TASK_MEMORIZATION, tk, out, 0.0f, NULL);
-        correct += answer_matches(tokens_text(tk, out, k, &text, &cap), es->ref[i], es->kind);
+        int ok = answer_matches(tokens_text(tk, out, k, &text, &cap), es->ref[i], es->kind);
+        correct += ok;
+        if (right) right[i] = ok ? '1' : '0';
     }
+    if (right) right[n] = 0;
     free(out);
     free(text);
     *scored = n;
     return n ? (double)correct / n : NAN;
 }
 
-// one eval file's results on the console and in the log (both trainers)
+// one eval file's results on the console and in the log (both trainers); right (may be NULL): each
+// scored item's '1' or '0', logged as "step S items NAME 0110..." (the paired per-item comparisons)
 void report_task_eval(FILE* logf, int step, const EvalSet* es, double bpt, double bpb,
-                      int truncated, double acc, int scored) {
+                      int truncated, double acc, int scored, const char* right) {
     if (es->loss_only) {
         printf("task %-10s | loss %.4f bits/token %.4f bits/byte (%d items, %d answers cut at T) | "
                "accuracy not scored (:loss)\n",
@@ -1817,15 +1816,20 @@ void report_task_eval(FILE* logf, int step, const EvalSet* es, double bpt, doubl
     if (logf)
         fprintf(logf, "step %d task %s bpt %.6f bpb %.6f acc %.6f n %d\n", step, es->name, bpt, bpb,
                 acc, scored);
+    if (logf && right) fprintf(logf, "step %d items %s %s\n", step, es->name, right);
 }
 
 // ----------------------------------------------------------------------------
 // flags
 
-// GRPO's settings (flags -rp -rg -rr -rm -ra -rt -rc -rk; dev/moe/grpo.h): P prompts x G samples per
-// rollout batch, at most R response tokens, M mini-batch updates, the loss aggregation (0: token mean),
-// the sampling temperature, the clip epsilon and the KL coefficient
-typedef struct { int P, G, R, M, agg; float temp, clip, kl; } GrpoConfig;
+// GRPO's settings: P prompts x G samples per rollout batch, at most R response tokens, M mini-batch
+// updates, the loss aggregation (0: token mean), the sampling temperature, the clip epsilon, the KL
+// coefficient; 1: the router's losses in the RL loss; 1: weight decay on the matrices only.
+// dev/moe/grpo.h defines their flags (-rp -rg -rr -rm -ra -rt -rc -rk -rx -rd), defaults and checks
+typedef struct { int P, G, R, M, agg; float temp, clip, kl; int router_losses, decay_matrices_only; } GrpoConfig;
+void grpo_usage(void);
+int grpo_flag(GrpoConfig* gc, const char* flag, const char* value);
+const char* grpo_flags_error(const GrpoConfig* gc);
 
 typedef struct {
     const char *train_glob, *val_glob, *tokenizer, *out_dir, *init_ckpt, *fwd_in, *fwd_out, *eval_files;
@@ -1840,9 +1844,10 @@ typedef struct {
     int shape_given[9];  // which of V,T,L,C,H,Hkv,E,K,F were given as flags
     const char* rl_file; // -rl: GRPO post-training on this eval-format prompt file
     GrpoConfig grpo;
-    int lr_given[3];     // -l, -u, -q given (else GRPO uses its own defaults)
+    int optim_given[5];  // -l, -u, -q, -b2, -c given (else GRPO uses its own defaults)
     int ep;              // -ep: expert-parallel group size (processes, MPI build)
 } Args;
+void grpo_optim_defaults(Args* a);
 
 void usage(void) {
     printf(
@@ -1882,12 +1887,9 @@ void usage(void) {
 "forward only:\n"
 "  -fi FILE -fo FILE   read B*T int32 tokens from -fi, write B*T*V float32 logits to -fo, exit\n"
 "GRPO post-training (dev/GRPO.md; -x counts RL steps, one rollout batch each):\n"
-"  -rl FILE  RL prompts: an eval-format file (data/arith/arith_rl.bin); needs -e, the start and the reference\n"
-"  -rp P prompts per rollout batch (16)   -rg G samples per prompt (5)   -rr R max response tokens (64)\n"
-"  -rm M mini-batch updates per rollout batch, dividing P (4)   -rt sampling temperature (1.0)\n"
-"  -rc clip epsilon (0.2)   -rk k3 KL coefficient (0.001, 0 = no reference model)\n"
-"  -ra loss aggregation: 0 token mean (default), 1 per-sequence mean (DeepSeekMath), 2 token sum / R (Dr. GRPO)\n"
-"  with -rl the defaults of -l, -u, -q become 5e-6, 0, 1 (a constant lr without warm-up)\n"
+"  -rl FILE  RL prompts: an eval-format file (data/arith/arith_rl.bin); needs -e, the start and the reference\n");
+    grpo_usage();
+    printf(
 "across processes (make train_moe_mpi; mpirun -np R ./train_moe_mpi ...; dev/DISTRIBUTED.md):\n"
 "  -b is the global batch: each rank trains on B/R of its sequences (data parallel); rank 0 logs, evaluates\n"
 "  and writes checkpoints (the one-process format)\n"
@@ -1926,7 +1928,7 @@ void args_defaults(Args* a) {
     a->acc_items = 100; a->ttc_samples = 0; a->ttc_temp = 0.8f;
     a->lr = 3e-3f; a->min_lr_frac = 0.1f; a->weight_decay = 0.1f; a->grad_clip = 1.0f;
     a->beta1 = 0.9f; a->beta2 = 0.95f; a->init_std = 0.02f; a->seed = 1337;
-    GrpoConfig gd = {16, 5, 64, 4, 0, 1.0f, 0.2f, 0.001f};
+    GrpoConfig gd = {16, 5, 64, 4, 0, 1.0f, 0.2f, 0.001f, 0, 0};
     a->grpo = gd;
     MoEConfig d = {0, 0, 4, 128, 4, 0, 8, 2, 0, 10000.0f, 1e-5f, 1e-2f, 1e-3f};
     a->model = d;
@@ -1954,22 +1956,15 @@ void parse_args(Args* a, int argc, char** argv) {
         else if (!strcmp(f, "-t")) a->T = parse_int(f, v);
         else if (!strcmp(f, "-x")) a->steps = parse_int(f, v);
         else if (!strcmp(f, "-ga")) a->grad_accum = parse_int(f, v);
-        else if (!strcmp(f, "-l")) { a->lr = parse_float(f, v); a->lr_given[0] = 1; }
-        else if (!strcmp(f, "-u")) { a->warmup = parse_int(f, v); a->lr_given[1] = 1; }
-        else if (!strcmp(f, "-q")) { a->min_lr_frac = parse_float(f, v); a->lr_given[2] = 1; }
+        else if (!strcmp(f, "-l")) { a->lr = parse_float(f, v); a->optim_given[0] = 1; }
+        else if (!strcmp(f, "-u")) { a->warmup = parse_int(f, v); a->optim_given[1] = 1; }
+        else if (!strcmp(f, "-q")) { a->min_lr_frac = parse_float(f, v); a->optim_given[2] = 1; }
+        else if (!strcmp(f, "-b2")) { a->beta2 = parse_float(f, v); a->optim_given[3] = 1; }
+        else if (!strcmp(f, "-c")) { a->weight_decay = parse_float(f, v); a->optim_given[4] = 1; }
         else if (!strcmp(f, "-rl")) a->rl_file = v;
-        else if (!strcmp(f, "-rp")) a->grpo.P = parse_int(f, v);
-        else if (!strcmp(f, "-rg")) a->grpo.G = parse_int(f, v);
-        else if (!strcmp(f, "-rr")) a->grpo.R = parse_int(f, v);
-        else if (!strcmp(f, "-rm")) a->grpo.M = parse_int(f, v);
-        else if (!strcmp(f, "-ra")) a->grpo.agg = parse_int(f, v);
-        else if (!strcmp(f, "-rt")) a->grpo.temp = parse_float(f, v);
-        else if (!strcmp(f, "-rc")) a->grpo.clip = parse_float(f, v);
-        else if (!strcmp(f, "-rk")) a->grpo.kl = parse_float(f, v);
-        else if (!strcmp(f, "-c")) a->weight_decay = parse_float(f, v);
+        else if (grpo_flag(&a->grpo, f, v)) continue; // GRPO's other flags (-rp .. -rd)
         else if (!strcmp(f, "-gc")) a->grad_clip = parse_float(f, v);
         else if (!strcmp(f, "-b1")) a->beta1 = parse_float(f, v);
-        else if (!strcmp(f, "-b2")) a->beta2 = parse_float(f, v);
         else if (!strcmp(f, "-sd")) a->seed = (uint64_t)parse_int(f, v);
         else if (!strcmp(f, "-sh")) a->shuffle = parse_int(f, v);
         else if (!strcmp(f, "-is")) a->init_std = parse_float(f, v);
@@ -2000,11 +1995,7 @@ void parse_args(Args* a, int argc, char** argv) {
         else if (!strcmp(f, "-ep")) a->ep = parse_int(f, v);
         else { fprintf(stderr, "Error: unknown flag '%s' (-h lists them)\n", f); exit(EXIT_FAILURE); }
     }
-    if (a->rl_file) { // the paper's post-training schedule: a constant lr, no warm-up
-        if (!a->lr_given[0]) a->lr = 5e-6f;
-        if (!a->lr_given[1]) a->warmup = 0;
-        if (!a->lr_given[2]) a->min_lr_frac = 1.0f;
-    }
+    if (a->rl_file) grpo_optim_defaults(a); // the paper's post-training lr schedule and AdamW
     if (a->model.Hkv == 0) a->model.Hkv = a->model.H;
     if (a->model.F == 0) a->model.F = 2 * a->model.C;
     const char* bad = args_error(a);
@@ -2033,18 +2024,7 @@ const char* args_error(const Args* a) {
         bad = "-tt (sampling temperature) must be positive";
     else if (a->rl_file && !a->init_ckpt)
         bad = "-rl needs -e (the checkpoint GRPO starts from, also its reference model)";
-    else if (a->rl_file && a->grpo.P < 1) bad = "-rp (prompts per rollout batch) must be positive";
-    else if (a->rl_file && a->grpo.G < 2)
-        bad = "-rg (samples per prompt) must be >= 2: a group of one has no advantage";
-    else if (a->rl_file && a->grpo.R < 1) bad = "-rr (max response tokens) must be positive";
-    else if (a->rl_file && (a->grpo.M < 1 || a->grpo.P % a->grpo.M != 0))
-        bad = "-rm (mini-batches) must be positive and divide -rp (prompts per rollout batch)";
-    else if (a->rl_file && (a->grpo.agg < 0 || a->grpo.agg > 2))
-        bad = "-ra (loss aggregation) must be 0, 1 or 2";
-    else if (a->rl_file && !(a->grpo.temp > 0)) bad = "-rt (sampling temperature) must be positive";
-    else if (a->rl_file && !(a->grpo.clip > 0 && a->grpo.clip < 1))
-        bad = "-rc (clip epsilon) must be in (0, 1)";
-    else if (a->rl_file && !(a->grpo.kl >= 0)) bad = "-rk (KL coefficient) must be >= 0";
+    else if (a->rl_file && grpo_flags_error(&a->grpo)) bad = grpo_flags_error(&a->grpo);
     else if (a->ep < 1) bad = "-ep (expert-parallel size) must be >= 1";
     return bad;
 }
@@ -2111,34 +2091,6 @@ char* resume_checkpoint(const char* dir) {
     return path;
 }
 
-// -fi/-fo: logits of the loaded model on raw int32 tokens
-int run_forward_only(Model* model, const Args* a) {
-    size_t n = (size_t)a->B * a->T;
-    int* toks = (int*)mallocCheck(n * sizeof(int));
-    FILE* fp = fopenCheck(a->fwd_in, "rb");
-    if (file_size(fp) != (long)(n * sizeof(int))) {
-        fprintf(stderr, "Error: '%s' is %ld bytes, expected B*T=%zu int32 tokens\n", a->fwd_in,
-                file_size(fp), n);
-        exit(EXIT_FAILURE);
-    }
-    freadCheck(toks, sizeof(int), n, fp, a->fwd_in);
-    fclose(fp);
-    model_forward(model, toks, NULL, a->B, a->T);
-    char* tmp = (char*)mallocCheck(strlen(a->fwd_out) + 5);
-    sprintf(tmp, "%s.tmp", a->fwd_out);
-    fp = fopenCheck(tmp, "wb");
-    size_t nl = n * model->config.V;
-    int ok = fwrite(model->logits, sizeof(float), nl, fp) == nl;
-    ok = (fclose(fp) == 0) && ok;
-    if (!ok || rename(tmp, a->fwd_out) != 0) {
-        remove(tmp);
-        fprintf(stderr, "Error: writing '%s' failed\n", a->fwd_out);
-        exit(EXIT_FAILURE);
-    }
-    free(tmp); free(toks);
-    return 0;
-}
-
 // every -ev file: task loss (bits/token, bits/byte) and greedy accuracy, then (-tn) test-time compute,
 // on the console and in the log
 void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokenizer* tk, int eot, const Args* a,
@@ -2149,9 +2101,12 @@ void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokenizer* tk,
         eval_task_loss(model, &sets[i], tk, a->B, a->T, eot, &bpt, &bpb, &trunc);
         double acc = 0.0;
         scored = 0;
+        char* right = (char*)mallocCheck((size_t)sets[i].n + 1);
         if (!sets[i].loss_only)
-            acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
-        report_task_eval(logf, step, &sets[i], bpt, bpb, trunc, acc, scored);
+            acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored, right);
+        report_task_eval(logf, step, &sets[i], bpt, bpb, trunc, acc, scored,
+                         sets[i].loss_only ? NULL : right);
+        free(right);
         if (a->ttc_samples > 0 && !sets[i].loss_only) {
             // its own stream: training is not affected
             uint64_t rng = hash3(a->seed, (uint64_t)step, 0x77C + i);
@@ -2159,25 +2114,6 @@ void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokenizer* tk,
                                   a->ttc_temp, rng, logf, step);
         }
     }
-}
-
-// -pf: the phase table of the last n steps (step_ms: their whole time), to stdout and the log; resets
-// libgomp reads its wait policy once, when the program loads, and by default a thread that reaches
-// a barrier first spins 300,000 times before it sleeps. A step has over a thousand barriers, so on a
-// machine where another process wants the cores the spinning threads take the time the lagging one
-// needs, and a step can take 10x longer. A spin count of 3000 costs nothing measurable on a quiet
-// machine and degrades gently on a busy one (dev/SPEED.md, "Threads on a busy machine"). Since the
-// setting must be in the environment before libgomp starts, the trainer sets it and re-executes
-// itself, unless the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT).
-void gentle_omp_wait_policy(char** argv) {
-#ifdef OMP
-    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
-    setenv("GOMP_SPINCOUNT", "3000", 1);
-    execv("/proc/self/exe", argv); // returns only if it failed: then run as we are
-    unsetenv("GOMP_SPINCOUNT");
-#else
-    (void)argv;
-#endif
 }
 
 // the model to train: from a checkpoint (-e, or the newest in -o with -y: weights, AdamW, step, data
@@ -2301,7 +2237,7 @@ int main(int argc, char** argv) {
     if (tk.ok && tk.V != c->V)
         fprintf(stderr, "warning: tokenizer '%s' has V=%d but the model has V=%d\n", a.tokenizer,
                 tk.V, c->V);
-    if (a.fwd_in) return run_forward_only(&model, &a);
+    if (a.fwd_in) return run_forward_only(&model, a.fwd_in, a.fwd_out, a.B, a.T);
 
     print_model_summary(c, eval_model->num_params);
     int nthreads = 1;

@@ -1857,7 +1857,7 @@ void print_router_stats(const Model* model, FILE* logfile, int step) {
     for (int l = 0; l < c->L; l++) {
         cudaCheck(cudaMemcpy(z, model->acts.z + (size_t)l * N * E, (size_t)N * E * sizeof(float), cudaMemcpyDeviceToHost));
         cudaCheck(cudaMemcpy(lse, model->acts.lse + (size_t)l * N, (size_t)N * sizeof(float), cudaMemcpyDeviceToHost));
-        cpu::print_router_layer_of(logfile, step, l, counts + (size_t)l * E, N * model->counts_ranks, z, lse, N, E, c->K,
+        cpu::print_router_layer(logfile, step, l, counts + (size_t)l * E, N * model->counts_ranks, z, lse, N, E, c->K,
                                    model->aux[l], model->zl[l]);
     }
     free(z); free(lse); free(counts);
@@ -2066,8 +2066,10 @@ void generate_answers(Model* model, const int* prompt, int plen, int R, int max_
     free(toks); free(logits); free(probs); free(done); free(next);
 }
 
-// greedy accuracy over the first max_items items (all if max_items <= 0)
-double eval_task_accuracy(Model* model, const EvalSet* es, const Tokenizer* tk, int eot, int max_items, int* scored) {
+// greedy accuracy over the first max_items items (all if max_items <= 0); right (if not NULL): each
+// item's '1' or '0' (train_moe.c's eval_task_accuracy)
+double eval_task_accuracy(Model* model, const EvalSet* es, const Tokenizer* tk, int eot, int max_items, int* scored,
+                          char* right) {
     int n = (max_items > 0 && max_items < es->n) ? max_items : es->n, correct = 0, len;
     int* out = (int*)mallocCheck((size_t)(es->max_answer + 8) * sizeof(int));
     size_t cap = 1024;
@@ -2075,8 +2077,11 @@ double eval_task_accuracy(Model* model, const EvalSet* es, const Tokenizer* tk, 
     for (int i = 0; i < n; i++) {
         generate_answers(model, es->toks[i], es->plen[i], 1, es->max_answer + 8, eot, es->kind == TASK_MEMORIZATION,
                          tk, out, &len, 0.0f, NULL);
-        correct += cpu::answer_matches(cpu::tokens_text(tk, out, len, &text, &cap), es->ref[i], es->kind);
+        int ok = cpu::answer_matches(cpu::tokens_text(tk, out, len, &text, &cap), es->ref[i], es->kind);
+        correct += ok;
+        if (right) right[i] = ok ? '1' : '0';
     }
+    if (right) right[n] = 0;
     free(out); free(text);
     *scored = n;
     return n ? (double)correct / n : NAN;
@@ -2120,13 +2125,30 @@ int eval_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
 
 using cpu::GrpoConfig; using cpu::GrpoStats; using cpu::Rollouts;
 
+__global__ void divide_kernel(floatX* x, size_t n, float d) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = tox(tof(x[i]) / d);
+}
+// after a forward with targets over N positions: the log-probs at temperature temp, the logits divided by
+// it and the per-token losses and logsumexps computed again from them (train_moe.c's grpo_temper)
+void grpo_temper(Model* model, int N, float temp) {
+    if (temp == 1.0f) return;
+    size_t n = (size_t)N * model->config.V;
+    divide_kernel<<<ceil_div(n, 256), 256>>>(model->logits, n, temp);
+    cudaCheck(cudaGetLastError());
+    crossentropy_forward(model->loss_terms_d, model->losses, model->logit_lse, model->logits, model->targets_d,
+                         model->counted, N, model->config.V);
+}
+
 // one mini-batch's gradient (added to model->grads): the forward, its per-token losses to the host,
-// train_moe.c's weights, the weighted backward. Returns the loss (router terms included).
+// train_moe.c's weights, the weighted backward. Returns the loss (with -rx 1 the router terms too; else
+// the backward leaves them out, as train_moe.c).
 float grpo_backward(Model* model, const int* x, const int* y, const float* adv, const float* old_logp,
                     const float* ref_logp, int rows, int T, const GrpoConfig* gc, float* w, GrpoStats* st) {
     const MoEConfig* c = &model->config;
     size_t N = (size_t)rows * T;
     model_forward(model, x, y, rows, T);
+    grpo_temper(model, (int)N, gc->temp);
     float* ce = (float*)mallocCheck(2 * N * sizeof(float));
     float* ent = ce + N;
     cudaCheck(cudaMemcpy(ce, model->losses, N * sizeof(float), cudaMemcpyDeviceToHost));
@@ -2136,13 +2158,40 @@ float grpo_backward(Model* model, const int* x, const int* y, const float* adv, 
     cudaCheck(cudaMemcpy(ent, model->token_weights_d, N * sizeof(float), cudaMemcpyDeviceToHost));
     double loss = cpu::grpo_token_weights(ce, y, adv, old_logp, ref_logp, rows, T, gc, w, st);
     for (size_t n = 0; n < N; n++) if (y[n] >= 0) st->entropy += ent[n];
-    for (int l = 0; l < c->L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
+    if (gc->router_losses)
+        for (int l = 0; l < c->L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
     st->loss += loss;
+    if (gc->temp != 1.0f)
+        for (size_t n = 0; n < N; n++) w[n] /= gc->temp;
+    MoEConfig keep = model->config;
+    if (!gc->router_losses) model->config.aux_coef = model->config.z_coef = 0.0f;
     model->token_weights = w;
     model_backward(model, 1.0f);
     model->token_weights = NULL;
+    model->config = keep;
     free(ce);
     return (float)loss;
+}
+
+__global__ void decay_kernel(float* p, size_t n, float f) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) p[i] -= f * p[i];
+}
+// one AdamW step of GRPO's update (train_moe.c's grpo_adamw): the fp32 master weights of the tensors
+// model_update does not decay (norm weights) decayed first, unless decay_matrices_only
+void grpo_adamw(Model* model, float lr, float beta1, float beta2, float weight_decay, int decay_matrices_only, int t,
+                float grad_scale) {
+    model_trainable_check(model, "grpo_adamw");
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAM_TENSORS; ti++) {
+        size_t n = model->param_sizes[ti];
+        if (!param_is_matrix[ti] && !decay_matrices_only) {
+            decay_kernel<<<ceil_div(n, 256), 256>>>(model->master_memory + off, n, lr * weight_decay);
+            cudaCheck(cudaGetLastError());
+        }
+        off += n;
+    }
+    model_update(model, lr, beta1, beta2, 1e-8f, weight_decay, t, grad_scale);
 }
 
 // row r's sampler stream in a rollout batch: dev/moe/grpo.h's grpo_row_stream, the CPU's own, so a row's
@@ -2180,26 +2229,27 @@ int grpo_rollouts(Model* model, const EvalSet* es, const int* items, const GrpoC
     return right;
 }
 
-// the log-probs under model of the rollouts' response tokens, through the training forward on the
-// update's mini-batches (rows/M rows each), into dst laid out as ro->y (0 where no target)
-void grpo_logp(Model* model, const Rollouts* ro, int M, float* dst) {
+// the log-probs under model of the rollouts' response tokens at temperature temp, through the training
+// forward on the update's mini-batches (rows/M rows each), into dst laid out as ro->y (0 where no target)
+void grpo_logp(Model* model, const Rollouts* ro, int M, float temp, float* dst) {
     int mb = ro->rows / M, T = ro->T;
     size_t n = (size_t)mb * T;
     float* ce = (float*)mallocCheck(n * sizeof(float));
     for (int m = 0; m < M; m++) {
         size_t o = (size_t)m * n;
         model_forward(model, ro->x + o, ro->y + o, mb, T);
+        grpo_temper(model, (int)n, temp);
         cudaCheck(cudaMemcpy(ce, model->losses, n * sizeof(float), cudaMemcpyDeviceToHost));
         for (size_t j = 0; j < n; j++) dst[o + j] = ro->y[o + j] >= 0 ? -ce[j] : 0.0f;
     }
     free(ce);
 }
 // the reference model's log-probs of the response tokens, mini-batch by mini-batch
-void grpo_ref_logp(Model* ref, Rollouts* ro, int M) { grpo_logp(ref, ro, M, ro->ref_logp); }
+void grpo_ref_logp(Model* ref, Rollouts* ro, int M, float temp) { grpo_logp(ref, ro, M, temp, ro->ref_logp); }
 // pi_old: the policy's log-probs of its rollouts, recomputed by the very forward the first update runs
 // (as verl recomputes them with the actor), not taken from the decoder: in bf16 the KV-cached decode
 // and the training forward round differently, and the first mini-batch's ratios would not be 1
-void grpo_old_logp(Model* policy, Rollouts* ro, int M) { grpo_logp(policy, ro, M, ro->old_logp); }
+void grpo_old_logp(Model* policy, Rollouts* ro, int M, float temp) { grpo_logp(policy, ro, M, temp, ro->old_logp); }
 
 // ----------------------------------------------------------------------------
 // throughput: model FLOPs utilisation and the device
@@ -2308,8 +2358,10 @@ static void run_task_evals(Model* model, EvalSet* sets, int nsets, const Tokeniz
         eval_task_loss(model, &sets[i], tk, a->B / dist.world, a->T, eot, &bpt, &bpb, &trunc); // rows the activations hold
         double acc = 0.0;
         scored = 0;
-        if (!sets[i].loss_only) acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored);
-        cpu::report_task_eval(logf, step, &sets[i], bpt, bpb, trunc, acc, scored);
+        char* right = (char*)mallocCheck((size_t)sets[i].n + 1);
+        if (!sets[i].loss_only) acc = eval_task_accuracy(model, &sets[i], tk, eot, a->acc_items, &scored, right);
+        cpu::report_task_eval(logf, step, &sets[i], bpt, bpb, trunc, acc, scored, sets[i].loss_only ? NULL : right);
+        free(right);
         if (a->ttc_samples <= 0 || sets[i].loss_only) continue;
         uint64_t rng = hash3(a->seed, (uint64_t)step, 0x77C + i); // its own stream: training is not affected
         int nn = eval_test_time_compute(model, &sets[i], tk, eot, a->acc_items, a->ttc_samples, a->ttc_temp, &rng, ns,
@@ -2426,8 +2478,11 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
         }
         model_alloc_acts(&ref, mb, T);
     }
-    printf("grpo: %s (%d prompts) | P=%d G=%d R=%d M=%d (%d rows per update) temp=%g clip=%g kl=%g agg=%d | lr=%g\n",
-           a->rl_file, es.n, gc->P, gc->G, gc->R, gc->M, mb, gc->temp, gc->clip, gc->kl, gc->agg, a->lr);
+    printf("grpo: %s (%d prompts) | P=%d G=%d R=%d M=%d (%d rows per update) temp=%g clip=%g kl=%g agg=%d router "
+           "losses %s | lr=%g AdamW betas (%g, %g) wd %g on %s\n",
+           a->rl_file, es.n, gc->P, gc->G, gc->R, gc->M, mb, gc->temp, gc->clip, gc->kl, gc->agg,
+           gc->router_losses ? "in" : "out", a->lr, a->beta1, a->beta2, a->weight_decay,
+           gc->decay_matrices_only ? "the matrices" : "every parameter");
     Rollouts ro;
     cpu::rollouts_alloc(&ro, rows, T);
     float* w = (float*)mallocCheck((size_t)mb * T * sizeof(float));
@@ -2443,8 +2498,8 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
         cpu::grpo_next_prompts(perm, &perm_epoch, es.n, &pos, st->seed, items, gc->P);
         grpo_rollouts(model, &es, items, gc, tk, eot, cpu::rng_u64(&st->rng), &ro); // one draw per step, as train_moe.c
         int flat = cpu::grpo_advantages(ro.reward, ro.adv, rows, gc->G);
-        grpo_old_logp(model, &ro, gc->M);
-        if (use_ref) grpo_ref_logp(&ref, &ro, gc->M);
+        grpo_old_logp(model, &ro, gc->M, gc->temp);
+        if (use_ref) grpo_ref_logp(&ref, &ro, gc->M, gc->temp);
         double t1 = now_ms();
         GrpoStats gs = {0};
         float lr = lr_schedule(step, a->steps, a->warmup, a->lr, a->lr * a->min_lr_frac), norm = 0.0f;
@@ -2454,7 +2509,7 @@ static int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer
             grpo_backward(model, ro.x + o, ro.y + o, ro.adv + m * mb, ro.old_logp + o, ro.ref_logp + o, mb, T, gc, w, &gs);
             norm = global_grad_norm(model);
             float scale = (a->grad_clip > 0 && norm > a->grad_clip) ? a->grad_clip / norm : 1.0f;
-            model_update(model, lr, a->beta1, a->beta2, 1e-8f, a->weight_decay, step * gc->M + m + 1, scale);
+            grpo_adamw(model, lr, a->beta1, a->beta2, a->weight_decay, gc->decay_matrices_only, step * gc->M + m + 1, scale);
         }
         cudaCheck(cudaDeviceSynchronize());
         cpu::grpo_report(logf, step + 1, a->steps, gc, &ro, flat, &gs, lr, norm, t1 - t0, now_ms() - t1);

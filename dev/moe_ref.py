@@ -14,6 +14,9 @@ For each small test configuration NAME it writes into OUTDIR (default dev/ref/):
                      advantages, sampler and reference log-probs) and, per mini-batch update, the
                      GRPO loss, its clipped-token count, grad norm and every gradient
     grpo_manifest.txt  one NAME per line of those
+    NAME_grpo_reference.bin  for GRPO_ROLLOUT_CONFIG: a reference model for GRPO (the checkpoint's
+                     matrices moved at random), for test_moe's rollout batch, which
+                     --check-rollouts then checks
 
 Notes
 - Initialisation is Megatron's scheme from a seed (torch.Generator seeded with the config's seed,
@@ -37,6 +40,8 @@ CLI
     python dev/moe_ref.py --gradcheck [--configs ...] [--verbose]   autograd vs float64 central diffs
     python dev/moe_ref.py --check FILE.bin                 validate one checkpoint / debug file
     python dev/moe_ref.py --compare DIR_A DIR_B            max differences between two output dirs
+    python dev/moe_ref.py --check-rollouts FILE [--outdir DIR]   test_moe's real rollout batch: its
+                           sampler and reference log-probs against this file's
 
 Reusable: read_checkpoint(path), write_checkpoint(path, cfg, params, ...), read_debug(path, cfg),
 param_layout(cfg), init_params(cfg, seed, std), forward(cfg, params, x, y).
@@ -535,17 +540,22 @@ def generate(name, spec, index, outdir, init_std, nsteps, verbose=True):
 # count, the grad norm and every gradient.
 
 GRPO_MAGIC = 20251127
+GRPO_VERSION = 2
 GRPO_KL_MAX = 10.0
 # NAME (a TEST_CONFIGS name), P prompts, G samples each, M mini-batches, aggregation (0 token mean,
 # 1 per-sequence mean, 2 Dr. GRPO), rewards ("mixed": group 0 all equal, the others random with both
-# values; "equal": every reward 1), KL coefficient, clip epsilon
+# values; "equal": every reward 1), KL coefficient, clip epsilon, temperature of every log-prob,
+# router losses in the loss (1) or not, weight decay on the matrices only (1, as pre-training) or on
+# every parameter (0, verl's AdamW), AdamW beta2 and weight decay, response tokens whose reference
+# log-prob is pushed up by 4 so that their KL term is clamped
 GRPO_CASES = [
-    ("dense", 4, 3, 2, 0, "mixed", 0.05, 0.2),
-    ("e6",    3, 3, 3, 0, "mixed", 0.05, 0.2),
-    ("gqa",   2, 5, 1, 1, "equal", 0.05, 0.2),
-    ("mqa",   2, 3, 2, 2, "mixed", 0.0, 0.2),
+    ("dense", 4, 3, 2, 0, "mixed", 0.05, 0.2, 1.0, 1, 1, 0.95, 0.1, 0),    # pre-training's AdamW, router terms in
+    ("e6",    3, 3, 3, 0, "mixed", 0.05, 0.2, 0.7, 0, 0, 0.999, 0.01, 3),  # verl's settings, T < 1, clamped KL
+    ("gqa",   2, 5, 1, 1, "mixed", 0.05, 0.2, 1.3, 0, 0, 0.999, 0.01, 0),  # per-sequence mean, T > 1
+    ("mqa",   2, 3, 2, 2, "mixed", 0.05, 0.2, 1.0, 0, 0, 0.999, 0.01, 2),  # Dr. GRPO with a reference
+    ("kE",    2, 4, 2, 0, "equal", 0.05, 0.2, 1.0, 1, 0, 0.999, 0.01, 0),  # no advantage: KL and router only
 ]
-GRPO_OPT = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+GRPO_OPT = dict(lr=1e-3, beta1=0.9, eps=1e-8, grad_clip=1.0)
 
 
 def grpo_advantages(reward, G):
@@ -556,13 +566,22 @@ def grpo_advantages(reward, G):
     return adv.view(-1).float()
 
 
-def grpo_loss(cfg, p, x, y, adv, old_logp, ref_logp, clip, beta, agg, R):
-    """The GRPO loss of rows x (targets y: response tokens, -1 elsewhere) plus the router terms.
-    Returns (loss, number of clipped tokens, per-position log-probs)."""
+def grpo_logp(cfg, p, x, y, temp):
+    """Per-position log-probs of the targets y at temperature temp (the logits divided by it, as
+    verl does), and the forward's outputs."""
     out = forward(cfg, p, x, y)
     B, T = x.shape
+    logits = out["logits"].reshape(B * T, -1) / temp
+    return -Fn.cross_entropy(logits, y.reshape(-1).clamp(min=0), reduction="none"), out
+
+
+def grpo_loss(cfg, p, x, y, adv, old_logp, ref_logp, clip, beta, agg, R, temp=1.0, router=True):
+    """The GRPO loss of rows x (targets y: response tokens, -1 elsewhere), with the router terms if
+    router. Returns (loss, number of clipped tokens, per-position log-probs, ratios, number of
+    clamped KL tokens)."""
+    logp_all, out = grpo_logp(cfg, p, x, y, temp)
+    B, T = x.shape
     yf = y.reshape(-1)
-    logp_all = -Fn.cross_entropy(out["logits"].reshape(B * T, -1), yf.clamp(min=0), reduction="none")
     sel = (yf >= 0).nonzero().view(-1)                  # the response tokens
     row = sel // T
     logp = logp_all[sel]
@@ -570,9 +589,12 @@ def grpo_loss(cfg, p, x, y, adv, old_logp, ref_logp, clip, beta, agg, R):
     A = adv[row]
     pg1, pg2 = -A * ratio, -A * torch.clamp(ratio, 1 - clip, 1 + clip)
     tok = torch.maximum(pg1, pg2)
+    clamped = 0
     if beta > 0:
         d = ref_logp.reshape(-1)[sel] - logp
-        tok = tok + beta * torch.clamp(torch.exp(d) - d - 1, max=GRPO_KL_MAX)
+        k3 = torch.exp(d) - d - 1
+        clamped = int((k3 > GRPO_KL_MAX).sum())
+        tok = tok + beta * torch.clamp(k3, max=GRPO_KL_MAX)
     lens = torch.bincount(row, minlength=B).to(tok.dtype)
     nseq = int((lens > 0).sum())
     if agg == 0:
@@ -581,8 +603,8 @@ def grpo_loss(cfg, p, x, y, adv, old_logp, ref_logp, clip, beta, agg, R):
         L = (tok / lens[row]).sum() / nseq
     else:
         L = tok.sum() / (nseq * R)
-    loss = L + cfg["aux_coef"] * out["aux"].sum() + cfg["z_coef"] * out["zl"].sum()
-    return loss, int((pg2 > pg1).sum()), logp_all.view(B, T), ratio
+    loss = L + (cfg["aux_coef"] * out["aux"].sum() + cfg["z_coef"] * out["zl"].sum() if router else 0.0)
+    return loss, int((pg2 > pg1).sum()), logp_all.view(B, T), ratio, clamped
 
 
 def grpo_rollout_batch(cfg, P, G, rewards, g):
@@ -613,31 +635,36 @@ def grpo_rollout_batch(cfg, P, G, rewards, g):
 
 
 def grpo_generate(case, outdir, verbose=True):
-    name, P, G, M, agg, rewards, beta, clip = case
+    name, P, G, M, agg, rewards, beta, clip, temp, router, decay_matrices_only, beta2, wd, n_clamp = case
     index = [c[0] for c in TEST_CONFIGS].index(name)
     ck = read_checkpoint(os.path.join(outdir, f"{name}_model.bin"))
     cfg = ck["cfg"]
     R = cfg["T"]
-    opt = {k: f32(v) for k, v in GRPO_OPT.items()}
-    beta, clip = f32(beta), f32(clip)
+    opt = {k: f32(v) for k, v in dict(GRPO_OPT, beta2=beta2, weight_decay=wd).items()}
+    beta, clip, temp = f32(beta), f32(clip), f32(temp)
     for trial in range(50):  # a batch whose ratios all stay clear of the clip boundaries
         g = torch.Generator().manual_seed(BASE_SEED + 100 * index + trial)
         p = {k: torch.from_numpy(a.copy()) for k, a in ck["params"].items()}
         x, y, reward = grpo_rollout_batch(cfg, P, G, rewards, g)
         adv = grpo_advantages(reward, G)
         with torch.no_grad():
-            logp0 = grpo_loss(cfg, p, x, y, adv, torch.zeros(x.shape), torch.zeros(x.shape), clip, 0.0, 0, R)[2]
+            logp0 = grpo_logp(cfg, p, x, y, temp)[0].view(x.shape)
         mask = y >= 0
         # pi_old: the current policy moved by a random amount, so some ratios fall outside 1 +- eps
         old_logp = torch.where(mask, logp0 + 0.3 * torch.randn(x.shape, generator=g), torch.zeros(x.shape))
         ref_logp = torch.where(mask, logp0 + 0.5 * torch.randn(x.shape, generator=g), torch.zeros(x.shape))
+        # the first n_clamp response tokens (in row order) get a reference log-prob 4 above the policy's:
+        # exp(4) - 4 - 1 = 49.6, far above the clamp at 10
+        for i in mask.reshape(-1).nonzero().view(-1)[:n_clamp].tolist():
+            ref_logp.view(-1)[i] = logp0.view(-1)[i] + 4.0
         m_state = {k: torch.zeros_like(t) for k, t in p.items()}
         v_state = {k: torch.zeros_like(t) for k, t in p.items()}
         mb, steps, margin = P * G // M, [], float("inf")
         for m in range(M):
             s = slice(m * mb, (m + 1) * mb)
             ps = {k: t.clone().requires_grad_(True) for k, t in p.items()}
-            loss, clipped, _, ratio = grpo_loss(cfg, ps, x[s], y[s], adv[s], old_logp[s], ref_logp[s], clip, beta, agg, R)
+            loss, clipped, _, ratio, clamped = grpo_loss(cfg, ps, x[s], y[s], adv[s], old_logp[s], ref_logp[s], clip,
+                                                         beta, agg, R, temp, router)
             loss.backward()
             grads = {k: t.grad.detach().clone() for k, t in ps.items()}
             r_ = ratio.detach()
@@ -645,15 +672,16 @@ def grpo_generate(case, outdir, verbose=True):
             norm = global_norm(grads)
             scale = opt["grad_clip"] / norm if norm > opt["grad_clip"] else 1.0
             t = m + 1
-            for k in p:
+            for k in p:  # torch's AdamW: p * (1 - lr * wd), then the Adam step
+                dk = opt["weight_decay"] if (k in MATRICES or not decay_matrices_only) else 0.0
+                p[k] = p[k] - opt["lr"] * dk * p[k]
                 gk = grads[k] * scale
                 m_state[k] = opt["beta1"] * m_state[k] + (1 - opt["beta1"]) * gk
                 v_state[k] = opt["beta2"] * v_state[k] + (1 - opt["beta2"]) * gk * gk
                 mhat = m_state[k] / (1 - opt["beta1"] ** t)
                 vhat = v_state[k] / (1 - opt["beta2"] ** t)
-                dk = opt["weight_decay"] if k in MATRICES else 0.0
-                p[k] = p[k] - opt["lr"] * (mhat / (torch.sqrt(vhat) + opt["eps"]) + dk * p[k])
-            steps.append(dict(loss=float(loss), clipped=clipped, norm=norm, grads=grads))
+                p[k] = p[k] - opt["lr"] * (mhat / (torch.sqrt(vhat) + opt["eps"]))
+            steps.append(dict(loss=float(loss), clipped=clipped, clamped=clamped, norm=norm, grads=grads))
         if margin > 1e-3:
             break
     else:
@@ -661,22 +689,88 @@ def grpo_generate(case, outdir, verbose=True):
     clipped_total = sum(st["clipped"] for st in steps)
     if rewards == "mixed" and clipped_total == 0:
         raise RuntimeError(f"{name}: no clipped token")
+    if sum(st["clamped"] for st in steps) < n_clamp:
+        raise RuntimeError(f"{name}: fewer clamped KL tokens than the {n_clamp} planted")
     h = np.zeros(HEADER_INTS, dtype="<i4")
-    h[0], h[1] = GRPO_MAGIC, VERSION
+    h[0], h[1] = GRPO_MAGIC, GRPO_VERSION
     h[2:9] = [P * G, cfg["T"], P, G, M, agg, R]
     for i, v in enumerate((clip, beta, opt["lr"], opt["beta1"], opt["beta2"], opt["eps"], opt["weight_decay"],
-                           opt["grad_clip"])):
+                           opt["grad_clip"], temp)):
         h[9 + i] = f32_bits(v)
+    h[18], h[19] = router, decay_matrices_only
     chunks = [h, x.numpy().astype("<i4"), y.numpy().astype("<i4"), reward.numpy().astype("<f4"),
               adv.numpy().astype("<f4"), old_logp.numpy().astype("<f4"), ref_logp.numpy().astype("<f4")]
     for st in steps:
-        chunks += [np.array([st["loss"], st["clipped"], st["norm"]], dtype="<f4"), flatten_params(cfg, st["grads"])]
+        chunks += [np.array([st["loss"], st["clipped"], st["norm"], st["clamped"]], dtype="<f4"),
+                   flatten_params(cfg, st["grads"])]
     _write_atomic(os.path.join(outdir, f"{name}_grpo.bin"), chunks)
     if verbose:
-        print(f"grpo {name:6s} P {P} G {G} M {M} agg {agg} rewards {rewards} kl {beta:g} | losses "
+        print(f"grpo {name:6s} P {P} G {G} M {M} agg {agg} rewards {rewards} kl {beta:g} temp {temp:g} router {router} "
+              f"decay {'matrices' if decay_matrices_only else 'all'} | losses "
               f"{[round(st['loss'], 5) for st in steps]} clipped {[st['clipped'] for st in steps]} "
+              f"clamped {[st['clamped'] for st in steps]} "
               f"norms {[round(st['norm'], 4) for st in steps]} | zero-variance groups "
               f"{int((reward.view(-1, G) == reward.view(-1, G)[:, :1]).all(1).sum())} | min ratio margin {margin:.1e}")
+
+
+# A real rollout batch (test_moe's test_rollouts_for_pytorch): the C sampler's log-probs (pi_old) and
+# the C reference model's, both at the rollouts' temperature, against PyTorch's from the two
+# checkpoints. The reference model is the policy's checkpoint with every matrix moved at random, so
+# that a reference computed with the policy fails the check.
+GRPO_ROLLOUT_CONFIG = "e6"
+ROLLOUTS_MAGIC = 20251128
+ROLLOUT_TOL = 1e-4
+
+
+def grpo_reference_model(outdir):
+    name = GRPO_ROLLOUT_CONFIG
+    ck = read_checkpoint(os.path.join(outdir, f"{name}_model.bin"))
+    g = torch.Generator().manual_seed(BASE_SEED + 7)
+    params = {}
+    for k, a in ck["params"].items():
+        t = torch.from_numpy(a.copy())
+        params[k] = t + 0.02 * torch.randn(t.shape, generator=g) if k in MATRICES else t
+    write_checkpoint(os.path.join(outdir, f"{name}_grpo_reference.bin"), ck["cfg"], params, seed=ck["seed"])
+
+
+def check_rollouts(path, outdir):
+    """Returns True if the rollout batch's two log-probs match PyTorch's (see above)."""
+    raw = open(path, "rb").read()
+    h = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
+    if h[0] != ROLLOUTS_MAGIC or h[1] != 1:
+        print(f"{path}: not a rollout batch (magic {h[0]}, version {h[1]})")
+        return False
+    rows, T, temp = int(h[2]), int(h[3]), bits_f32(h[4])
+    N = rows * T
+    body = np.frombuffer(raw[HEADER_BYTES:], dtype="<i4")
+    if body.size != 4 * N:
+        print(f"{path}: {body.size * 4} bytes after the header, expected {16 * N}")
+        return False
+    x = torch.from_numpy(body[:N].astype(np.int64)).view(rows, T)
+    y = torch.from_numpy(body[N:2 * N].astype(np.int64)).view(rows, T)
+    old_logp = torch.from_numpy(body[2 * N:3 * N].view("<f4").copy())
+    ref_logp = torch.from_numpy(body[3 * N:].view("<f4").copy())
+    name = GRPO_ROLLOUT_CONFIG
+    logp = {}
+    for which, f in (("policy", f"{name}_model.bin"), ("reference", f"{name}_grpo_reference.bin")):
+        ck = read_checkpoint(os.path.join(outdir, f))
+        p = {k: torch.from_numpy(a.copy()) for k, a in ck["params"].items()}
+        with torch.no_grad():
+            logp[which] = grpo_logp(ck["cfg"], p, x, y, temp)[0]
+    sel = y.reshape(-1) >= 0
+    d_old = float((old_logp - logp["policy"])[sel].abs().max())
+    d_ref = float((ref_logp - logp["reference"])[sel].abs().max())
+    apart = float((logp["policy"] - logp["reference"])[sel].abs().max())
+    with torch.no_grad():  # the same tokens at temperature 1: what the log-probs were before GRPO took them at -rt
+        ck = read_checkpoint(os.path.join(outdir, f"{name}_model.bin"))
+        untempered = grpo_logp(ck["cfg"], {k: torch.from_numpy(a.copy()) for k, a in ck["params"].items()}, x, y, 1.0)[0]
+    d_temp = float((old_logp - untempered)[sel].abs().max())
+    ok = d_old <= ROLLOUT_TOL and d_ref <= ROLLOUT_TOL and apart > 10 * ROLLOUT_TOL and d_temp > 10 * ROLLOUT_TOL
+    print(f"rollouts {path}: {rows} rows, {int(sel.sum())} response tokens, temperature {temp:g} | sampler (pi_old) vs "
+          f"PyTorch policy max|diff| {d_old:.2e}, reference vs PyTorch reference {d_ref:.2e} (tolerance {ROLLOUT_TOL:g}) | "
+          f"policy vs reference {apart:.2e}, temperature {temp:g} vs 1 {d_temp:.2e} (each must exceed "
+          f"{10 * ROLLOUT_TOL:g}): {'ok' if ok else 'FAIL'}")
+    return ok
 
 
 # --------------------------------------------------------------------------------------------------
@@ -830,6 +924,8 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="gradcheck: print every entry")
     ap.add_argument("--check", metavar="FILE", help="validate one checkpoint or debug file")
     ap.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"))
+    ap.add_argument("--check-rollouts", metavar="FILE", help="test_moe's rollout batch against PyTorch (--outdir: "
+                    "the checkpoints)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = [s for s in args.configs.split(",") if s]
@@ -843,6 +939,8 @@ def main():
     if args.compare:
         compare(*args.compare)
         return 0
+    if args.check_rollouts:
+        return 0 if check_rollouts(args.check_rollouts, args.outdir) else 1
     if args.gradcheck:
         return 0 if gradcheck(names, args.init_std, args.verbose) else 1
     if args.selftest:
@@ -857,6 +955,8 @@ def main():
     for case in cases:
         grpo_generate(case, args.outdir)
     _write_atomic(os.path.join(args.outdir, "grpo_manifest.txt"), ["".join(c[0] + "\n" for c in cases).encode()])
+    if GRPO_ROLLOUT_CONFIG in names:
+        grpo_reference_model(args.outdir)
     return 0
 
 

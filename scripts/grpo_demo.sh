@@ -7,6 +7,8 @@
 #      on 500 problems (never pre-training documents, never RL prompts) at the start and every 10
 #      steps (about 10 minutes)
 #   4. the figure, OUT/grpo.png (scripts/plot.py --grpo; needs matplotlib, which make test installs)
+# GRPO runs with -rx 1 -rd 1 -b2 0.95 -c 0.1 (the router terms in the RL loss, pre-training's AdamW):
+# the settings of the run committed in scripts/grpo_results/, made before -rl's defaults became verl's
 #
 #   bash scripts/grpo_demo.sh                 (make grpo-demo)
 #   OUT=out/x START=2500 RL_STEPS=200 bash scripts/grpo_demo.sh
@@ -28,7 +30,8 @@ fi
 echo "== GRPO: $RL_STEPS steps from $start_ckpt, log in $OUT/rl/log.txt"
 t0=$(date +%s)
 ./train_moe -e "$start_ckpt" -rl data/arith/arith_rl.bin -j data/arith/arith_val_000.bin -t 64 \
-    -rp 32 -rg 8 -rm 2 -rr 40 -rt 1.0 -rc 0.2 -rk 0.001 -l 1e-4 -x "$RL_STEPS" -v 10 -m 10 -s 0 -n 50 \
+    -rp 32 -rg 8 -rm 2 -rr 40 -rt 1.0 -rc 0.2 -rk 0.001 -l 1e-4 -rx 1 -rd 1 -b2 0.95 -c 0.1 \
+    -x "$RL_STEPS" -v 10 -m 10 -s 0 -n 50 \
     -ev data/arith/arith_eval.bin -ea 500 -o "$OUT/rl" | grep -E '^(rl step .*0/|task|grpo|val|saved)'
 echo "== GRPO took $(( $(date +%s) - t0 )) s"
 "$PY" scripts/plot.py --grpo "$OUT/rl/log.txt" --out "$OUT"

@@ -2,12 +2,69 @@
 dev/moe/grpo.h: GRPO post-training for train_moe.c (flag -rl FILE; dev/GRPO.md).
 
 Defines, and where train_moe.c calls it:
+  grpo_usage, grpo_flag, grpo_flags_error, grpo_optim_defaults
+                usage, parse_args and args_error: GRPO's flags (GrpoConfig, the settings, is with the
+                flags in train_moe.c, which declares these)
   run_grpo      main, with -rl: the whole RL loop in place of pre-training, from the -e checkpoint
 and what run_grpo is made of, which the CUDA trainer and the tests share: grpo_advantages,
 grpo_token_weights (the objective as per-token weights of the classifier's backward), Rollouts,
-grpo_rollouts (sampling with the KV-cached decoder of dev/moe/tasks.h), grpo_ref_logp, grpo_report.
-GrpoConfig, the settings, is with the flags in train_moe.c.
+grpo_rollouts (sampling with the KV-cached decoder of dev/moe/tasks.h), grpo_temper (log-probs at the
+sampling temperature), grpo_ref_logp, grpo_adamw (verl's AdamW), grpo_report.
 */
+
+// ----------------------------------------------------------------------------
+// the flags
+
+void grpo_usage(void) {
+    printf("  -rp P prompts per rollout batch (16)   -rg G samples per prompt (5)   -rr R max response tokens (64)\n"
+           "  -rm M mini-batch updates per rollout batch, dividing P (4)   -rt sampling temperature (1.0; the log-probs\n"
+           "        of pi_old, pi and the reference are taken at it too)\n"
+           "  -rc clip epsilon (0.2)   -rk k3 KL coefficient (0.001, 0 = no reference model)\n"
+           "  -ra loss aggregation: 0 token mean (default), 1 per-sequence mean (DeepSeekMath), 2 token sum / R (Dr. GRPO)\n"
+           "  -rx 1: the router's aux and z losses in the RL loss (default 0: the surrogate and the KL only, as verl)\n"
+           "  -rd 1: weight decay on the matrices only, as in pre-training (default 0: every parameter, as verl's AdamW)\n"
+           "  with -rl the defaults of -l, -u, -q, -b2, -c become 5e-6, 0, 1, 0.999, 0.01: the paper's constant lr\n"
+           "  without warm-up, and verl's AdamW\n");
+}
+
+// one of GRPO's flags into gc (1), or 0 if flag is not one of them
+int grpo_flag(GrpoConfig* gc, const char* f, const char* v) {
+    const char* int_flags[7] = {"-rp", "-rg", "-rr", "-rm", "-ra", "-rx", "-rd"};
+    int* ints[7] = {&gc->P, &gc->G, &gc->R, &gc->M, &gc->agg, &gc->router_losses, &gc->decay_matrices_only};
+    const char* float_flags[3] = {"-rt", "-rc", "-rk"};
+    float* floats[3] = {&gc->temp, &gc->clip, &gc->kl};
+    for (int i = 0; i < 7; i++) if (!strcmp(f, int_flags[i])) { *ints[i] = parse_int(f, v); return 1; }
+    for (int i = 0; i < 3; i++) if (!strcmp(f, float_flags[i])) { *floats[i] = parse_float(f, v); return 1; }
+    return 0;
+}
+
+// what is wrong with GRPO's settings (NULL: nothing)
+const char* grpo_flags_error(const GrpoConfig* gc) {
+    if (gc->P < 1) return "-rp (prompts per rollout batch) must be positive";
+    if (gc->G < 2) return "-rg (samples per prompt) must be >= 2: a group of one has no advantage";
+    if (gc->R < 1) return "-rr (max response tokens) must be positive";
+    if (gc->M < 1 || gc->P % gc->M != 0) return "-rm (mini-batches) must be positive and divide -rp (prompts per rollout batch)";
+    if (gc->agg < 0 || gc->agg > 2) return "-ra (loss aggregation) must be 0, 1 or 2";
+    if (!(gc->temp > 0) || !isfinite(gc->temp)) return "-rt (sampling temperature) must be positive";
+    if (!(gc->clip > 0 && gc->clip < 1)) return "-rc (clip epsilon) must be in (0, 1)";
+    if (!(gc->kl >= 0) || !isfinite(gc->kl)) return "-rk (KL coefficient) must be >= 0";
+    if (gc->router_losses != 0 && gc->router_losses != 1) return "-rx (router losses in the RL loss) must be 0 or 1";
+    if (gc->decay_matrices_only != 0 && gc->decay_matrices_only != 1) return "-rd (decay the matrices only) must be 0 or 1";
+    return NULL;
+}
+
+// under -rl, the flags not given take the paper's post-training values: a constant lr of 5e-6 without
+// warm-up, and the AdamW of its verl (betas 0.9 and 0.999, weight decay 0.01)
+void grpo_optim_defaults(Args* a) {
+    if (!a->optim_given[0]) a->lr = 5e-6f;
+    if (!a->optim_given[1]) a->warmup = 0;
+    if (!a->optim_given[2]) a->min_lr_frac = 1.0f;
+    if (!a->optim_given[3]) a->beta2 = 0.999f;
+    if (!a->optim_given[4]) a->weight_decay = 0.01f;
+}
+
+// ----------------------------------------------------------------------------
+// the objective
 
 // One RL step:
 //   rollouts   P prompts of an eval-format file, G responses each, sampled with the KV-cached decoder
@@ -19,7 +76,8 @@ GrpoConfig, the settings, is with the flags in train_moe.c.
 //              of a row with advantage A, with logp = log pi(token), ratio = exp(logp - logp_old):
 //                pg_i = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))       (PPO-clip)
 //                kl_i = min(exp(d) - d - 1, 10),  d = logp_ref - logp               (k3, clamped)
-//                loss = agg_i(pg_i + beta * kl_i) + aux_coef * sum_l aux_l + z_coef * sum_l z_l
+//                loss = agg_i(pg_i + beta * kl_i)   [+ aux_coef * sum_l aux_l + z_coef * sum_l z_l with -rx 1]
+//              Every log-prob is of the logits divided by the sampling temperature (as verl does):
 //              logp_old is what the sampler reported (the policy before this rollout batch's first
 //              update; it equals the training forward's log-prob of the same token, see test_moe),
 //              logp_ref the frozen starting model's. agg is the token mean over the mini-batch's
@@ -34,7 +92,7 @@ enum { AGG_TOKEN_MEAN = 0, AGG_SEQ_MEAN = 1, AGG_DR_GRPO = 2 };
 #define GRPO_KL_MAX 10.0f
 
 // the statistics of one mini-batch update (sums over its response tokens, and counts)
-typedef struct { double loss, pg, kl, entropy; long tokens, clipped; } GrpoStats;
+typedef struct { double loss, pg, kl, entropy; long tokens, clipped, kl_clamped; } GrpoStats;
 
 // advantages of rows groups of G consecutive rows; returns how many groups have all rewards equal
 int grpo_advantages(const float* reward, float* adv, int rows, int G) {
@@ -89,7 +147,7 @@ double grpo_token_weights(const float* ce, const int* y, const float* adv, const
                 float d = ref_logp[n] - logp, e = expf(d);
                 kl = e - d - 1.0f;
                 if (kl <= GRPO_KL_MAX) dl += gc->kl * (1.0f - e); // d kl / d logp
-                else kl = GRPO_KL_MAX;
+                else { kl = GRPO_KL_MAX; st->kl_clamped++; }
                 st->kl += kl;
             }
             loss += coef * ((double)pg + (double)gc->kl * kl);
@@ -102,8 +160,9 @@ double grpo_token_weights(const float* ce, const int* y, const float* adv, const
     return loss;
 }
 
-// after model_forward on the mini-batch: its whole GRPO loss (the router terms included) and the
-// weights w of its backward; adds to *st, with the policy's entropy at the response tokens
+// after model_forward on the mini-batch (and grpo_temper): its whole GRPO loss (with -rx 1 the router
+// terms too) and the weights w of its backward; adds to *st, with the policy's entropy at the response
+// tokens
 float grpo_loss_weights(Model* model, const int* y, const float* adv, const float* old_logp, const float* ref_logp,
                         int rows, int T, const GrpoConfig* gc, float* w, GrpoStats* st) {
     const MoEConfig* c = &model->config;
@@ -116,20 +175,54 @@ float grpo_loss_weights(Model* model, const int* y, const float* adv, const floa
         const float* lg = model->logits + n * V;
         st->entropy += model->losses[n] + lg[y[n]] - vdot(model->dlogits + n * V, lg, V);
     }
-    for (int l = 0; l < c->L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
+    if (gc->router_losses)
+        for (int l = 0; l < c->L; l++) loss += (double)c->aux_coef * model->aux[l] + (double)c->z_coef * model->zl[l];
     st->loss += loss;
     return (float)loss;
 }
 
+// after a forward with targets y over N positions: the log-probs at temperature temp, that is the
+// logits divided by temp, their probabilities and the per-token losses (-logp) computed again from them.
+// At temp 1 nothing changes.
+void grpo_temper(Model* model, const int* y, int N, float temp) {
+    if (temp == 1.0f) return;
+    int V = model->config.V;
+    for (size_t i = 0; i < (size_t)N * V; i++) model->logits[i] /= temp;
+    crossentropy_forward(model->losses, model->dlogits, model->logits, y, N, V, 0.0f);
+}
+
 // one mini-batch's gradient (added to model->grads): forward, weights, weighted backward. Returns the loss.
+// The weights are of the tempered logits: d loss / d logits = (1 / temp) x theirs. Without -rx 1 the
+// backward leaves out the router's aux and z terms (their coefficients are 0 for it).
 float grpo_backward(Model* model, const int* x, const int* y, const float* adv, const float* old_logp,
                     const float* ref_logp, int rows, int T, const GrpoConfig* gc, float* w, GrpoStats* st) {
     model_forward(model, x, y, rows, T);
+    grpo_temper(model, y, rows * T, gc->temp);
     float loss = grpo_loss_weights(model, y, adv, old_logp, ref_logp, rows, T, gc, w, st);
+    if (gc->temp != 1.0f)
+        for (size_t n = 0; n < (size_t)rows * T; n++) w[n] /= gc->temp;
+    MoEConfig keep = model->config;
+    if (!gc->router_losses) model->config.aux_coef = model->config.z_coef = 0.0f;
     model->token_weights = w;
     model_backward(model, 1.0f);
     model->token_weights = NULL;
+    model->config = keep;
     return loss;
+}
+
+// one AdamW step t of GRPO's update: model_update, which decays the matrices only, after the decay of
+// every other parameter (norm weights) unless decay_matrices_only. p - lr * wd * p, then the Adam
+// step: the same update as torch's AdamW, which verl uses, up to rounding.
+void grpo_adamw(Model* model, float lr, float beta1, float beta2, float weight_decay, int decay_matrices_only, int t,
+                float grad_scale) {
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAM_TENSORS; ti++) {
+        float* p = model->params_memory + off;
+        if (!param_is_matrix[ti] && !decay_matrices_only)
+            for (size_t i = 0; i < model->param_sizes[ti]; i++) p[i] -= lr * weight_decay * p[i];
+        off += model->param_sizes[ti];
+    }
+    model_update(model, lr, beta1, beta2, 1e-8f, weight_decay, t, grad_scale);
 }
 
 
@@ -230,12 +323,14 @@ int grpo_rollouts(Decoders* dec, const EvalSet* es, const int* items, const Grpo
     return right;
 }
 
-// the reference model's log-probs of the response tokens, mini-batch by mini-batch (rows/M rows each)
-void grpo_ref_logp(Model* ref, Rollouts* ro, int M) {
+// the reference model's log-probs of the response tokens at temperature temp, mini-batch by mini-batch
+// (rows/M rows each)
+void grpo_ref_logp(Model* ref, Rollouts* ro, int M, float temp) {
     int mb = ro->rows / M, T = ro->T;
     for (int m = 0; m < M; m++) {
         size_t o = (size_t)m * mb * T;
         model_forward(ref, ro->x + o, ro->y + o, mb, T);
+        grpo_temper(ref, ro->y + o, mb * T, temp);
         for (size_t n = 0; n < (size_t)mb * T; n++) ro->ref_logp[o + n] = ro->y[o + n] >= 0 ? -ref->losses[n] : 0.0f;
     }
 }
@@ -329,9 +424,12 @@ int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer* tk, E
         }
         model_alloc_acts(&ref, mb, T);
     }
-    printf("grpo: %s (%d prompts) | P=%d G=%d R=%d M=%d (%d rows per update) temp=%g clip=%g kl=%g agg=%s | lr=%g\n",
+    printf("grpo: %s (%d prompts) | P=%d G=%d R=%d M=%d (%d rows per update) temp=%g clip=%g kl=%g agg=%s router "
+           "losses %s | lr=%g AdamW betas (%g, %g) wd %g on %s\n",
            a->rl_file, es.n, gc->P, gc->G, gc->R, gc->M, mb, gc->temp, gc->clip, gc->kl,
-           gc->agg == AGG_TOKEN_MEAN ? "token-mean" : gc->agg == AGG_SEQ_MEAN ? "seq-mean" : "dr-grpo", a->lr);
+           gc->agg == AGG_TOKEN_MEAN ? "token-mean" : gc->agg == AGG_SEQ_MEAN ? "seq-mean" : "dr-grpo",
+           gc->router_losses ? "in" : "out", a->lr, a->beta1, a->beta2, a->weight_decay,
+           gc->decay_matrices_only ? "the matrices" : "every parameter");
     Rollouts ro;
     rollouts_alloc(&ro, rows, T);
     float* w = (float*)mallocCheck((size_t)mb * T * sizeof(float));
@@ -348,7 +446,7 @@ int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer* tk, E
         grpo_next_prompts(perm, &perm_epoch, es.n, &pos, st->seed, items, gc->P);
         grpo_rollouts(&dec, &es, items, gc, tk, eot, rng_u64(&st->rng), &ro);
         int flat = grpo_advantages(ro.reward, ro.adv, rows, gc->G);
-        if (use_ref) grpo_ref_logp(&ref, &ro, gc->M);
+        if (use_ref) grpo_ref_logp(&ref, &ro, gc->M, gc->temp);
         double t1 = now_ms();
         GrpoStats gs = {0};
         float lr = lr_schedule(step, a->steps, a->warmup, a->lr, a->lr * a->min_lr_frac), norm = 0.0f;
@@ -358,7 +456,7 @@ int run_grpo(Model* model, const Args* a, TrainState* st, const Tokenizer* tk, E
             grpo_backward(model, ro.x + o, ro.y + o, ro.adv + m * mb, ro.old_logp + o, ro.ref_logp + o, mb, T, gc, w, &gs);
             norm = global_grad_norm(model);
             float scale = (a->grad_clip > 0 && norm > a->grad_clip) ? a->grad_clip / norm : 1.0f;
-            model_update(model, lr, a->beta1, a->beta2, 1e-8f, a->weight_decay, step * gc->M + m + 1, scale);
+            grpo_adamw(model, lr, a->beta1, a->beta2, a->weight_decay, gc->decay_matrices_only, step * gc->M + m + 1, scale);
         }
         grpo_report(logf, step + 1, a->steps, gc, &ro, flat, &gs, lr, norm, t1 - t0, now_ms() - t1);
         int last = step + 1 == a->steps;

@@ -9,6 +9,7 @@ Defines, and where train_moe.c calls it:
   tokens_text, answer_matches            eval_task_accuracy: the answer check (exact text, or the number
                                          after "The answer is")
   run_test_time_compute                  run_task_evals (-tn N): maj@n and pass@n, n = 1, 2, 4 .. N
+  run_forward_only                       main, with -fi/-fo: a checkpoint's logits on given tokens
 The CUDA trainer and dev/moe/grpo.h use the same file reader, answer checks and tallies.
 
 Eval file layout: header 256 x int32 (magic 20251125, version 1, items, max prompt, max answer, max
@@ -185,8 +186,9 @@ int pick_token(const float* logits, int V, float temperature, uint64_t* rng, flo
 // max_new tokens. Returns the number of tokens written to out.
 // sample_response is the same with two additions for GRPO's rollouts: keep_stop keeps a sampled
 // stop_token as the response's last token (it is part of what the policy did), and logp (if not NULL)
-// receives log pi(out[i]) under the model's own distribution, softmax(logits) at temperature 1,
-// computed as the training forward's cross-entropy computes it.
+// receives log pi(out[i]) under the distribution it samples from, softmax(logits / temperature) (GRPO
+// takes every log-prob at its sampling temperature), computed as the training forward's cross-entropy
+// computes it.
 int sample_response(Model* model, const int* prompt, int plen, int max_new, int stop_token, int stop_newline,
                     const Tokenizer* tk, int* out, float* logp, int keep_stop, float temperature, uint64_t* rng) {
     const MoEConfig* c = &model->config;
@@ -211,10 +213,11 @@ int sample_response(Model* model, const int* prompt, int plen, int max_new, int 
     const float* last = model->logits + (size_t)(plen - 1) * V;
     for (;;) {
         next = pick_token(last, V, temperature, rng, probs);
-        if (logp) { // as crossentropy_forward: max + log(sum exp(l - max)) - l[next]
-            float mx = vmax(last, V);
-            for (int i = 0; i < V; i++) probs[i] = vexpf(last[i] - mx);
-            logp[n] = -(mx + logf(vsum(probs, V)) - last[next]);
+        if (logp) { // of the logits / temperature, as crossentropy_forward: max + log(sum exp(l - max)) - l[next]
+            for (int i = 0; i < V; i++) probs[i] = last[i] / temperature;
+            float mx = vmax(probs, V), lnext = probs[next];
+            for (int i = 0; i < V; i++) probs[i] = vexpf(probs[i] - mx);
+            logp[n] = -(mx + logf(vsum(probs, V)) - lnext);
         }
         if (next == stop_token) { if (keep_stop) n++, out[n - 1] = next; break; }
         out[n++] = next;
@@ -424,4 +427,33 @@ void run_test_time_compute(Model* model, const EvalSet* es, const Tokenizer* tk,
     double maj[16], pass[16];
     int nn = eval_test_time_compute(model, es, tk, eot, max_items, nsamples, temperature, &rng, ns, maj, pass, &scored);
     report_ttc(logf, step, es, nn, ns, maj, pass, scored, temperature);
+}
+
+// -fi/-fo: the logits of the loaded model on B*T raw int32 tokens read from fwd_in, written to fwd_out
+// as B*T*V float32 (the checks against PyTorch and Hugging Face read them)
+int run_forward_only(Model* model, const char* fwd_in, const char* fwd_out, int B, int T) {
+    size_t n = (size_t)B * T;
+    int* toks = (int*)mallocCheck(n * sizeof(int));
+    FILE* fp = fopenCheck(fwd_in, "rb");
+    if (file_size(fp) != (long)(n * sizeof(int))) {
+        fprintf(stderr, "Error: '%s' is %ld bytes, expected B*T=%zu int32 tokens\n", fwd_in,
+                file_size(fp), n);
+        exit(EXIT_FAILURE);
+    }
+    freadCheck(toks, sizeof(int), n, fp, fwd_in);
+    fclose(fp);
+    model_forward(model, toks, NULL, B, T);
+    char* tmp = (char*)mallocCheck(strlen(fwd_out) + 5);
+    sprintf(tmp, "%s.tmp", fwd_out);
+    fp = fopenCheck(tmp, "wb");
+    size_t nl = n * model->config.V;
+    int ok = fwrite(model->logits, sizeof(float), nl, fp) == nl;
+    ok = (fclose(fp) == 0) && ok;
+    if (!ok || rename(tmp, fwd_out) != 0) {
+        remove(tmp);
+        fprintf(stderr, "Error: writing '%s' failed\n", fwd_out);
+        exit(EXIT_FAILURE);
+    }
+    free(tmp); free(toks);
+    return 0;
 }

@@ -84,12 +84,13 @@ int debug_read(DebugState* d, const char* path, const MoEConfig* c, size_t num_p
 // token count, the grad norm and every gradient. Returns 0, or -1 after an error naming the file
 // (nothing left allocated).
 #define GRPO_REF_MAGIC 20251127
+#define GRPO_REF_STATS 4 // per update: loss, clipped tokens, grad norm, clamped KL tokens
 typedef struct {
-    GrpoConfig gc;
+    GrpoConfig gc;  // with the temperature, router losses in or out, the weight decay's reach
     float opt[6];   // AdamW: lr, beta1, beta2, eps, weight decay, grad clip
     Rollouts ro;    // x, y, rewards, old and reference log-probs (ro.adv is left to the reader)
     float* adv_ref; // per row: the reference's advantages
-    float* updates; // per update: loss, clipped tokens, grad norm, then num_params gradients
+    float* updates; // per update: loss, clipped tokens, grad norm, clamped KL tokens, then num_params gradients
 } GrpoRef;
 
 void grpo_ref_free(GrpoRef* g) { rollouts_free(&g->ro); free(g->adv_ref); free(g->updates); memset(g, 0, sizeof(*g)); }
@@ -101,27 +102,28 @@ int grpo_ref_read(GrpoRef* g, const char* path, int maxT, size_t num_params) {
     int h[256];
     if (fread_report(h, sizeof(int), 256, fp, path)) { fclose(fp); return -1; }
     int rows = h[2], T = h[3], M = h[6];
-    if (h[0] != GRPO_REF_MAGIC || h[1] != 1 || rows <= 0 || T <= 0 || T > maxT || M < 1 || rows % M || h[5] < 2) {
+    if (h[0] != GRPO_REF_MAGIC || h[1] != 2 || rows <= 0 || T <= 0 || T > maxT || M < 1 || rows % M || h[5] < 2) {
         fclose(fp);
         return read_error("'%s' is not a GRPO reference for this model (magic, version or sizes)", path);
     }
     size_t N = (size_t)rows * T;
-    long expect = 1024 + 4L * (4 * (long)N + 2L * rows) + 4L * M * (3 + (long)num_params);
+    long expect = 1024 + 4L * (4 * (long)N + 2L * rows) + 4L * M * (GRPO_REF_STATS + (long)num_params);
     if (file_size(fp) != expect) { fclose(fp); return read_error("'%s' has the wrong size for its header", path); }
-    GrpoConfig gc = {h[4], h[5], h[8], M, h[7], 1.0f, 0.0f, 0.0f};
+    GrpoConfig gc = {h[4], h[5], h[8], M, h[7], 1.0f, 0.0f, 0.0f, h[18], h[19]};
     memcpy(&gc.clip, &h[9], 4);
     memcpy(&gc.kl, &h[10], 4);
     memcpy(g->opt, &h[11], sizeof g->opt);
+    memcpy(&gc.temp, &h[17], 4);
     g->gc = gc;
     rollouts_alloc(&g->ro, rows, T);
     g->adv_ref = (float*)mallocCheck(rows * sizeof(float));
-    g->updates = (float*)mallocCheck((size_t)M * (3 + num_params) * sizeof(float));
+    g->updates = (float*)mallocCheck((size_t)M * (GRPO_REF_STATS + num_params) * sizeof(float));
     int bad = fread_report(g->ro.x, sizeof(int), N, fp, path) || fread_report(g->ro.y, sizeof(int), N, fp, path) ||
               fread_report(g->ro.reward, sizeof(float), rows, fp, path) ||
               fread_report(g->adv_ref, sizeof(float), rows, fp, path) ||
               fread_report(g->ro.old_logp, sizeof(float), N, fp, path) ||
               fread_report(g->ro.ref_logp, sizeof(float), N, fp, path) ||
-              fread_report(g->updates, sizeof(float), (size_t)M * (3 + num_params), fp, path);
+              fread_report(g->updates, sizeof(float), (size_t)M * (GRPO_REF_STATS + num_params), fp, path);
     fclose(fp);
     if (bad) { grpo_ref_free(g); return -1; }
     return 0;

@@ -8,6 +8,7 @@ Defines, and where train_moe.c calls it:
                                         eval files): print "Error: ..." naming the file and return, so
                                         the trainer exits and the fuzz harnesses (dev/fuzz) go on
   file_size, mkdir_p                    the readers; main's output directory (-o)
+  gentle_omp_wait_policy                main, first: OpenMP threads that sleep soon at a barrier
 */
 
 static void die(const char* fmt, const char* a, const char* file, int line) {
@@ -107,4 +108,22 @@ void mkdir_p(const char* dir) {
             p[i] = keep;
         }
     free(p);
+}
+
+// libgomp reads its wait policy once, when the program loads, and by default a thread that reaches
+// a barrier first spins 300,000 times before it sleeps. A step has over a thousand barriers, so on a
+// machine where another process wants the cores the spinning threads take the time the lagging one
+// needs, and a step can take 10x longer. A spin count of 3000 costs nothing measurable on a quiet
+// machine and degrades gently on a busy one (dev/SPEED.md, "Threads on a busy machine"). Since the
+// setting must be in the environment before libgomp starts, the trainer sets it and re-executes
+// itself, unless the user chose a policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT).
+void gentle_omp_wait_policy(char** argv) {
+#ifdef OMP
+    if (getenv("OMP_WAIT_POLICY") || getenv("GOMP_SPINCOUNT")) return;
+    setenv("GOMP_SPINCOUNT", "3000", 1);
+    execv("/proc/self/exe", argv); // returns only if it failed: then run as we are
+    unsetenv("GOMP_SPINCOUNT");
+#else
+    (void)argv;
+#endif
 }
