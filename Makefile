@@ -34,7 +34,7 @@ BLAS_LIBS = $(if $(wildcard $(BLAS_OMP_DIR)/libopenblas.so.0),-L$(BLAS_OMP_DIR) 
 comma := ,
 HAVE_BLAS := $(shell echo '#include <cblas.h>' | $(CC) -x c -E - >/dev/null 2>&1 && echo 'int main(){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo yes)
 
-.PHONY: all train help train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32 gpu-bench arith grpo-demo study test-data test venv test-hf test-blas test-dist bench-dist bench-gemm ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
+.PHONY: all train help train_moe_cu train_moe_cu_fp32 train_moe_cu_mpi test_moe_cu test_moe_cu_fp32 gpu-bench arith grpo-demo study study3 test-data test venv test-hf test-blas test-dist bench-dist bench-gemm ref test-sanitize fuzz-smoke fuzz cuda-check gpu-check gpu-check-build clean
 
 all: train_moe test_moe
 
@@ -47,7 +47,8 @@ help:
 	@echo "  make train_moe_mpi  the CPU trainer across processes (mpirun -np R ./train_moe_mpi ...)"
 	@echo "  make train_moe_cu   the CUDA trainer (PRECISION=FP32 for fp32, USE_CUDNN=1 for cuDNN attention)"
 	@echo "  make grpo-demo      pre-train on arithmetic, then GRPO (~20 min on 2 cores)"
-	@echo "  make study          the sparsity study in miniature, in resumable chunks (HOURS=2.5)"
+	@echo "  make study          the sparsity study in miniature, second design, in resumable chunks (HOURS=2.5)"
+	@echo "  make study3         its third design: the gate, then the rest in resumable chunks (HOURS=2.5)"
 	@echo "  make gpu-check-build / gpu-check   build here every GPU binary / run them all on a GPU machine"
 	@echo "developer targets:"
 	@echo "  make test-hf test-dist test-blas test-sanitize fuzz-smoke test-data   parts of make test"
@@ -102,6 +103,9 @@ grpo-demo: train_moe arith
 # in scripts/sweep_results/study/
 study: train_moe venv
 	bash scripts/study.sh
+# the third design (scripts/sweep_results/study_v3/): the gate, then the rest in chunks of HOURS hours
+study3: train_moe venv
+	bash scripts/study3.sh
 
 # everything: the Python environment (first time only), the CUDA compile check, the HF interchange,
 # the sweep scripts and figures, the C suite against PyTorch, the C suite again under ASan+UBSan, and
