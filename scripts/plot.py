@@ -244,7 +244,7 @@ def plot_curves(plt, rows, fams, runs_dir, path, loss):
     logs = {}
     for r in rows:
         p = os.path.join(runs_dir, r["name"], "log.txt")
-        if os.path.exists(p):
+        if os.path.exists(p) or os.path.exists(p + ".gz"):  # results_dir keeps logs gzipped
             logs[r["name"]] = parse_log(p)
     if not logs:
         return None

@@ -12,7 +12,7 @@ for the gate the results.csv of the dense model trained on the half fact set (st
 
 The unit is the model: a model's value is the mean over its seeds, and a test between models uses
 its seeds as replicates (Welch). Item-level comparisons pair the same facts across models, and the
-same reasoning items (DIR/<run>/log.txt's "step S items TASK 0110..." lines of the final eval, which
+same reasoning items (DIR/<run>/log.txt.gz's "step S items TASK 0110..." lines of the final eval, which
 train_moe writes for every eval file it scores) beside F2 and F3.
 
 Margins and thresholds are declared here, before any v3 run (MARGINS, GATE): changing them after
@@ -62,7 +62,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from sweep import read_fact_items  # noqa: E402
+from sweep import open_log, read_fact_items  # noqa: E402
 
 # declared before any v3 run: the equivalence margins and the gate's thresholds
 MARGINS = {"acc": 0.03, "val_loss": 0.02, "bits_per_fact": 0.25}
@@ -129,9 +129,10 @@ def read_item_lines(path):
     none): "step S items TASK 0110..."; of two lines for a task at that step (test-time compute's
     eval on fewer items), the longer."""
     last, out = -1, {}
-    if not os.path.exists(path):
+    f = open_log(path)  # results_dir keeps logs gzipped (log.txt.gz)
+    if f is None:
         return out
-    with open(path, errors="replace") as f:
+    with f:
         for line in f:
             w = line.split()
             if len(w) != 5 or w[0] != "step" or w[2] != "items" or not w[1].isdigit() or set(w[4]) - {"0", "1"}:

@@ -67,6 +67,7 @@ import argparse
 import concurrent.futures
 import csv
 import glob
+import gzip
 import json
 import math
 import os
@@ -624,16 +625,27 @@ def trainer_args(cfg, run):
 # ----------------------------------------------------------------------------------------------
 # logs
 
+def open_log(path):
+    """A log opened for reading: the file itself or, where only that exists, its gzipped copy
+    (path.gz: what results_dir keeps); None if neither exists."""
+    if os.path.exists(path):
+        return open(path, errors="replace")
+    if os.path.exists(path + ".gz"):
+        return gzip.open(path + ".gz", "rt", errors="replace")
+    return None
+
+
 def parse_log(path):
-    """log.txt -> {"train": {step: {...}}, "val": {step: v}, "task": {step: {name: {...}}},
+    """log.txt (or log.txt.gz) -> {"train": {step: {...}}, "val": {step: v}, "task": {step: {name: {...}}},
     "router": {step: {layer: (loads, entropy, aux, z)}}, "ttc": {step: {task: {n: {maj, pass, ..}}}}}.
     The log is appended to across resumes: a step number lower than one already seen means the trainer restarted from an earlier checkpoint,
     and everything logged from that step on is dropped before the new lines are taken."""
     out = {"train": {}, "val": {}, "task": {}, "router": {}, "ttc": {}}
-    if not os.path.exists(path):
+    f = open_log(path)
+    if f is None:
         return out
     top = 0
-    with open(path, errors="replace") as f:
+    with f:
         for line in f:
             w = line.split()
             if len(w) < 3 or w[0] != "step":
@@ -907,7 +919,6 @@ def run_fact_bits(cfg, run, run_dir, trainer, env, tag):
 
 def read_fact_items(path):
     """fact_items.txt.gz -> ([bits saved], [right 0/1])."""
-    import gzip
     bits, right = [], []
     with gzip.open(path, "rt") as f:
         for line in f:
@@ -936,17 +947,31 @@ def committed_dir(cfg, run):
 
 
 def export_run(cfg, run, run_dir):
-    """Copies a finished run's log.txt, run.json and GRPO log into results_dir/<run>/ (committed,
-    so that a fresh clone finds the run finished and does not train it again)."""
+    """Copies a finished run's log.txt (gzipped: log.txt.gz, a third of the size; one line per
+    training step makes it 1.5 MB for a study run), run.json and GRPO log into results_dir/<run>/
+    (committed, so that a fresh clone finds the run finished and does not train it again)."""
     d = committed_dir(cfg, run)
     if not d:
         return
     os.makedirs(d, exist_ok=True)
-    for src, dst in (("log.txt", "log.txt"), ("run.json", "run.json"), (os.path.join("grpo", "log.txt"), "grpo_log.txt"),
+    for src, dst in (("log.txt", "log.txt.gz"), ("run.json", "run.json"), (os.path.join("grpo", "log.txt"), "grpo_log.txt"),
                      ("fact_bits.json", "fact_bits.json"), ("fact_items.txt.gz", "fact_items.txt.gz")):
         if os.path.exists(os.path.join(run_dir, src)):
-            shutil.copyfile(os.path.join(run_dir, src), os.path.join(d, dst) + ".tmp")
-            os.replace(os.path.join(d, dst) + ".tmp", os.path.join(d, dst))
+            tmp = os.path.join(d, dst) + ".tmp"
+            if dst.endswith(".gz") and not src.endswith(".gz"):
+                gzip_file(os.path.join(run_dir, src), tmp)
+            else:
+                shutil.copyfile(os.path.join(run_dir, src), tmp)
+            os.replace(tmp, os.path.join(d, dst))
+    if os.path.exists(os.path.join(d, "log.txt")):  # an older export's plain copy
+        os.remove(os.path.join(d, "log.txt"))
+
+
+def gzip_file(src, dst):
+    """dst = gzip -9 of src, with no name or time in the header: the same log gives the same bytes."""
+    with open(src, "rb") as f, open(dst, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as g:
+            shutil.copyfileobj(f, g)
 
 
 def committed_done(cfg, run):

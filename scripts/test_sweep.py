@@ -301,7 +301,7 @@ def test_seeds_results_grpo(trainer, tmp):
     rc, out, err = run_sweep(p, "--root", root, "--trainer", trainer)
     check(rc == 0, "the seeded sweep with GRPO runs", (out + err)[-2000:])
     com = cfg["results_dir"]
-    logs = sorted(os.path.basename(os.path.dirname(x)) for x in glob.glob(os.path.join(com, "*", "log.txt")))
+    logs = sorted(os.path.basename(os.path.dirname(x)) for x in glob.glob(os.path.join(com, "*", "log.txt.gz")))
     glogs = sorted(os.path.basename(os.path.dirname(x)) for x in glob.glob(os.path.join(com, "*", "grpo_log.txt")))
     check(logs == names and glogs == [n for n in names if n.endswith("-s1")],
           "results_dir gets every run's log, and GRPO logs for the first seed only", f"{logs} {glogs}")
