@@ -887,7 +887,6 @@ def fact_bits_eval(cfg, ckpt, V, T, trainer, env, work_dir, stdout_path):
 
 
 def write_fact_items(path, saved, right):
-    import gzip
     body = "# bits saved (log2 values + log2 p(value) over the value tokens), greedy right\n" + \
         "".join(f"{b:.1f} {c}\n" for b, c in zip(saved, right))
     with open(path, "wb") as f:
