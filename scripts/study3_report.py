@@ -534,6 +534,10 @@ def clean(x):
 
 
 def figures(models, out):
+    """Per metric (stored bits per fact, reason_id accuracy, val loss) a figure of two panels: family E
+    against total parameters, and top-k at fixed active and total parameters against K (E8-K1 apart, an
+    open marker: its gate is the constant 1). Seeds are the small dots, model means the line. Then
+    study3_rescue.png: test-time compute (maj@n against n) and GRPO (before, after) on family E."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -542,26 +546,82 @@ def figures(models, out):
         print("study3_report: no matplotlib: figures skipped (make venv)", file=sys.stderr)
         return []
     made = []
-    for metric, label, fn in (("facts_all_bits_per_fact", "stored bits per fact", "study3_bits.png"),
+
+    def series(ax, ms, metric, x, color, label, line="o-", **kw):
+        pts = [(x(m), mean(vals(m, metric)), vals(m, metric)) for m in ms if vals(m, metric)]
+        if not pts:
+            return []
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], line, color=color, label=label, **kw)
+        for px, _py, vs in pts:
+            ax.plot([px] * len(vs), vs, ".", color=color, alpha=0.4)
+        return pts
+
+    for metric, label, fn in (("facts_all_bits_per_fact", "stored bits per fact (of 8)", "study3_bits.png"),
                               ("reason_id_acc", "reason_id accuracy", "study3_reason.png"),
                               ("val_loss", "val loss (nats)", "study3_val.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, color in ((MAIN, "C0"), (TOPK, "C1"), (K1, "C2")):
-            ms = fam(models, name)
-            pts = [(m["total"], mean(vals(m, metric)), vals(m, metric)) for m in ms if vals(m, metric)]
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=name)
-            for x, _y, vs in pts:
-                ax.plot([x] * len(vs), vs, ".", color=color, alpha=0.4)
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+        ms = fam(models, MAIN)
+        for (px, py, _vs), m in zip(series(ax, ms, metric, lambda m: m["total"], "C0", "family E (K=2, F=128)"),
+                                    [m for m in ms if vals(m, metric)]):
+            ax.annotate("dense" if m["E"] == 1 else f"E={m['E']}", (px, py), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("total parameters")
+        ax.set_xlabel("total parameters (active fixed at 0.26M non-embedding)")
         ax.set_ylabel(label)
-        ax.legend()
+        ax.set_title("more experts, same active parameters", fontsize=10)
+        series(bx, sorted(fam(models, TOPK), key=lambda m: m["K"]), metric, lambda m: m["K"], "C1",
+               "top-k family (K x F, E x F fixed)")
+        series(bx, fam(models, K1), metric, lambda m: m["K"], "C2", "E8-K1-F256 (outside the family)",
+               line="o", mfc="none")
+        bx.set_xscale("log", base=2)
+        bx.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+        bx.set_xlabel("K (1.77M total, 0.26M active non-embedding)")
+        bx.set_title("top-k alone", fontsize=10)
+        for a in (ax, bx):
+            a.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, fn), dpi=110)
         plt.close(fig)
         made.append(fn)
+
+    ms = [m for m in fam(models, MAIN)]
+    ttc = {}
+    for m in ms:
+        for r in m["seeds"]:
+            ns = sorted(int(k[len("reason_id_maj"):]) for k in r if k.startswith("reason_id_maj") and num(r[k]) is not None)
+            if len(ns) >= 2:
+                ttc[m["model"]] = (m, r, ns)
+                break
+    grpo = [(m, num(r.get("grpo0_reason_id_acc")), num(r.get("grpo_reason_id_acc"))) for m in ms for r in m["seeds"][:1]]
+    grpo = [g for g in grpo if g[1] is not None and g[2] is not None]
+    if not ttc and not grpo:
+        return made
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (m, r, ns) in enumerate(ttc.values()):
+        name = "dense" if m["E"] == 1 else f"E={m['E']}"
+        ax.plot(ns, [num(r[f"reason_id_maj{n}"]) for n in ns], "o-", color=f"C{i}", label=f"{name} maj@n", ms=3)
+        pk = [n for n in ns if num(r.get(f"reason_id_pass{n}")) is not None]
+        ax.plot(pk, [num(r[f"reason_id_pass{n}"]) for n in pk], ":", color=f"C{i}", alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("samples n (temperature 0.8; dotted: pass@n)")
+    ax.set_ylabel("reason_id accuracy")
+    ax.set_title("test-time compute", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    for i, (m, before, after) in enumerate(grpo):
+        name = "dense" if m["E"] == 1 else f"E={m['E']}"
+        bx.annotate("", (i, after), (i, before), arrowprops={"arrowstyle": "->", "color": "C0"})
+        bx.plot([i], [before], "o", color="C0", ms=4)
+    bx.set_xticks(range(len(grpo)), ["dense" if m["E"] == 1 else f"E={m['E']}" for m, _b, _a in grpo])
+    bx.set_ylabel("reason_id accuracy (greedy)")
+    bx.set_title("GRPO: before -> after (seed 1)", fontsize=10)
+    if grpo:
+        lo = min(min(b, a) for _m, b, a in grpo)
+        hi = max(max(b, a) for _m, b, a in grpo)
+        bx.set_ylim(lo - 0.03, hi + 0.03)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "study3_rescue.png"), dpi=110)
+    plt.close(fig)
+    made.append("study3_rescue.png")
     return made
 
 

@@ -499,7 +499,8 @@ def test_v3_optimum():
 
 def test_v3_main(tmp):
     """study3_report.py end to end on a planted results.csv with per-fact files."""
-    rows, items = v3_rows(bits=lambda E: 2.0 + 0.6 * min(math.log2(E), 4.0), val=lambda E: 1.0 - 0.01 * math.log2(E))
+    rows, items = v3_rows(bits=lambda E: 2.0 + 0.6 * min(math.log2(E), 4.0), val=lambda E: 1.0 - 0.01 * math.log2(E),
+                          grpo=lambda E: 0.05, ttc=lambda E: 0.08)
     d = os.path.join(tmp, "v3")
     os.makedirs(d, exist_ok=True)
     keys = sorted({k for r in rows for k in r})
@@ -535,6 +536,11 @@ def test_v3_main(tmp):
     check(isinstance(f2, dict) and set(f2) == {"reason_id", "reason_shift"} and f2["reason_id"]["n_items"] == 500
           and f2["reason_id"]["seeds"] == [3, 3],
           "v3 report: F2's paired per-item reasoning comparison read from the runs' log.txt items lines", str(f2)[:400])
+    pngs = ["study3_bits.png", "study3_reason.png", "study3_val.png", "study3_rescue.png"]
+    sizes = {p: os.path.getsize(os.path.join(d, "report", p)) if os.path.exists(os.path.join(d, "report", p)) else 0
+             for p in pngs}
+    check(r.returncode == 0 and all(sizes.values()) and all(p in r.stdout for p in pngs),
+          "v3 report: the three metric figures and the test-time compute / GRPO figure, non-empty", str(sizes))
 
 
 def main():
