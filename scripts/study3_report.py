@@ -70,6 +70,10 @@ REASON_TASKS = ("reason_id", "reason_shift")  # the eval files' names in the per
 GATE = {"storage_ratio": 1.25, "e8_ratio": 1.10, "reason_range": (0.15, 0.75)}
 ALPHA = 0.05
 MAIN, TOPK, K1 = "E", "topk", "k1"
+# Added after seeds 1 and 2 were seen, for the post-hoc analysis only (post_hoc(); no verdict uses it):
+# the paper's least-fed experts, d2048-E128-k2 in rioyokotalab/optimal-sparsity's pre-training scripts,
+# see 125e9 tokens x K=2 / (E=128 x 3 x C=2048 x F=4096) = 77.6 tokens per expert parameter.
+PAPER_LEAST_FED = 125e9 * 2 / (128 * 3 * 2048 * 4096)
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not testable")
 
 
@@ -465,6 +469,28 @@ def f6_optimum(models):
                    f"{near['model']} (p = {p_near:.3g})", st)
 
 
+def expert_feed(m):
+    """Tokens per expert parameter, tokens x K / (3 C E F), over the model's seeds' mean tokens."""
+    r = m["seeds"][0]
+    return mean(vals(m, "tokens")) * m["K"] / (3 * int(r["C"]) * m["E"] * m["F"])
+
+
+def post_hoc(models):
+    """Not a verdict (added after seeds 1 and 2 were seen): F1's trend test again without the family E
+    models whose experts see fewer than half the tokens per parameter of the paper's least-fed
+    (PAPER_LEAST_FED), and the val loss trend over the same models. None if under 4 models remain."""
+    ms = fam(models, MAIN)
+    if any(not vals(m, "tokens") for m in ms):
+        return None
+    keep = [m for m in ms if expert_feed(m) >= PAPER_LEAST_FED / 2]
+    if len(keep) < 4 or enough(keep, "facts_all_bits_per_fact") or enough(keep, "val_loss"):
+        return None
+    return {"rule": f"tokens per expert parameter >= {PAPER_LEAST_FED / 2:.1f} (half the paper's least-fed, "
+                    f"{PAPER_LEAST_FED:.1f})",
+            "dropped": {m["model"]: expert_feed(m) for m in ms if m not in keep},
+            "trend_bits": trend(keep, "facts_all_bits_per_fact"), "trend_val_loss": trend(keep, "val_loss")}
+
+
 def analyze(models, gate_res):
     return [f1_memorization(models, gate_res), f2_reasoning(models), f3_topk(models),
             rescue(models, "F4", "GRPO does not rescue sparse models", grpo_gain, "GRPO"),
@@ -480,14 +506,15 @@ def pct(x):
 
 
 def model_rows(models):
-    out = ["| model | families | E | K | F | total params | tokens/param | seeds | val loss | stored bits/fact | "
-           "facts_all acc % | facts acc % | reason_id % | reason_shift % |", "|" + "---|" * 14]
+    out = ["| model | families | E | K | F | total params | tokens/param | tokens/expert param | seeds | val loss | "
+           "stored bits/fact | facts_all acc % | facts acc % | reason_id % | reason_shift % |", "|" + "---|" * 15]
     for m in sorted(models.values(), key=lambda m: (min(m["families"]) if m["families"] else "", m["total"], m["K"])):
         def mm(k, f):
             v = vals(m, k)
             return f(mean(v)) if v else ""
+        feed = f"{expert_feed(m):.1f}" if vals(m, "tokens") and "C" in m["seeds"][0] else ""
         out.append(f"| {m['model']} | {','.join(sorted(m['families']))} | {m['E']} | {m['K']} | {m['F']} | "
-                   f"{m['total'] / 1e6:.2f}M | {m['tpp']:.1f} | {len(m['seeds'])} | {mm('val_loss', lambda x: f'{x:.4f}')} | "
+                   f"{m['total'] / 1e6:.2f}M | {m['tpp']:.1f} | {feed} | {len(m['seeds'])} | {mm('val_loss', lambda x: f'{x:.4f}')} | "
                    f"{mm('facts_all_bits_per_fact', lambda x: f'{x:.3f}')} | {mm('facts_all_acc', pct)} | "
                    f"{mm('facts_acc', pct)} | {mm('reason_id_acc', pct)} | {mm('reason_shift_acc', pct)} |")
     return out
@@ -513,13 +540,28 @@ def gate_md(g):
     return out
 
 
-def render(findings, models, g, src):
+def post_hoc_md(ph):
+    if ph is None:
+        return []
+    tb, tv = ph["trend_bits"], ph["trend_val_loss"]
+    drop = ", ".join(f"{k} ({v:.1f})" for k, v in ph["dropped"].items()) or "none"
+    return ["## Post hoc, not a verdict: experts fed as in the paper", "",
+            f"Added after seeds 1 and 2 were seen. Kept: family E models with {ph['rule']}; dropped: {drop}.", "",
+            "| over the models kept | Kendall tau | one-sided p, increasing | one-sided p, decreasing |",
+            "|---|---|---|---|",
+            f"| stored bits per fact against total params ({tb['n_models']} models) | {tb['tau']:.2f} | "
+            f"{tb['p_increasing']:.3g} | {tb['p_decreasing']:.3g} |",
+            f"| val loss against total params | {tv['tau']:.2f} | {tv['p_increasing']:.3g} | {tv['p_decreasing']:.3g} |",
+            ""]
+
+
+def render(findings, models, g, src, ph=None):
     lines = ["# Sparsity study v3: verdicts", "", f"Source: `{src}`. Margins: accuracy {MARGINS['acc']}, val loss "
              f"{MARGINS['val_loss']} nats, stored bits {MARGINS['bits_per_fact']} per fact (declared before the runs).",
              ""] + gate_md(g) + ["", "## Findings", "", "| finding | the paper | verdict | why |", "|---|---|---|---|"]
     for f in findings:
         lines.append(f"| {f['id']} | {f['claim']} | **{f['verdict']}** | {f['why']} |")
-    lines += ["", "## Models (means over seeds)", ""] + model_rows(models) + [""]
+    lines += [""] + post_hoc_md(ph) + ["## Models (means over seeds)", ""] + model_rows(models) + [""]
     return "\n".join(lines)
 
 
@@ -646,11 +688,13 @@ def main(argv=None):
     half = group_models([r for r in read_rows(a.half_csv) if str(r.get("seed", "")) in gseeds]) if a.half_csv else {}
     g = gate(pick(gm, 1, 1), pick(gm, 8, 2), pick(half, 1, 1))
     findings = analyze(models, g)
+    ph = post_hoc(models)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "verdict.md"), "w") as f:
-        f.write(render(findings, models, g, a.results))
+        f.write(render(findings, models, g, a.results, ph))
     with open(os.path.join(a.out, "stats.json"), "w") as f:
-        json.dump(clean({"margins": MARGINS, "gate_thresholds": GATE, "gate": g, "findings": findings}), f,
+        json.dump(clean({"margins": MARGINS, "gate_thresholds": GATE, "gate": g, "findings": findings,
+                         "post_hoc": ph}), f,
                   indent=1, sort_keys=True)
         f.write("\n")
     made = figures(models, a.out)
