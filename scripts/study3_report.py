@@ -428,10 +428,15 @@ def grpo_gain(r):
     return a - b if a is not None and b is not None else None
 
 
+def maj_ns(r):
+    """The sample counts n of a row's reason_id maj@n results, ascending."""
+    return sorted(int(k[len("reason_id_maj"):]) for k in r if k.startswith("reason_id_maj") and num(r[k]) is not None)
+
+
 def ttc_gain(r):
     """maj@N (the most samples) minus maj@1: both on the items test-time compute scored (ttc_items may
     be fewer than the greedy eval's), at the same temperature."""
-    ns = sorted(int(k[len("reason_id_maj"):]) for k in r if k.startswith("reason_id_maj") and num(r[k]) is not None)
+    ns = maj_ns(r)
     if len(ns) < 2 or ns[0] != 1:
         return None
     return num(r[f"reason_id_maj{ns[-1]}"]) - num(r["reason_id_maj1"])
@@ -470,9 +475,10 @@ def f6_optimum(models):
 
 
 def expert_feed(m):
-    """Tokens per expert parameter, tokens x K / (3 C E F), over the model's seeds' mean tokens."""
-    r = m["seeds"][0]
-    return mean(vals(m, "tokens")) * m["K"] / (3 * int(r["C"]) * m["E"] * m["F"])
+    """Tokens per expert parameter, tokens x K / (3 C E F), over the model's seeds' mean tokens (None
+    without tokens or C in the rows)."""
+    c = num(m["seeds"][0].get("C"))
+    return mean(vals(m, "tokens")) * m["K"] / (3 * c * m["E"] * m["F"]) if c and vals(m, "tokens") else None
 
 
 def post_hoc(models):
@@ -480,7 +486,7 @@ def post_hoc(models):
     models whose experts see fewer than half the tokens per parameter of the paper's least-fed
     (PAPER_LEAST_FED), and the val loss trend over the same models. None if under 4 models remain."""
     ms = fam(models, MAIN)
-    if any(not vals(m, "tokens") for m in ms):
+    if any(expert_feed(m) is None for m in ms):
         return None
     keep = [m for m in ms if expert_feed(m) >= PAPER_LEAST_FED / 2]
     if len(keep) < 4 or enough(keep, "facts_all_bits_per_fact") or enough(keep, "val_loss"):
@@ -512,7 +518,7 @@ def model_rows(models):
         def mm(k, f):
             v = vals(m, k)
             return f(mean(v)) if v else ""
-        feed = f"{expert_feed(m):.1f}" if vals(m, "tokens") and "C" in m["seeds"][0] else ""
+        feed = "" if expert_feed(m) is None else f"{expert_feed(m):.1f}"
         out.append(f"| {m['model']} | {','.join(sorted(m['families']))} | {m['E']} | {m['K']} | {m['F']} | "
                    f"{m['total'] / 1e6:.2f}M | {m['tpp']:.1f} | {feed} | {len(m['seeds'])} | {mm('val_loss', lambda x: f'{x:.4f}')} | "
                    f"{mm('facts_all_bits_per_fact', lambda x: f'{x:.3f}')} | {mm('facts_all_acc', pct)} | "
@@ -575,6 +581,10 @@ def clean(x):
     return x
 
 
+def e_name(m):
+    return "dense" if m["E"] == 1 else f"E={m['E']}"
+
+
 def figures(models, out):
     """Per metric (stored bits per fact, reason_id accuracy, val loss) a figure of two panels: family E
     against total parameters, and top-k at fixed active and total parameters against K (E8-K1 apart, an
@@ -605,7 +615,7 @@ def figures(models, out):
         ms = fam(models, MAIN)
         for (px, py, _vs), m in zip(series(ax, ms, metric, lambda m: m["total"], "C0", "family E (K=2, F=128)"),
                                     [m for m in ms if vals(m, metric)]):
-            ax.annotate("dense" if m["E"] == 1 else f"E={m['E']}", (px, py), textcoords="offset points",
+            ax.annotate(e_name(m), (px, py), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("total parameters (active fixed at 0.26M non-embedding)")
@@ -626,22 +636,16 @@ def figures(models, out):
         plt.close(fig)
         made.append(fn)
 
-    ms = [m for m in fam(models, MAIN)]
-    ttc = {}
-    for m in ms:
-        for r in m["seeds"]:
-            ns = sorted(int(k[len("reason_id_maj"):]) for k in r if k.startswith("reason_id_maj") and num(r[k]) is not None)
-            if len(ns) >= 2:
-                ttc[m["model"]] = (m, r, ns)
-                break
+    ms = fam(models, MAIN)
+    ttc = [next(((m, r, maj_ns(r)) for r in m["seeds"] if len(maj_ns(r)) >= 2), None) for m in ms]
+    ttc = [t for t in ttc if t]
     grpo = [(m, num(r.get("grpo0_reason_id_acc")), num(r.get("grpo_reason_id_acc"))) for m in ms for r in m["seeds"][:1]]
     grpo = [g for g in grpo if g[1] is not None and g[2] is not None]
     if not ttc and not grpo:
         return made
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (m, r, ns) in enumerate(ttc.values()):
-        name = "dense" if m["E"] == 1 else f"E={m['E']}"
-        ax.plot(ns, [num(r[f"reason_id_maj{n}"]) for n in ns], "o-", color=f"C{i}", label=f"{name} maj@n", ms=3)
+    for i, (m, r, ns) in enumerate(ttc):
+        ax.plot(ns, [num(r[f"reason_id_maj{n}"]) for n in ns], "o-", color=f"C{i}", label=f"{e_name(m)} maj@n", ms=3)
         pk = [n for n in ns if num(r.get(f"reason_id_pass{n}")) is not None]
         ax.plot(pk, [num(r[f"reason_id_pass{n}"]) for n in pk], ":", color=f"C{i}", alpha=0.6)
     ax.set_xscale("log", base=2)
@@ -650,10 +654,9 @@ def figures(models, out):
     ax.set_title("test-time compute", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     for i, (m, before, after) in enumerate(grpo):
-        name = "dense" if m["E"] == 1 else f"E={m['E']}"
         bx.annotate("", (i, after), (i, before), arrowprops={"arrowstyle": "->", "color": "C0"})
         bx.plot([i], [before], "o", color="C0", ms=4)
-    bx.set_xticks(range(len(grpo)), ["dense" if m["E"] == 1 else f"E={m['E']}" for m, _b, _a in grpo])
+    bx.set_xticks(range(len(grpo)), [e_name(m) for m, _b, _a in grpo])
     bx.set_ylabel("reason_id accuracy (greedy)")
     bx.set_title("GRPO: before -> after (seed 1)", fontsize=10)
     if grpo:
