@@ -486,14 +486,15 @@ def post_hoc(models):
     models whose experts see fewer than half the tokens per parameter of the paper's least-fed
     (PAPER_LEAST_FED), and the val loss trend over the same models. None if under 4 models remain."""
     ms = fam(models, MAIN)
-    if any(expert_feed(m) is None for m in ms):
+    feed = {m["model"]: expert_feed(m) for m in ms}
+    if None in feed.values():
         return None
-    keep = [m for m in ms if expert_feed(m) >= PAPER_LEAST_FED / 2]
+    keep = [m for m in ms if feed[m["model"]] >= PAPER_LEAST_FED / 2]
     if len(keep) < 4 or enough(keep, "facts_all_bits_per_fact") or enough(keep, "val_loss"):
         return None
     return {"rule": f"tokens per expert parameter >= {PAPER_LEAST_FED / 2:.1f} (half the paper's least-fed, "
                     f"{PAPER_LEAST_FED:.1f})",
-            "dropped": {m["model"]: expert_feed(m) for m in ms if m not in keep},
+            "dropped": {m["model"]: feed[m["model"]] for m in ms if m not in keep},
             "trend_bits": trend(keep, "facts_all_bits_per_fact"), "trend_val_loss": trend(keep, "val_loss")}
 
 
@@ -518,7 +519,8 @@ def model_rows(models):
         def mm(k, f):
             v = vals(m, k)
             return f(mean(v)) if v else ""
-        feed = "" if expert_feed(m) is None else f"{expert_feed(m):.1f}"
+        feed = expert_feed(m)
+        feed = "" if feed is None else f"{feed:.1f}"
         out.append(f"| {m['model']} | {','.join(sorted(m['families']))} | {m['E']} | {m['K']} | {m['F']} | "
                    f"{m['total'] / 1e6:.2f}M | {m['tpp']:.1f} | {feed} | {len(m['seeds'])} | {mm('val_loss', lambda x: f'{x:.4f}')} | "
                    f"{mm('facts_all_bits_per_fact', lambda x: f'{x:.3f}')} | {mm('facts_all_acc', pct)} | "
@@ -637,7 +639,7 @@ def figures(models, out):
         made.append(fn)
 
     ms = fam(models, MAIN)
-    ttc = [next(((m, r, maj_ns(r)) for r in m["seeds"] if len(maj_ns(r)) >= 2), None) for m in ms]
+    ttc = [next((t for t in ((m, r, maj_ns(r)) for r in m["seeds"]) if len(t[2]) >= 2), None) for m in ms]
     ttc = [t for t in ttc if t]
     grpo = [(m, num(r.get("grpo0_reason_id_acc")), num(r.get("grpo_reason_id_acc"))) for m in ms for r in m["seeds"][:1]]
     grpo = [g for g in grpo if g[1] is not None and g[2] is not None]
